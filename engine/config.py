@@ -1,0 +1,519 @@
+"""Recipe schema: one documented dataclass per TOML table, loading, overrides and validation.
+
+A recipe is a TOML file whose tables match the dataclasses below. Precedence is
+CLI override > recipe file > the file it `extends` > defaults. Every field carries a docstring
+directly under it; `python -m engine.config --doc` prints them as the recipe reference.
+Each component of the engine receives only its own table (`cfg.loss`, `cfg.data`, ...).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from engine.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+@dataclass
+class JobConfig:
+    output_dir: str = "outputs/run"
+    """Folder for recipe.toml, metrics.jsonl and final/ (created if missing)."""
+    seed: int = 42
+    """Seed for data order, random init and dropout; the same seed gives the same run."""
+    overwrite: bool = False
+    """Allow a run to replace the files a previous run left in `output_dir` (metrics.jsonl,
+    recipe.toml, final/). Files fsdpo did not write are never touched."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Hugging Face model folder or hub id (required)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: `sdpa`, `eager`, `flash_attention_2`, ..."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with the model. Off unless you trust the source."""
+    random_init: bool = False
+    """Build the model from `path`'s config.json with random weights (seeded by `job.seed`)
+    instead of loading weights. For demos and tests."""
+
+
+@dataclass
+class DataSource:
+    path: str = ""
+    """Local .json/.jsonl file (one pair per row or line)."""
+    fraction: float = 1.0
+    """Share of this source's pairs to use; > 1 repeats pairs (seeded)."""
+    count: int = -1
+    """Exact number of pairs to use (seeded sample; repeats if larger); -1 = use `fraction`."""
+
+
+@dataclass
+class DataConfig:
+    train: list[DataSource] = field(default_factory=list)
+    """Training sources: paths, or tables with `path` and `fraction` or `count` (required)."""
+    eval: list[DataSource] = field(default_factory=list)
+    """Held-out sources, evaluated before training, every `training.eval_interval_steps` and at
+    the end."""
+    max_length: int = 1024
+    """Maximum prompt + completion tokens per sequence; completions are cut from the end, and
+    pairs with no completion token left are dropped and counted."""
+
+
+@dataclass
+class LossConfig:
+    type: str | list[str] = "dpo"
+    """Loss name, or a list of names combined with `weights` (e.g. ["dpo", "sft"] for RPO).
+    See engine/losses.py for the registry."""
+    weights: list[float] = field(default_factory=list)
+    """Weight of each loss in `type` when it is a list (default 1.0 each)."""
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward (the KL strength for DPO-style losses)."""
+    label_smoothing: float = 0.0
+    """Assumed probability that a preference label is flipped (cDPO, robust DPO, SimPO)."""
+    gamma_beta_ratio: float = 0.5
+    """SimPO's target reward margin gamma, as a ratio gamma / beta."""
+    ipo_normalize: bool = True
+    """IPO on length-normalised log-ratios (TRL's choice); false uses summed log-ratios (paper)."""
+    wpo_clamp: bool = True
+    """Clamp WPO's pair weight at 1, as the paper's released code does."""
+    discopop_tau: float = 0.05
+    """Temperature of DiscoPOP's log-ratio modulation."""
+
+
+@dataclass
+class TrainingConfig:
+    global_batch_size: int = 8
+    """Pairs per optimizer step, summed over ranks and accumulation steps."""
+    micro_batch_size: int = 1
+    """Pairs per rank per forward; accumulation = global / (micro x ranks), which must divide."""
+    epochs: int = 1
+    """Passes over the training pairs (ignored when `max_steps` > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 derives them from `epochs`."""
+    forward_mode: Literal["concatenated", "separate"] = "concatenated"
+    """`concatenated`: chosen and rejected in one forward of 2B rows; `separate`: two forwards
+    of B rows (lower peak activation memory)."""
+    eval_interval_steps: int = 0
+    """Evaluate every this many steps (0 = only before training and at the end)."""
+    max_skipped_steps: int = 3
+    """Stop with an error after this many consecutive steps with a NaN/inf loss."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-6
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay, not applied to norms and biases."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 = off)."""
+
+
+@dataclass
+class SchedulerConfig:
+    type: Literal["constant", "linear", "cosine"] = "linear"
+    """Learning-rate shape after warmup: constant, linear decay or cosine decay."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to `optimizer.lr`."""
+    warmup_ratio: float = 0.0
+    """Warmup as a share of the total steps (use this or `warmup_steps`, not both)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the decay as a share of the peak."""
+
+
+@dataclass
+class ParallelConfig:
+    mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute dtype of the sharded model: `auto` is bf16 on CUDA and fp32 on CPU. Master
+    weights, gradient reduction and log-softmax stay in fp32."""
+    reshard_after_forward: bool = True
+    """Free gathered parameters after each block's forward (ZeRO-3); false keeps them until
+    backward (more memory, less communication)."""
+    activation_checkpointing: Literal["none", "full"] = "none"
+    """Recompute each decoder block's activations in backward instead of storing them."""
+    compile: bool = False
+    """torch.compile each decoder block (needs a C++ compiler on CPU)."""
+
+
+@dataclass
+class ReferenceConfig:
+    batch_size: int = 0
+    """Pairs per rank per reference forward (no grad, so larger than training); 0 = 4 x
+    `training.micro_batch_size`."""
+
+
+@dataclass
+class LoggingConfig:
+    interval_steps: int = 1
+    """Write a metrics row and a console line every this many steps."""
+    wandb: bool = False
+    """Also log to Weights & Biases (rank 0)."""
+    project: str = "fsdpo"
+    """wandb project."""
+    entity: str = ""
+    """wandb entity (team or user); empty = your default."""
+    run_name: str = ""
+    """wandb run name; empty = the output folder's name."""
+    tags: list[str] = field(default_factory=list)
+    """wandb tags."""
+    mode: Literal["auto", "online", "offline"] = "auto"
+    """wandb mode: `auto` is online when an API key is configured, otherwise offline."""
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    """Write output_dir/final/ as a Hugging Face folder at the end of training."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors file in final/ (e.g. "2GB")."""
+
+
+@dataclass
+class Config:
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Field documentation (the docstrings under each field, read from this file's source)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each field of dataclass `cls` to the docstring written directly under it."""
+    tree = ast.parse(inspect.getsource(cls))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for stmt, nxt in zip(body, body[1:]):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------
+# Typing of TOML values against the schema
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(f'"{a}"' for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return f"list of {_type_name(item)}"
+    if dataclasses.is_dataclass(tp):
+        return "table"
+    return {str: "string", int: "integer", float: "number", bool: "true/false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` converted to schema type `tp`, or raise UserError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            extra = f' (did you mean "{hint[0]}"?)' if hint else ""
+            raise UserError(f"{key}: expected one of {_type_name(tp)}, got {value!r}{extra}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except UserError:
+                continue
+        raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(item_tp) and not isinstance(value, list):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and tp is DataSource:
+            value = {"path": value}
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a table or a path, got {value!r}")
+        return _build_table(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise UserError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported schema type {tp!r} for {key}")
+
+
+def _build_table(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in hints:
+            hint = difflib.get_close_matches(name, list(hints), n=1)
+            extra = f' (did you mean "{hint[0]}"?)' if hint else ""
+            where = f"[{prefix}]" if prefix else "the recipe"
+            raise UserError(f"{key}: unknown key in {where}{extra}")
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: extends, overrides, validation
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise UserError(f"{path}: `extends` forms a cycle")
+    raw = _read_toml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise UserError(f"{path}: extends: expected a path string, got {parent!r}")
+    parent_path = path.parent / parent
+    if not parent_path.is_file():
+        raise UserError(f"{path}: extends: {parent_path} not found")
+    return _merge(_resolve_extends(parent_path, (*seen, path)), raw)
+
+
+def _parse_override(text: str, tp: Any) -> Any:
+    """Parse the value of `key=value` from the command line: TOML syntax, strings bare."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _field_type(dotted: str) -> Any:
+    """Schema type of a dotted key, or raise UserError with a hint."""
+    table, _, name = dotted.partition(".")
+    tables = typing.get_type_hints(Config)
+    if table not in tables or not name:
+        hint = difflib.get_close_matches(table, list(tables), n=1)
+        extra = f' (did you mean "{hint[0]}"?)' if hint else ""
+        raise UserError(f"{dotted}: overrides look like table.key=value{extra}")
+    hints = typing.get_type_hints(tables[table])
+    if name not in hints:
+        hint = difflib.get_close_matches(name, list(hints), n=1)
+        extra = f' (did you mean "{table}.{hint[0]}"?)' if hint else ""
+        raise UserError(f"{dotted}: unknown key in [{table}]{extra}")
+    return hints[name]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = _merge(raw, {})
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"{item}: overrides look like table.key=value")
+        key = key.strip()
+        tp = _field_type(key)
+        value: Any = text if tp is str else _parse_override(text, tp)
+        table, _, name = key.partition(".")
+        raw.setdefault(table, {})
+        if not isinstance(raw[table], dict):
+            raise UserError(f"{table}: expected a table")
+        raw[table] = {**raw[table], name: value}
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a recipe (following `extends`), apply `table.key=value` overrides and validate."""
+    raw = apply_overrides(_resolve_extends(Path(path)), list(overrides))
+    for table, value in raw.items():
+        if table in typing.get_type_hints(Config) and not isinstance(value, dict):
+            raise UserError(f"{table}: expected a [{table}] table, got {value!r}")
+    cfg = _build_table(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise UserError(f"{key}: expected {expected}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks the types alone cannot express."""
+    from engine import losses  # the registry of loss names lives with the losses
+
+    _check(bool(cfg.model.path), "model.path", "a model folder or hub id", cfg.model.path)
+    _check(bool(cfg.data.train), "data.train", "at least one training source", cfg.data.train)
+    for key, sources in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        for i, src in enumerate(sources):
+            _check(bool(src.path), f"{key}[{i}].path", "a file path", src.path)
+            _check(src.fraction > 0, f"{key}[{i}].fraction", "a number > 0", src.fraction)
+            _check(src.count == -1 or src.count > 0, f"{key}[{i}].count", "-1 or > 0", src.count)
+    _check(cfg.data.max_length >= 2, "data.max_length", "an integer >= 2", cfg.data.max_length)
+
+    names = [cfg.loss.type] if isinstance(cfg.loss.type, str) else cfg.loss.type
+    _check(bool(names), "loss.type", "a loss name or a non-empty list", cfg.loss.type)
+    for name in names:
+        if name not in losses.LOSSES:
+            hint = difflib.get_close_matches(name, list(losses.LOSSES), n=1)
+            extra = f' (did you mean "{hint[0]}"?)' if hint else ""
+            raise UserError(f"loss.type: unknown loss {name!r}{extra}")
+    if cfg.loss.weights:
+        _check(
+            len(cfg.loss.weights) == len(names),
+            "loss.weights",
+            f"{len(names)} weights (one per loss.type)",
+            cfg.loss.weights,
+        )
+    _check(cfg.loss.beta > 0, "loss.beta", "a number > 0", cfg.loss.beta)
+    _check(
+        0 <= cfg.loss.label_smoothing < 0.5,
+        "loss.label_smoothing",
+        "a number in [0, 0.5)",
+        cfg.loss.label_smoothing,
+    )
+
+    t = cfg.training
+    _check(t.global_batch_size >= 1, "training.global_batch_size", ">= 1", t.global_batch_size)
+    _check(t.micro_batch_size >= 1, "training.micro_batch_size", ">= 1", t.micro_batch_size)
+    _check(t.epochs >= 1, "training.epochs", "an integer >= 1", t.epochs)
+    _check(t.max_steps == -1 or t.max_steps >= 1, "training.max_steps", "-1 or >= 1", t.max_steps)
+    _check(t.eval_interval_steps >= 0, "training.eval_interval_steps", ">= 0", t.eval_interval_steps)
+    _check(t.max_skipped_steps >= 1, "training.max_skipped_steps", ">= 1", t.max_skipped_steps)
+
+    o = cfg.optimizer
+    _check(o.lr > 0, "optimizer.lr", "a number > 0", o.lr)
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", "a number >= 0", o.weight_decay)
+    _check(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        "optimizer.betas",
+        "two numbers in [0, 1)",
+        o.betas,
+    )
+    _check(o.eps > 0, "optimizer.eps", "a number > 0", o.eps)
+    _check(o.max_grad_norm >= 0, "optimizer.max_grad_norm", "a number >= 0", o.max_grad_norm)
+
+    s = cfg.scheduler
+    _check(s.warmup_steps >= 0, "scheduler.warmup_steps", "an integer >= 0", s.warmup_steps)
+    _check(0 <= s.warmup_ratio < 1, "scheduler.warmup_ratio", "a number in [0, 1)", s.warmup_ratio)
+    if s.warmup_steps and s.warmup_ratio:
+        raise UserError(
+            "scheduler.warmup_steps and scheduler.warmup_ratio: set one of them, not both"
+        )
+    _check(0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", "a number in [0, 1]", s.min_lr_ratio)
+
+    _check(cfg.reference.batch_size >= 0, "reference.batch_size", ">= 0", cfg.reference.batch_size)
+    _check(cfg.logging.interval_steps >= 1, "logging.interval_steps", ">= 1", cfg.logging.interval_steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing the resolved recipe back out as TOML
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    """The fully resolved recipe, loadable again with `load_config`."""
+    lines = []
+    for table, values in dataclasses.asdict(cfg).items():
+        lines.append(f"[{table}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference_doc() -> str:
+    """Markdown reference of every recipe table and key, generated from the dataclasses."""
+    out = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for table, cls in typing.get_type_hints(Config).items():
+        docs = field_docs(cls)
+        defaults = dataclasses.asdict(cls())
+        for name, tp in typing.get_type_hints(cls).items():
+            default = toml_value(defaults[name])
+            out.append(f"| `{table}.{name}` | {_type_name(tp)} | `{default}` | {docs[name]} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--doc"]:
+        print(reference_doc())
+    else:
+        print("usage: python -m engine.config --doc", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,78 @@
+"""Process-group set-up from torchrun's environment, and rank-aware logging.
+
+Run under `torchrun`, the usual RANK/WORLD_SIZE/LOCAL_RANK variables are set; run as a plain
+`python` process, a one-rank group is created on a free local port so the rest of the engine
+never special-cases "not distributed". The backend follows the device: nccl on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: int = 600) -> World:
+    """Initialise the default process group and a 1-D data-parallel device mesh."""
+    if "RANK" not in os.environ:  # plain `python torchrun_train.py`: a world of one
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+        )  # fmt: skip
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, device, mesh)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def log(message: str) -> None:
+    """Print on rank 0 only, flushed, so logs read like a single process."""
+    if _rank() == 0:
+        print(message, flush=True)
+
+
+def log_error(message: str) -> None:
+    """Print an error on stderr from any rank, tagged with the rank."""
+    print(f"[rank {_rank()}] {message}", file=sys.stderr, flush=True)

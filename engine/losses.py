@@ -1,0 +1,413 @@
+"""Preference losses as pure functions of per-pair log-probabilities, registered by name.
+
+Each loss takes a `PreferenceLogps` (policy and, where needed, reference log-probs, each of shape
+[B]) and the `[loss]` table, and returns per-pair losses and implicit rewards. Nothing here knows
+about models, batches of tokens or ranks, so every loss is checked in tests/test_losses.py
+against a float64 transcription of its paper's formula.
+
+Notation in the docstrings: pi_c, pi_r are the policy's summed log-probs of the chosen and
+rejected completions, ref_c, ref_r the reference model's, n_c, n_r their completion token counts,
+beta = `loss.beta`, ls = `loss.label_smoothing`, and h = (pi_c - ref_c) - (pi_r - ref_r) the
+difference of summed log-ratios. Unless a docstring says otherwise, the implicit rewards are
+beta * (pi_c - ref_c) and beta * (pi_r - ref_r).
+
+Numerical care: log sigmoid is always F.logsigmoid (never log(sigmoid(x))), 1 - sigmoid(x) is
+written sigmoid(-x), and exponentials that could overflow are rewritten or clamped (see
+`discopop_loss`, `wpo_loss`), so values and gradients stay finite for any finite input.
+Token counts are clamped at 1 before dividing, so a padded pair with no tokens cannot make NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engine.config import LossConfig
+
+
+@dataclass
+class PreferenceLogps:
+    """Per-pair tensors, each shape [B], float32 (or float64 in tests)."""
+
+    chosen_logps: Tensor  # policy log-prob of the chosen completion, summed over its tokens
+    rejected_logps: Tensor
+    chosen_tokens: Tensor  # number of completion tokens (float tensor)
+    rejected_tokens: Tensor
+    ref_chosen_logps: Tensor | None = None  # reference model, summed; None for reference-free losses
+    ref_rejected_logps: Tensor | None = None
+    chosen_logweights: Tensor | None = None  # WPO: per-sequence mean over completion tokens of
+    rejected_logweights: Tensor | None = None  # log p(y_t) - log sum_v p(v)^2 (from the policy)
+
+
+@dataclass
+class LossOutput:
+    losses: Tensor  # [B] per-pair loss (differentiable)
+    chosen_rewards: Tensor  # [B] implicit reward, detached
+    rejected_rewards: Tensor  # [B] detached
+    extras: dict[str, Tensor] = field(default_factory=dict)  # per-pair metrics [B], detached
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    fn: Callable[[PreferenceLogps, LossConfig], LossOutput]
+    needs_reference: bool
+    needs_logweights: bool = False
+    pair_separable: bool = True  # False when a pair's loss depends on other pairs in the batch
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register(
+    name: str, *, needs_reference: bool, needs_logweights: bool = False, pair_separable: bool = True
+) -> Callable[[Callable[[PreferenceLogps, LossConfig], LossOutput]], Callable]:
+    """Add a loss function to `LOSSES` under `name`."""
+
+    def add(fn: Callable[[PreferenceLogps, LossConfig], LossOutput]) -> Callable:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is registered twice")
+        LOSSES[name] = LossSpec(fn, needs_reference, needs_logweights, pair_separable)
+        return fn
+
+    return add
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def _logratios(logps: PreferenceLogps) -> tuple[Tensor, Tensor]:
+    """Summed log-ratios (pi_c - ref_c, pi_r - ref_r)."""
+    if logps.ref_chosen_logps is None or logps.ref_rejected_logps is None:
+        raise ValueError("this loss needs reference log-probs (ref_chosen_logps, ref_rejected_logps)")
+    return (
+        logps.chosen_logps - logps.ref_chosen_logps,
+        logps.rejected_logps - logps.ref_rejected_logps,
+    )
+
+
+def _per_token(summed: Tensor, tokens: Tensor) -> Tensor:
+    return summed / tokens.clamp(min=1)
+
+
+def _sigmoid_loss(logits: Tensor, label_smoothing: float) -> Tensor:
+    """-(1 - ls) log sigmoid(z) - ls log sigmoid(-z): logistic loss with flipped-label rate ls."""
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def _output(
+    losses: Tensor,
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    extras: dict[str, Tensor] | None = None,
+) -> LossOutput:
+    extras = {name: value.detach() for name, value in (extras or {}).items()}
+    return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach(), extras)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses with a reference model
+
+
+@register("dpo", needs_reference=True)
+def dpo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """DPO: -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h).
+
+    Rafailov, Sharma, Mitchell, Ermon, Manning, Finn 2023, "Direct Preference Optimization: Your
+    Language Model is Secretly a Reward Model", arXiv:2305.18290. Label smoothing is conservative
+    DPO (cDPO; Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO").
+    Rewards: beta (pi_c - ref_c), beta (pi_r - ref_r).
+    """
+    chosen, rejected = _logratios(logps)
+    losses = _sigmoid_loss(cfg.beta * (chosen - rejected), cfg.label_smoothing)
+    return _output(losses, cfg.beta * chosen, cfg.beta * rejected)
+
+
+@register("dpo_norm", needs_reference=True)
+def dpo_norm_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """Length-normalised DPO: DPO (with ls) on h = (pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r.
+
+    Tulu 3's `dpo_norm`: Lambert et al. 2024, "Tulu 3: Pushing Frontiers in Open Language Model
+    Post-Training", arXiv:2411.15124.
+    Rewards: beta (pi_c - ref_c) / n_c, beta (pi_r - ref_r) / n_r (length-normalised).
+    """
+    chosen, rejected = _logratios(logps)
+    chosen = _per_token(chosen, logps.chosen_tokens)
+    rejected = _per_token(rejected, logps.rejected_tokens)
+    losses = _sigmoid_loss(cfg.beta * (chosen - rejected), cfg.label_smoothing)
+    return _output(losses, cfg.beta * chosen, cfg.beta * rejected)
+
+
+# Real WPO log-weights are below 0.5 log|V| per sequence (p / sum_v p(v)^2 <= sqrt(|V|)), so the
+# exponent of an unclamped pair weight is below log|V| < 60 for any vocabulary; the cap only keeps
+# corrupted inputs from overflowing float32.
+_WPO_MAX_LOG_WEIGHT = 60.0
+
+
+@register("wpo", needs_reference=True, needs_logweights=True)
+def wpo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """Weighted DPO: w * DPO loss (with ls), w = exp(lw_c + lw_r), detached.
+
+    Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization",
+    arXiv:2406.11827. lw is a sequence's mean over completion tokens of
+    log p(y_t) - log sum_v p(v)^2 under the policy. With `loss.wpo_clamp` w = min(w, 1), as
+    in the paper's released code. No gradient flows through w. Without the clamp the exponent is
+    capped at 60, which real log-weights never reach (see `_WPO_MAX_LOG_WEIGHT`).
+    Rewards: beta (pi_c - ref_c), beta (pi_r - ref_r). Extras: "wpo/weight" = w.
+    """
+    if logps.chosen_logweights is None or logps.rejected_logweights is None:
+        raise ValueError("wpo needs chosen_logweights and rejected_logweights")
+    log_weight = (logps.chosen_logweights + logps.rejected_logweights).detach()
+    weight = torch.exp(log_weight.clamp(max=0.0 if cfg.wpo_clamp else _WPO_MAX_LOG_WEIGHT))
+    chosen, rejected = _logratios(logps)
+    losses = weight * _sigmoid_loss(cfg.beta * (chosen - rejected), cfg.label_smoothing)
+    return _output(losses, cfg.beta * chosen, cfg.beta * rejected, {"wpo/weight": weight})
+
+
+@register("ipo", needs_reference=True)
+def ipo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """IPO: (h - 1 / (2 beta))^2.
+
+    Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+    Preferences", arXiv:2310.12036 (eq. 17, tau = beta). The paper uses summed log-ratios
+    (`loss.ipo_normalize = false`); with `loss.ipo_normalize = true` (default, as TRL) h uses
+    per-token log-ratios (pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r.
+    Rewards: beta (pi_c - ref_c), beta (pi_r - ref_r) (summed, whatever `ipo_normalize`).
+    """
+    chosen, rejected = _logratios(logps)
+    if cfg.ipo_normalize:
+        h = _per_token(chosen, logps.chosen_tokens) - _per_token(rejected, logps.rejected_tokens)
+    else:
+        h = chosen - rejected
+    losses = (h - 1 / (2 * cfg.beta)) ** 2
+    return _output(losses, cfg.beta * chosen, cfg.beta * rejected)
+
+
+@register("hinge", needs_reference=True)
+def hinge_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """SLiC hinge: relu(1 - beta h).
+
+    Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback",
+    arXiv:2305.10425. The paper's calibration loss max(0, delta - log p(y_c) + log p(y_r)) has no
+    reference model; this is TRL's form, on reference log-ratios with margin delta = 1 / beta
+    (scaled by beta).
+    Rewards: beta (pi_c - ref_c), beta (pi_r - ref_r).
+    """
+    chosen, rejected = _logratios(logps)
+    losses = torch.relu(1 - cfg.beta * (chosen - rejected))
+    return _output(losses, cfg.beta * chosen, cfg.beta * rejected)
+
+
+@register("robust", needs_reference=True)
+def robust_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """Robust DPO: (-(1 - ls) log sigmoid(beta h) + ls log sigmoid(-beta h)) / (1 - 2 ls).
+
+    Chowdhury, Kini, Natarajan 2024, "Provably Robust DPO: Aligning Language Models with Noisy
+    Feedback", arXiv:2403.00409. An unbiased estimate of the clean DPO loss under label-flip
+    rate ls (needs ls < 0.5); equals DPO at ls = 0.
+    Rewards: beta (pi_c - ref_c), beta (pi_r - ref_r).
+    """
+    chosen, rejected = _logratios(logps)
+    z, ls = cfg.beta * (chosen - rejected), cfg.label_smoothing
+    losses = (-(1 - ls) * F.logsigmoid(z) + ls * F.logsigmoid(-z)) / (1 - 2 * ls)
+    return _output(losses, cfg.beta * chosen, cfg.beta * rejected)
+
+
+@register("exo_pair", needs_reference=True)
+def exo_pair_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """EXO (pairwise): KL(p_theta || p_target) between two-outcome distributions.
+
+    Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment",
+    arXiv:2402.00856 (eq. 16), in TRL's form:
+    sigmoid(beta h) (log sigmoid(beta h) - log(1 - eps))
+    + sigmoid(-beta h) (log sigmoid(-beta h) - log eps), eps = ls, or 1e-3 when ls = 0.
+    Rewards: beta (pi_c - ref_c), beta (pi_r - ref_r).
+    """
+    chosen, rejected = _logratios(logps)
+    z = cfg.beta * (chosen - rejected)
+    eps = cfg.label_smoothing if cfg.label_smoothing > 0 else 1e-3
+    losses = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+        F.logsigmoid(-z) - math.log(eps)
+    )
+    return _output(losses, cfg.beta * chosen, cfg.beta * rejected)
+
+
+@register("nca_pair", needs_reference=True)
+def nca_pair_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """NCA (pairwise): -log sigmoid(r_c) - 0.5 log sigmoid(-r_c) - 0.5 log sigmoid(-r_r).
+
+    Chen, Zhou, Wang, Zhu 2024, "Noise Contrastive Alignment of Language Models with Explicit
+    Rewards", arXiv:2402.05369. r = beta (pi - ref).
+    Rewards: r_c = beta (pi_c - ref_c), r_r = beta (pi_r - ref_r).
+    """
+    chosen, rejected = _logratios(logps)
+    r_c, r_r = cfg.beta * chosen, cfg.beta * rejected
+    losses = -F.logsigmoid(r_c) - 0.5 * F.logsigmoid(-r_c) - 0.5 * F.logsigmoid(-r_r)
+    return _output(losses, r_c, r_r)
+
+
+@register("bco_pair", needs_reference=True, pair_separable=False)
+def bco_pair_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """BCO (pairwise): -log sigmoid(r_c - delta) - log sigmoid(-(r_r - delta)).
+
+    Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment",
+    arXiv:2404.04656. r = beta (pi - ref); delta = mean of the detached r_c and r_r over this
+    batch (2B values), so a pair's loss depends on the other pairs of its batch. TRL uses a
+    running mean over steps instead; this is the per-batch statistic.
+    Rewards: r_c = beta (pi_c - ref_c), r_r = beta (pi_r - ref_r).
+    """
+    chosen, rejected = _logratios(logps)
+    r_c, r_r = cfg.beta * chosen, cfg.beta * rejected
+    delta = torch.cat([r_c, r_r]).detach().mean()
+    losses = -F.logsigmoid(r_c - delta) - F.logsigmoid(-(r_r - delta))
+    return _output(losses, r_c, r_r)
+
+
+@register("sppo_hard", needs_reference=True)
+def sppo_hard_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """SPPO with hard labels: (a - 1 / (2 beta))^2 + (b + 1 / (2 beta))^2.
+
+    Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment",
+    arXiv:2405.00675 (eq. 4.7 with win probability 1 for chosen and 0 for rejected, eta = 1/beta),
+    a = pi_c - ref_c, b = pi_r - ref_r.
+    Rewards: beta a, beta b.
+    """
+    a, b = _logratios(logps)
+    losses = (a - 1 / (2 * cfg.beta)) ** 2 + (b + 1 / (2 * cfg.beta)) ** 2
+    return _output(losses, cfg.beta * a, cfg.beta * b)
+
+
+@register("apo_zero", needs_reference=True)
+def apo_zero_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """APO-zero: (1 - sigmoid(r_c)) + sigmoid(r_r); raises chosen, lowers rejected likelihood.
+
+    D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions:
+    Addressing Underspecification in Alignment", arXiv:2408.06266. r = beta (pi - ref).
+    Rewards: r_c = beta (pi_c - ref_c), r_r = beta (pi_r - ref_r).
+    """
+    chosen, rejected = _logratios(logps)
+    r_c, r_r = cfg.beta * chosen, cfg.beta * rejected
+    return _output(torch.sigmoid(-r_c) + torch.sigmoid(r_r), r_c, r_r)
+
+
+@register("apo_down", needs_reference=True)
+def apo_down_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """APO-down: sigmoid(r_c) + (1 - sigmoid(r_c - r_r)); lowers both, rejected more.
+
+    D'Oosterlinck et al. 2024, arXiv:2408.06266 (eq. 8). r = beta (pi - ref).
+    Rewards: r_c = beta (pi_c - ref_c), r_r = beta (pi_r - ref_r).
+    """
+    chosen, rejected = _logratios(logps)
+    r_c, r_r = cfg.beta * chosen, cfg.beta * rejected
+    return _output(torch.sigmoid(r_c) + torch.sigmoid(r_r - r_c), r_c, r_r)
+
+
+# exp(-z) sigmoid(z / tau) = exp(-z + log sigmoid(z / tau)) <= 1 for tau <= 1; for tau > 1 it
+# grows without bound as z -> -inf, and the exponent is capped here to keep float32 finite.
+_DISCOPOP_MAX_EXPONENT = 50.0
+
+
+@register("discopop", needs_reference=True)
+def discopop_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """DiscoPOP (log-ratio modulated loss): with z = beta h and m = sigmoid(z / tau),
+    (1 - m) * (-log sigmoid(z)) + m * exp(-z).
+
+    Chris Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for Large
+    Language Models", arXiv:2406.08414 (eq. 5), tau = `loss.discopop_tau`; same as TRL.
+    m exp(-z) is computed as exp(-z + log sigmoid(z / tau)), which is exact and cannot overflow
+    for tau <= 1; for tau > 1 its exponent is capped at 50 (the loss is then ~5e21 and its
+    gradient zero), which only very negative z reach.
+    Rewards: beta (pi_c - ref_c), beta (pi_r - ref_r).
+    """
+    chosen, rejected = _logratios(logps)
+    z, tau = cfg.beta * (chosen - rejected), cfg.discopop_tau
+    logistic = -F.logsigmoid(z) * torch.sigmoid(-z / tau)
+    exponential = torch.exp((F.logsigmoid(z / tau) - z).clamp(max=_DISCOPOP_MAX_EXPONENT))
+    return _output(logistic + exponential, cfg.beta * chosen, cfg.beta * rejected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference-free losses
+
+
+@register("simpo", needs_reference=False)
+def simpo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """SimPO: -(1 - ls) log sigmoid(u) - ls log sigmoid(-u), u = beta (pi_c/n_c - pi_r/n_r) - gamma.
+
+    Meng, Xia, Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward",
+    arXiv:2405.14734. gamma = `loss.gamma_beta_ratio` * beta. The paper has no label
+    smoothing; ls follows the paper's code and TRL (ls = 0 is the paper's loss).
+    Rewards: beta pi_c / n_c, beta pi_r / n_r (the length-normalised reward, no margin).
+    """
+    chosen = _per_token(logps.chosen_logps, logps.chosen_tokens)
+    rejected = _per_token(logps.rejected_logps, logps.rejected_tokens)
+    gamma = cfg.gamma_beta_ratio * cfg.beta
+    losses = _sigmoid_loss(cfg.beta * (chosen - rejected) - gamma, cfg.label_smoothing)
+    return _output(losses, cfg.beta * chosen, cfg.beta * rejected)
+
+
+@register("sft", needs_reference=False)
+def sft_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """SFT: negative log-likelihood of the chosen completion per token, -pi_c / n_c.
+
+    Combined with DPO as ["dpo", "sft"] this is RPO (Pang et al. 2024, "Iterative Reasoning
+    Preference Optimization", arXiv:2404.19733).
+    Rewards: beta pi_c / n_c, beta pi_r / n_r (SimPO's reference-free reward, for monitoring
+    only; `compute_loss` reports another loss's rewards when sft is combined).
+    """
+    chosen = _per_token(logps.chosen_logps, logps.chosen_tokens)
+    rejected = _per_token(logps.rejected_logps, logps.rejected_tokens)
+    return _output(-chosen, cfg.beta * chosen, cfg.beta * rejected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def loss_names(cfg: LossConfig) -> list[str]:
+    """The loss names of `cfg.type` as a list."""
+    return [cfg.type] if isinstance(cfg.type, str) else list(cfg.type)
+
+
+def _specs(cfg: LossConfig) -> list[LossSpec]:
+    specs = []
+    for name in loss_names(cfg):
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}")
+        specs.append(LOSSES[name])
+    return specs
+
+
+def needs_reference(cfg: LossConfig) -> bool:
+    """Whether any loss in `cfg.type` needs reference log-probs."""
+    return any(spec.needs_reference for spec in _specs(cfg))
+
+
+def needs_logweights(cfg: LossConfig) -> bool:
+    """Whether any loss in `cfg.type` needs WPO log-weights."""
+    return any(spec.needs_logweights for spec in _specs(cfg))
+
+
+def compute_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """Weighted sum of the per-pair losses named in `cfg.type` (weights default to 1.0 each).
+
+    Rewards and extras come from the first loss that is not "sft" (sft's own when it is alone),
+    so ["dpo", "sft"] (RPO) reports DPO's implicit rewards.
+    """
+    names, specs = loss_names(cfg), _specs(cfg)
+    if not names:
+        raise ValueError("loss.type names no loss")
+    weights = cfg.weights or [1.0] * len(names)
+    if len(weights) != len(names):
+        raise ValueError(f"{len(weights)} loss weights for {len(names)} losses {names}")
+    outputs = [spec.fn(logps, cfg) for spec in specs]
+    losses = weights[0] * outputs[0].losses
+    for weight, out in zip(weights[1:], outputs[1:]):
+        losses = losses + weight * out.losses
+    reported = next((out for name, out in zip(names, outputs) if name != "sft"), outputs[0])
+    return LossOutput(losses, reported.chosen_rewards, reported.rejected_rewards, reported.extras)

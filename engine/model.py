@@ -1,0 +1,92 @@
+"""Load the Hugging Face causal LM and tokenizer named by the `[model]` table.
+
+Master weights are always fp32 (mixed precision is FSDP's job, see parallel.py). A local folder
+or a hub id both work; `trust_remote_code` is off unless the recipe asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from engine.config import ModelConfig
+from engine.errors import UserError
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or os.path.isdir(path)
+
+
+def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    if _looks_local(cfg.path) and not os.path.isdir(os.path.expanduser(cfg.path)):
+        raise UserError(f"model.path: folder {cfg.path} not found")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.path, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.path: cannot load a tokenizer from {cfg.path} ({first})") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"model.path: the tokenizer in {cfg.path} has no eos_token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
+    """The causal LM in fp32 on the CPU (parallelize() moves and shards it)."""
+    try:
+        config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.path: cannot load a model config from {cfg.path} ({first})") from None
+    kwargs = dict(
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=torch.float32,
+    )
+    try:
+        if cfg.random_init:
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, config=config, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.path: cannot load model weights from {cfg.path} ({first})") from None
+    model.config.use_cache = False
+    return model
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks, found from the model's `_no_split_modules` class names.
+
+    This is how FSDP and activation checkpointing find their units for any architecture, without
+    model-specific attribute paths.
+    """
+    names: set[str] = set()
+    for module in model.modules():  # the HF model may sit inside wrappers (ours, peft's)
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise UserError(
+            f"model.path: cannot find the decoder blocks of {type(model).__name__} "
+            "(no _no_split_modules declared)"
+        )
+    return blocks
+
+
+def save_tokenizer_and_generation_config(
+    tokenizer: PreTrainedTokenizerBase, model_path: str, out_dir: Path
+) -> None:
+    tokenizer.save_pretrained(out_dir)
+    try:
+        generation = transformers.GenerationConfig.from_pretrained(model_path)
+    except OSError:
+        return
+    generation.save_pretrained(out_dir)

@@ -1,0 +1,65 @@
+"""Reference log-probs: computed once, before training, by the policy itself.
+
+At that point the policy *is* the reference (same initial weights), so no second copy of the
+model ever exists. Every rank scores a disjoint share of the pairs in eval mode under no_grad,
+with a larger batch than training; the shares are summed across ranks (each pair is filled by
+exactly one rank, so the sum is exact) and a completeness check fails loudly if any pair is
+missing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.data import PreferenceDataset, collate, shard_for_inference
+from engine.distributed import log
+from engine.forward import policy_logps
+
+
+@dataclass
+class ReferenceLogps:
+    chosen: torch.Tensor  # [N] fp32, summed reference log-probs of each pair's chosen completion
+    rejected: torch.Tensor  # [N]
+
+    def lookup(self, pair_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.chosen[pair_ids].to(device), self.rejected[pair_ids].to(device)
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    model: nn.Module,
+    dataset: PreferenceDataset,
+    pad_id: int,
+    device: torch.device,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    name: str = "train",
+) -> ReferenceLogps:
+    was_training = model.training
+    model.eval()
+    n = len(dataset)
+    sums = torch.zeros(3, n, dtype=torch.float64, device=device)  # chosen, rejected, filled
+    start = time.perf_counter()
+    for indices, valid in shard_for_inference(n, batch_size, rank, world_size):
+        batch = collate(dataset, indices, valid)
+        logps = policy_logps("concatenated", model, batch, pad_id, device)
+        ids = batch.pair_ids[batch.valid].to(device)
+        keep = batch.valid.to(device)
+        sums[0].index_add_(0, ids, logps.chosen_logps[keep].double())
+        sums[1].index_add_(0, ids, logps.rejected_logps[keep].double())
+        sums[2].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
+    if world_size > 1:
+        dist.all_reduce(sums)
+    elapsed = time.perf_counter() - start
+    missing = (sums[2] != 1).nonzero().flatten().tolist()
+    if missing:
+        raise RuntimeError(f"reference log-probs incomplete: pairs {missing[:10]} not filled exactly once")
+    log(f"reference log-probs ({name}): {n} pairs in {elapsed:.1f}s ({n / max(elapsed, 1e-9):.1f} pairs/s)")
+    model.train(was_training)
+    return ReferenceLogps(sums[0].float().cpu(), sums[1].float().cpu())

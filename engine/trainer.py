@@ -1,0 +1,246 @@
+"""The training loop: build everything from the recipe, then train, evaluate and export.
+
+Why the loss is divided by the global pair count: every micro-batch contributes
+sum(per-pair losses) / global_batch_size and FSDP *sums* gradients across ranks (its averaging
+is switched off in parallel.py), so the optimizer sees the mean over the global batch however
+it is split into ranks x micro-batches x accumulation steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from engine import losses
+from engine.config import Config, to_toml
+from engine.data import PreferenceDataset, GlobalBatchSampler, build_dataset, collate, shard_for_inference
+from engine.distributed import World, log
+from engine.errors import UserError
+from engine.export import export_hf
+from engine.forward import SequenceLogprobs, policy_logps
+from engine.metrics import MetricsLogger, PairMetrics, format_row, measure_matmul_flops, peak_memory_gib
+from engine.model import build_model, build_tokenizer
+from engine.optim import build_optimizer, build_scheduler
+from engine.parallel import compute_dtype, parallelize
+from engine.reference import ReferenceLogps, compute_reference_logps
+
+RUN_FILES = ("metrics.jsonl", "recipe.toml", "final")
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool, world: World) -> None:
+    """Refuse to clobber a previous run unless asked; never touch files fsdpo did not write."""
+    previous = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if previous and not overwrite:
+        raise UserError(
+            f"job.output_dir: {output_dir} already holds a run ({', '.join(previous)}); "
+            "choose another folder or set job.overwrite=true"
+        )
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"job.output_dir: {output_dir} exists and is not a folder")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked before rank 0 writes anything
+    if world.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.jsonl").write_text("")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world: World) -> None:
+        self.cfg, self.world = cfg, world
+        self.output_dir = Path(cfg.job.output_dir)
+        prepare_output_dir(self.output_dir, cfg.job.overwrite, world)
+        if world.is_main:
+            (self.output_dir / "recipe.toml").write_text(to_toml(cfg))
+        torch.manual_seed(cfg.job.seed)
+
+        self.tokenizer = build_tokenizer(cfg.model)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.train_data = build_dataset(cfg.data.train, self.tokenizer, cfg.data, cfg.job.seed)
+        self.eval_data = (
+            build_dataset(cfg.data.eval, self.tokenizer, cfg.data, cfg.job.seed) if cfg.data.eval else None
+        )
+        log(f"data: {self.train_data.stats}")
+
+        t = cfg.training
+        self.sampler = GlobalBatchSampler(
+            len(self.train_data), t.global_batch_size, t.micro_batch_size,
+            world.rank, world.world_size, cfg.job.seed,
+        )  # fmt: skip
+        self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.sampler.steps_per_epoch
+
+        causal_lm = build_model(cfg.model, cfg.job.seed)
+        self.num_params = sum(p.numel() for p in causal_lm.parameters())
+        self.model = parallelize(SequenceLogprobs(causal_lm), cfg.parallel, world.mesh, world.device)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.scheduler)
+        self.with_logweights = losses.needs_logweights(cfg.loss)
+        self.reference_forwards = 0
+
+        self.reference_batch = cfg.reference.batch_size or 4 * t.micro_batch_size
+        self.train_reference = self._reference(self.train_data, "train")
+        self.eval_reference = self._reference(self.eval_data, "eval") if self.eval_data else None
+
+        dtype = compute_dtype(cfg.parallel, world.device)
+        self.peak_flops = measure_matmul_flops(world.device, dtype)
+        self.metrics = MetricsLogger(self.output_dir, cfg.logging, world.is_main, dataclasses.asdict(cfg))
+        log(
+            f"model: {self.num_params / 1e6:.2f}M parameters, {world.world_size} ranks, "
+            f"{self.sampler.accumulation_steps} accumulation steps of {t.micro_batch_size} pairs, "
+            f"{self.total_steps} steps, compute {dtype}, matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s"
+        )
+
+    def _reference(self, dataset: PreferenceDataset | None, name: str) -> ReferenceLogps | None:
+        if dataset is None or not losses.needs_reference(self.cfg.loss):
+            return None
+        self.reference_forwards += 1
+        return compute_reference_logps(
+            self.model, dataset, self.pad_id, self.world.device, self.reference_batch,
+            self.world.rank, self.world.world_size, name,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------
+
+    def _pair_losses(self, batch, reference: ReferenceLogps | None):  # noqa: ANN001, ANN202
+        logps = policy_logps(
+            self.cfg.training.forward_mode, self.model, batch, self.pad_id, self.world.device,
+            self.with_logweights,
+        )  # fmt: skip
+        if reference is not None:
+            logps.ref_chosen_logps, logps.ref_rejected_logps = reference.lookup(batch.pair_ids, self.world.device)
+        out = losses.compute_loss(logps, self.cfg.loss)
+        return logps, out, out.losses * batch.valid.to(out.losses.device)
+
+    def train_step(self, step: int, window: PairMetrics) -> tuple[float, float, bool]:
+        """One optimizer step over this rank's micro-batches. Returns (lr, grad norm, skipped)."""
+        t = self.cfg.training
+        lr = self.scheduler.get_last_lr()[0]
+        local_finite = True
+        for indices in self.sampler.micro_batches(step):
+            batch = collate(self.train_data, indices)
+            logps, out, pair_losses = self._pair_losses(batch, self.train_reference)
+            if _fault_nan_step() == step + 1:
+                pair_losses = pair_losses * float("nan")
+            loss = pair_losses.sum() / t.global_batch_size
+            local_finite &= bool(torch.isfinite(loss).item())
+            loss.backward()
+            window.add(pair_losses, out, logps, batch.valid)
+            window.tokens += batch.real_tokens
+
+        finite = torch.tensor(float(local_finite), device=self.world.device)
+        if dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return lr, float("nan"), True
+
+        max_norm = self.cfg.optimizer.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.grad is not None],
+            max_norm if max_norm > 0 else float("inf"),
+        )
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr, grad_norm.item(), False
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, Any] | None:
+        if self.eval_data is None:
+            return None
+        self.model.eval()
+        window = PairMetrics()
+        for indices, valid in shard_for_inference(
+            len(self.eval_data), self.reference_batch, self.world.rank, self.world.world_size
+        ):
+            batch = collate(self.eval_data, indices, valid)
+            logps, out, pair_losses = self._pair_losses(batch, self.eval_reference)
+            window.add(pair_losses, out, logps, batch.valid)
+        self.model.train()
+        reduced = window.reduce(self.world.device)
+        row = {"step": step, **{f"eval/{k}": v for k, v in reduced.items() if k != "pairs"}}
+        self.metrics.write(row)
+        log(format_row(row))
+        return row
+
+    def train(self) -> dict[str, Any]:
+        t, lg = self.cfg.training, self.cfg.logging
+        self.model.train()
+        before = self.evaluate(0)
+        window, skipped_in_row, skipped_total = PairMetrics(), 0, 0
+        last_time = time.perf_counter()
+        row: dict[str, Any] = {}
+        for step in range(self.total_steps):
+            lr, grad_norm, skipped = self.train_step(step, window)
+            skipped_total += skipped
+            skipped_in_row = skipped_in_row + 1 if skipped else 0
+            if skipped:
+                log(f"step {step + 1}: non-finite loss on some rank, update skipped")
+            if skipped_in_row >= t.max_skipped_steps:
+                raise UserError(
+                    f"training: {skipped_in_row} consecutive steps had a NaN/inf loss "
+                    f"(training.max_skipped_steps={t.max_skipped_steps}); stopping"
+                )
+            done = step + 1
+            if done % lg.interval_steps == 0 or done == self.total_steps:
+                row = self._log_row(done, lr, grad_norm, skipped_total, window, time.perf_counter() - last_time)
+                window = PairMetrics()
+                last_time = time.perf_counter()
+            if t.eval_interval_steps and done % t.eval_interval_steps == 0 and done != self.total_steps:
+                self.evaluate(done)
+        after = self.evaluate(self.total_steps)
+        if before and after:
+            log(
+                "held-out preference accuracy: "
+                f"before {before['eval/rewards/accuracies']:.3f} -> after {after['eval/rewards/accuracies']:.3f}"
+            )
+        if self.cfg.export.enabled:
+            export_hf(
+                self.model, self.tokenizer, self.cfg.model.path, self.output_dir / "final",
+                self.cfg.export.max_shard_size, self.world.is_main,
+            )  # fmt: skip
+            log(f"exported {self.output_dir / 'final'}")
+        self.metrics.close()
+        return {"train": row, "eval_before": before, "eval_after": after}
+
+    def _log_row(
+        self, step: int, lr: float, grad_norm: float, skipped: int, window: PairMetrics, elapsed: float
+    ) -> dict[str, Any]:
+        reduced = window.reduce(self.world.device, {"tokens": float(window.tokens)})
+        tokens = reduced.pop("tokens")
+        reduced.pop("pairs")
+        tokens_per_s = tokens / max(elapsed, 1e-9)
+        # model FLOPs: 6 x parameters per token (forward + backward), the usual MFU convention
+        mfu = 6 * self.num_params * tokens_per_s / (self.peak_flops * self.world.world_size)
+        row = {
+            "step": step,
+            "epoch": step / self.sampler.steps_per_epoch,
+            **reduced,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "skipped_steps": skipped,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+            "peak_mem_gib": peak_memory_gib(self.world.device),
+        }
+        self.metrics.write(row)
+        log(format_row(row))
+        return row
+
+
+def _fault_nan_step() -> int:
+    """Testing hook: FSDPO_FAULT_NAN_STEP=N (with FSDPO_FAULT_NAN_RANK=r) poisons step N's loss."""
+    step = os.environ.get("FSDPO_FAULT_NAN_STEP")
+    if not step:
+        return -1
+    rank = int(os.environ.get("FSDPO_FAULT_NAN_RANK", "0"))
+    return int(step) if rank == (dist.get_rank() if dist.is_initialized() else 0) else -1
+

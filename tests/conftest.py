@@ -1,0 +1,124 @@
+"""Shared fixtures: a tiny saved model folder, small data files, recipe writing, launching runs.
+
+Nothing is downloaded: the model is a random-init Llama saved with `save_pretrained` (so the real
+loading path runs) next to the demo tokenizer shipped in recipes/assets/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from engine.config import toml_value
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "recipes" / "assets"
+LN2 = 0.6931471805599453
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny Llama (weights + config + tokenizer) built from the demo config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    config = AutoConfig.from_pretrained(ASSETS / "tiny-llama")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # larger-than-default init so that log-probs vary between pairs and steps
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(ASSETS / "tiny-llama").save_pretrained(out)
+    shutil.copy(ASSETS / "tiny-llama" / "generation_config.json", out / "generation_config.json")
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """64 training pairs and 12 eval pairs from the demo set, with varied lengths."""
+    out = tmp_path_factory.mktemp("data")
+    train = (ASSETS / "demo_train.jsonl").read_text().splitlines()[:64]
+    evals = (ASSETS / "demo_eval.jsonl").read_text().splitlines()[:12]
+    (out / "train.jsonl").write_text("\n".join(train) + "\n")
+    (out / "eval.jsonl").write_text("\n".join(evals) + "\n")
+    return {"train": out / "train.jsonl", "eval": out / "eval.jsonl"}
+
+
+def write_recipe(path: Path, tables: dict[str, dict[str, Any]], extends: str | None = None) -> Path:
+    lines = [f"extends = {json.dumps(extends)}"] if extends else []
+    for table, values in tables.items():
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def base_tables(model_dir: Path, data: dict[str, Path], output_dir: Path) -> dict[str, dict[str, Any]]:
+    """A fast recipe on the tiny model: 8 pairs per step, 4 steps, fp32, lr large enough to move."""
+    return {
+        "job": {"output_dir": str(output_dir), "seed": 7},
+        "model": {"path": str(model_dir)},
+        "data": {"train": [str(data["train"])], "eval": [str(data["eval"])], "max_length": 64},
+        "loss": {"type": "dpo", "beta": 0.1},
+        "training": {"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 4},
+        "optimizer": {"lr": 1e-3, "max_grad_norm": 1.0},
+        "scheduler": {"type": "linear", "warmup_steps": 1},
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_training(
+    recipe: Path, overrides: list[str] = (), nproc: int = 1, timeout: int = 240, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Launch a real training run: torchrun with `nproc` ranks, or plain python for nproc=0."""
+    if nproc == 0:
+        cmd = [sys.executable, str(REPO / "torchrun_train.py"), str(recipe), *overrides]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", str(REPO / "torchrun_train.py"), str(recipe), *overrides,
+        ]  # fmt: skip
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(output_dir: Path) -> list[dict[str, Any]]:
+    return [r for r in read_metrics(output_dir) if "loss" in r]
+
+
+def load_final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for f in sorted((output_dir / "final").glob("*.safetensors")):
+        weights.update(load_file(f))
+    return weights
+
+
+@pytest.fixture(scope="session")
+def world():
+    """A one-rank gloo process group in the test process, for in-process engine tests."""
+    from engine.distributed import init_distributed
+
+    return init_distributed()

@@ -1,0 +1,114 @@
+"""Recipes: typing, extends, overrides, the resolved recipe, and one clear error per mistake."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import torchrun_train
+from engine.config import Config, field_docs, load_config, reference_doc, to_toml
+from engine.errors import UserError
+from tests.conftest import REPO, write_recipe
+
+GOOD = {
+    "model": {"path": "some/model"},
+    "data": {"train": ["train.jsonl"]},
+}
+
+
+def test_types_overrides_and_extends(tmp_path: Path) -> None:
+    base = write_recipe(
+        tmp_path / "base.toml",
+        {**GOOD, "optimizer": {"lr": 1e-5, "betas": [0.9, 0.95]}, "training": {"micro_batch_size": 2}},
+    )
+    child = write_recipe(tmp_path / "child.toml", {"optimizer": {"lr": 3e-6}}, extends=base.name)
+    cfg = load_config(child, ["training.global_batch_size=32", "loss.type=simpo", "job.output_dir=out/x"])
+    assert cfg.optimizer.lr == 3e-6  # child beats base
+    assert cfg.optimizer.betas == [0.9, 0.95]  # inherited
+    assert cfg.training.micro_batch_size == 2
+    assert cfg.training.global_batch_size == 32  # override, typed as int
+    assert cfg.loss.type == "simpo"
+    assert cfg.job.output_dir == "out/x"
+    assert cfg.data.train[0].path == "train.jsonl" and cfg.data.train[0].fraction == 1.0
+    # an int where a float is expected is accepted and converted
+    assert isinstance(load_config(child, ["optimizer.lr=1"]).optimizer.lr, float)
+    # list-valued override
+    assert load_config(child, ['loss.type=["dpo", "sft"]', "loss.weights=[1.0, 0.5]"]).loss.weights == [1.0, 0.5]
+
+
+def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.toml", {**GOOD, "data": {"train": [{"path": "a.jsonl", "count": 10}]}})
+    cfg = load_config(recipe, ["optimizer.lr=2e-6"])
+    resolved = tmp_path / "resolved.toml"
+    resolved.write_text(to_toml(cfg))
+    assert load_config(resolved) == cfg
+
+
+def test_every_field_is_documented() -> None:
+    import dataclasses
+    import typing
+
+    for cls in typing.get_type_hints(Config).values():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+    assert "`optimizer.lr`" in reference_doc()
+
+
+BAD_RECIPES = [
+    # (tables, overrides, words the one-line message must contain)
+    ({**GOOD, "optimizer": {"lrr": 1e-6}}, [], ["optimizer.lrr", 'did you mean "lr"']),
+    ({**GOOD, "trainig": {"epochs": 1}}, [], ["trainig", 'did you mean "training"']),
+    ({**GOOD, "training": {"epochs": "three"}}, [], ["training.epochs", "integer"]),
+    ({**GOOD, "training": {"micro_batch_size": 0}}, [], ["training.micro_batch_size", ">= 1"]),
+    ({"data": {"train": ["t.jsonl"]}}, [], ["model.path"]),
+    ({"model": {"path": "m"}}, [], ["data.train"]),
+    ({**GOOD, "loss": {"type": "dpoo"}}, [], ["loss.type", 'did you mean "dpo"']),
+    ({**GOOD, "scheduler": {"warmup_steps": 10, "warmup_ratio": 0.1}}, [], ["warmup_steps", "warmup_ratio"]),
+    ({**GOOD, "scheduler": {"type": "cosin"}}, [], ["scheduler.type", '"cosine"']),
+    ({**GOOD, "parallel": {"compile": "yes"}}, [], ["parallel.compile", "true/false"]),
+    ({**GOOD, "loss": {"type": ["dpo", "sft"], "weights": [1.0]}}, [], ["loss.weights", "2 weights"]),
+    ({**GOOD, "loss": {"label_smoothing": 0.7}}, [], ["loss.label_smoothing", "[0, 0.5)"]),
+    ({**GOOD, "optimizer": {"betas": [0.9]}}, [], ["optimizer.betas"]),
+    (GOOD, ["optimizer.lr=fast"], ["optimizer.lr", "number"]),
+    (GOOD, ["optimiser.lr=1e-6"], ["optimiser.lr", 'did you mean "optimizer"']),
+    (GOOD, ["training.epoch=2"], ["training.epoch", 'did you mean "training.epochs"']),
+    (GOOD, ["training.epochs"], ["training.epochs", "table.key=value"]),
+]
+
+
+@pytest.mark.parametrize("tables,overrides,words", BAD_RECIPES)
+def test_bad_recipes_exit_2_with_one_line_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture, tables: dict, overrides: list, words: list
+) -> None:
+    recipe = write_recipe(tmp_path / "bad.toml", tables)
+    assert torchrun_train.main([str(recipe), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_missing_recipe_and_bad_toml(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert torchrun_train.main([str(tmp_path / "nope.toml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+    (tmp_path / "broken.toml").write_text("[model\npath = 1\n")
+    assert torchrun_train.main([str(tmp_path / "broken.toml")]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    (tmp_path / "cycle.toml").write_text('extends = "cycle.toml"\n')
+    with pytest.raises(UserError, match="cycle"):
+        load_config(tmp_path / "cycle.toml")
+
+
+def test_cli_exit_code_and_no_traceback(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "bad.toml", {**GOOD, "optimizer": {"lrr": 1e-6}})
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "torchrun_train.py"), str(recipe)],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["fsdpo: error: optimizer.lrr: unknown key in [optimizer] (did you mean \"lr\"?)"]

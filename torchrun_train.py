@@ -1,0 +1,51 @@
+"""fsdpo entry point.
+
+    torchrun --nproc_per_node N torchrun_train.py RECIPE.toml [table.key=value ...]
+    python torchrun_train.py RECIPE.toml [table.key=value ...]      (one process)
+
+Exit code 0 on success, 2 on a user error (one line on stderr naming the key, file or row).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from engine.errors import UserError
+
+    try:
+        from engine.config import load_config
+
+        cfg = load_config(argv[0], argv[1:])
+    except UserError as e:
+        _report(e)
+        return 2
+
+    from engine.distributed import init_distributed, shutdown
+    from engine.trainer import Trainer
+
+    world = init_distributed()
+    try:
+        Trainer(cfg, world).train()
+    except UserError as e:
+        _report(e)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
+def _report(error: Exception) -> None:
+    """One line on stderr; under torchrun only rank 0 speaks (every rank sees the same error)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"fsdpo: error: {error}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
