@@ -52,9 +52,12 @@ class LossOutput:
     extras: dict[str, Tensor] = field(default_factory=dict)  # per-pair metrics [B], detached
 
 
+LossFn = Callable[[PreferenceLogps, LossConfig], LossOutput]
+
+
 @dataclass(frozen=True)
 class LossSpec:
-    fn: Callable[[PreferenceLogps, LossConfig], LossOutput]
+    fn: LossFn
     needs_reference: bool
     needs_logweights: bool = False
     pair_separable: bool = True  # False when a pair's loss depends on other pairs in the batch
@@ -65,10 +68,10 @@ LOSSES: dict[str, LossSpec] = {}
 
 def register(
     name: str, *, needs_reference: bool, needs_logweights: bool = False, pair_separable: bool = True
-) -> Callable[[Callable[[PreferenceLogps, LossConfig], LossOutput]], Callable]:
-    """Add a loss function to `LOSSES` under `name`."""
+) -> Callable[[LossFn], LossFn]:
+    """Decorator that adds a loss function to `LOSSES` under `name`."""
 
-    def add(fn: Callable[[PreferenceLogps, LossConfig], LossOutput]) -> Callable:
+    def add(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is registered twice")
         LOSSES[name] = LossSpec(fn, needs_reference, needs_logweights, pair_separable)
@@ -256,9 +259,10 @@ def bco_pair_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     """BCO (pairwise): -log sigmoid(r_c - delta) - log sigmoid(-(r_r - delta)).
 
     Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment",
-    arXiv:2404.04656. r = beta (pi - ref); delta = mean of the detached r_c and r_r over this
-    batch (2B values), so a pair's loss depends on the other pairs of its batch. TRL uses a
-    running mean over steps instead; this is the per-batch statistic.
+    arXiv:2404.04656. r = beta (pi - ref); delta = mean of the detached r_c and r_r over the
+    batch passed in (2B values: one micro-batch on one rank, padding pairs included), so a
+    pair's loss depends on the other pairs of its batch. TRL uses a running mean over steps
+    instead; this is the per-batch statistic.
     Rewards: r_c = beta (pi_c - ref_c), r_r = beta (pi_r - ref_r).
     """
     chosen, rejected = _logratios(logps)
@@ -273,8 +277,9 @@ def sppo_hard_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     """SPPO with hard labels: (a - 1 / (2 beta))^2 + (b + 1 / (2 beta))^2.
 
     Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment",
-    arXiv:2405.00675 (eq. 4.7 with win probability 1 for chosen and 0 for rejected, eta = 1/beta),
-    a = pi_c - ref_c, b = pi_r - ref_r.
+    arXiv:2405.00675: the squared loss of Algorithm 1 with the win probability set to 1 for
+    chosen and 0 for rejected (TRL's `sppo_hard`; the paper estimates it softly with PairRM),
+    eta = 1 / beta, a = pi_c - ref_c, b = pi_r - ref_r.
     Rewards: beta a, beta b.
     """
     a, b = _logratios(logps)
@@ -340,8 +345,8 @@ def simpo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     """SimPO: -(1 - ls) log sigmoid(u) - ls log sigmoid(-u), u = beta (pi_c/n_c - pi_r/n_r) - gamma.
 
     Meng, Xia, Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward",
-    arXiv:2405.14734. gamma = `loss.gamma_beta_ratio` * beta. The paper has no label
-    smoothing; ls follows the paper's code and TRL (ls = 0 is the paper's loss).
+    arXiv:2405.14734. gamma = `loss.gamma_beta_ratio` * beta. The paper's formula has no label
+    smoothing; ls follows its released trainer and TRL (ls = 0 is the paper's loss).
     Rewards: beta pi_c / n_c, beta pi_r / n_r (the length-normalised reward, no margin).
     """
     chosen = _per_token(logps.chosen_logps, logps.chosen_tokens)
