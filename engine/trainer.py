@@ -199,7 +199,7 @@ class Trainer:
         after = self.evaluate(self.total_steps)
         if before and after:
             log(
-                "held-out preference accuracy: "
+                "held-out preference accuracy (strict: ties, as at step 0, count as wrong): "
                 f"before {before['eval/rewards/accuracies']:.3f} -> after {after['eval/rewards/accuracies']:.3f}"
             )
         if self.cfg.export.enabled:
