@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import itertools
 import math
 import sys
 import types
@@ -211,7 +212,7 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     docs: dict[str, str] = {}
     body = tree.body[0].body  # type: ignore[attr-defined]
-    for stmt, nxt in zip(body, body[1:]):
+    for stmt, nxt in itertools.pairwise(body):
         if (
             isinstance(stmt, ast.AnnAssign)
             and isinstance(stmt.target, ast.Name)
@@ -462,9 +463,7 @@ def validate(cfg: Config) -> None:
     _check(s.warmup_steps >= 0, "scheduler.warmup_steps", "an integer >= 0", s.warmup_steps)
     _check(0 <= s.warmup_ratio < 1, "scheduler.warmup_ratio", "a number in [0, 1)", s.warmup_ratio)
     if s.warmup_steps and s.warmup_ratio:
-        raise UserError(
-            "scheduler.warmup_steps and scheduler.warmup_ratio: set one of them, not both"
-        )
+        raise UserError("scheduler.warmup_steps and scheduler.warmup_ratio: set one of them, not both")
     _check(0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", "a number in [0, 1]", s.min_lr_ratio)
 
     _check(cfg.reference.batch_size >= 0, "reference.batch_size", ">= 0", cfg.reference.batch_size)

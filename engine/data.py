@@ -171,7 +171,7 @@ def tokenize_pair(
     eos = tokenizer.eos_token_id
     if isinstance(prompt, str):
         prompt_ids = _ids(tokenizer, prompt, special=True)
-        completions = [_ids(tokenizer, c, special=False) + [eos] for c in (chosen, rejected)]
+        completions = [[*_ids(tokenizer, c, special=False), eos] for c in (chosen, rejected)]
         return prompt_ids, *completions  # type: ignore[return-value]
     if tokenizer.chat_template is None:
         raise UserError(f"{where}: conversational data needs a tokenizer with a chat_template")
@@ -217,23 +217,17 @@ def build_dataset(
         dropped_too_long = 0
         for index, row in rows:
             where = f"{source.path}: row {index}"
-            prompt_ids, chosen_ids, rejected_ids = tokenize_pair(
-                tokenizer, *normalise_row(row, where), where
-            )
+            prompt_ids, chosen_ids, rejected_ids = tokenize_pair(tokenizer, *normalise_row(row, where), where)
             room = cfg.max_length - len(prompt_ids)
             if room < 1:
                 dropped_too_long += 1
                 continue
-            pairs.append(
-                TokenizedPair(len(pairs), prompt_ids, chosen_ids[:room], rejected_ids[:room])
-            )
+            pairs.append(TokenizedPair(len(pairs), prompt_ids, chosen_ids[:room], rejected_ids[:room]))
         per_source.append(
             {"path": source.path, "pairs": len(rows), "dropped_no_completion_left": dropped_too_long}
         )
     if not pairs:
-        raise UserError(
-            f"data: no pair of {[s.path for s in sources]} fits data.max_length={cfg.max_length}"
-        )
+        raise UserError(f"data: no pair of {[s.path for s in sources]} fits data.max_length={cfg.max_length}")
     return PreferenceDataset(pairs, {"sources": per_source, "pairs": len(pairs)})
 
 
@@ -251,9 +245,14 @@ class GlobalBatchSampler:
     """
 
     def __init__(
-        self, num_pairs: int, global_batch_size: int, micro_batch_size: int,
-        rank: int, world_size: int, seed: int,
-    ) -> None:  # fmt: skip
+        self,
+        num_pairs: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ) -> None:
         per_rank, rem = divmod(global_batch_size, world_size)
         if rem or per_rank % micro_batch_size:
             raise UserError(
@@ -289,7 +288,9 @@ class GlobalBatchSampler:
         return [mine[i : i + m] for i in range(0, len(mine), m)]
 
 
-def shard_for_inference(num_pairs: int, batch_size: int, rank: int, world_size: int) -> list[tuple[list[int], list[bool]]]:
+def shard_for_inference(
+    num_pairs: int, batch_size: int, rank: int, world_size: int
+) -> list[tuple[list[int], list[bool]]]:
     """This rank's disjoint share of all pairs (r, r+W, ...) in batches of `batch_size`.
 
     Every rank gets the same number of batches (FSDP's collectives need ranks in step), so the
@@ -300,10 +301,7 @@ def shard_for_inference(num_pairs: int, batch_size: int, rank: int, world_size: 
     num_batches = -(-per_rank // batch_size)
     valid = [True] * len(mine) + [False] * (num_batches * batch_size - len(mine))
     mine += [0] * (len(valid) - len(mine))
-    return [
-        (mine[i : i + batch_size], valid[i : i + batch_size])
-        for i in range(0, len(mine), batch_size)
-    ]
+    return [(mine[i : i + batch_size], valid[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
 
 
 def collate(dataset: PreferenceDataset, indices: list[int], valid: list[bool] | None = None) -> PairBatch:

@@ -41,9 +41,13 @@ def init_distributed(timeout_s: int = 600) -> World:
     """Initialise the default process group and a 1-D data-parallel device mesh."""
     if "RANK" not in os.environ:  # plain `python torchrun_train.py`: a world of one
         os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-        )  # fmt: skip
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)

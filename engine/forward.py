@@ -191,8 +191,12 @@ def separate_forward(
     model: nn.Module, batch: PairBatch, pad_id: int, device: torch.device, with_logweights: bool
 ) -> PreferenceLogps:
     """Two forwards of B rows (chosen, then rejected): lower peak activation memory."""
-    chosen = _score(model, padded_rows(list(zip(batch.prompts, batch.chosen)), pad_id, device), with_logweights)
-    rejected = _score(model, padded_rows(list(zip(batch.prompts, batch.rejected)), pad_id, device), with_logweights)
+    chosen = _score(
+        model, padded_rows(list(zip(batch.prompts, batch.chosen)), pad_id, device), with_logweights
+    )
+    rejected = _score(
+        model, padded_rows(list(zip(batch.prompts, batch.rejected)), pad_id, device), with_logweights
+    )
     return PreferenceLogps(
         chosen_logps=chosen.logps,
         rejected_logps=rejected.logps,
@@ -204,7 +208,11 @@ def separate_forward(
 
 
 def policy_logps(
-    mode: str, model: nn.Module, batch: PairBatch, pad_id: int, device: torch.device, with_logweights: bool = False
+    mode: str,
+    model: nn.Module,
+    batch: PairBatch,
+    pad_id: int,
+    device: torch.device,
+    with_logweights: bool = False,
 ) -> PreferenceLogps:
     return FORWARD_MODES[mode](model, batch, pad_id, device, with_logweights)
-

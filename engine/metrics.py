@@ -106,9 +106,11 @@ def peak_memory_gib(device: torch.device) -> float:
 class MetricsLogger:
     """Rank 0 writes metrics.jsonl (flushed per line), a console line, and optionally wandb."""
 
-    def __init__(self, output_dir: Path, cfg: LoggingConfig, is_main: bool, run_config: dict[str, Any]) -> None:
+    def __init__(
+        self, output_dir: Path, cfg: LoggingConfig, is_main: bool, run_config: dict[str, Any]
+    ) -> None:
         self.is_main = is_main
-        self.file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8") if is_main else None
+        self.file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8") if is_main else None  # noqa: SIM115 (closed in close())
         self.wandb_run = None
         if is_main and cfg.wandb:
             self.wandb_run = _start_wandb(output_dir, cfg, run_config)
@@ -143,7 +145,7 @@ def format_row(row: dict[str, Any]) -> str:
     return (prefix.rstrip("/") + " " if prefix else "") + " | ".join(parts)
 
 
-def _start_wandb(output_dir: Path, cfg: LoggingConfig, run_config: dict[str, Any]):  # noqa: ANN202
+def _start_wandb(output_dir: Path, cfg: LoggingConfig, run_config: dict[str, Any]):
     import wandb
 
     mode = cfg.mode

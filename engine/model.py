@@ -25,9 +25,7 @@ def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     if _looks_local(cfg.path) and not os.path.isdir(os.path.expanduser(cfg.path)):
         raise UserError(f"model.path: folder {cfg.path} not found")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            cfg.path, trust_remote_code=cfg.trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.path: cannot load a tokenizer from {cfg.path} ({first})") from None

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from engine import losses
 from engine.config import Config, to_toml
-from engine.data import PreferenceDataset, GlobalBatchSampler, build_dataset, collate, shard_for_inference
+from engine.data import GlobalBatchSampler, PreferenceDataset, build_dataset, collate, shard_for_inference
 from engine.distributed import World, log
 from engine.errors import UserError
 from engine.export import export_hf
@@ -69,9 +69,13 @@ class Trainer:
 
         t = cfg.training
         self.sampler = GlobalBatchSampler(
-            len(self.train_data), t.global_batch_size, t.micro_batch_size,
-            world.rank, world.world_size, cfg.job.seed,
-        )  # fmt: skip
+            len(self.train_data),
+            t.global_batch_size,
+            t.micro_batch_size,
+            world.rank,
+            world.world_size,
+            cfg.job.seed,
+        )
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.sampler.steps_per_epoch
 
         causal_lm = build_model(cfg.model, cfg.job.seed)
@@ -100,19 +104,31 @@ class Trainer:
             return None
         self.reference_forwards += 1
         return compute_reference_logps(
-            self.model, dataset, self.pad_id, self.world.device, self.reference_batch,
-            self.world.rank, self.world.world_size, name,
-        )  # fmt: skip
+            self.model,
+            dataset,
+            self.pad_id,
+            self.world.device,
+            self.reference_batch,
+            self.world.rank,
+            self.world.world_size,
+            name,
+        )
 
     # ------------------------------------------------------------------------------------------
 
-    def _pair_losses(self, batch, reference: ReferenceLogps | None):  # noqa: ANN001, ANN202
+    def _pair_losses(self, batch, reference: ReferenceLogps | None):
         logps = policy_logps(
-            self.cfg.training.forward_mode, self.model, batch, self.pad_id, self.world.device,
+            self.cfg.training.forward_mode,
+            self.model,
+            batch,
+            self.pad_id,
+            self.world.device,
             self.with_logweights,
-        )  # fmt: skip
+        )
         if reference is not None:
-            logps.ref_chosen_logps, logps.ref_rejected_logps = reference.lookup(batch.pair_ids, self.world.device)
+            logps.ref_chosen_logps, logps.ref_rejected_logps = reference.lookup(
+                batch.pair_ids, self.world.device
+            )
         out = losses.compute_loss(logps, self.cfg.loss)
         return logps, out, out.losses * batch.valid.to(out.losses.device)
 
@@ -191,7 +207,9 @@ class Trainer:
                 )
             done = step + 1
             if done % lg.interval_steps == 0 or done == self.total_steps:
-                row = self._log_row(done, lr, grad_norm, skipped_total, window, time.perf_counter() - last_time)
+                row = self._log_row(
+                    done, lr, grad_norm, skipped_total, window, time.perf_counter() - last_time
+                )
                 window = PairMetrics()
                 last_time = time.perf_counter()
             if t.eval_interval_steps and done % t.eval_interval_steps == 0 and done != self.total_steps:
@@ -204,9 +222,13 @@ class Trainer:
             )
         if self.cfg.export.enabled:
             export_hf(
-                self.model, self.tokenizer, self.cfg.model.path, self.output_dir / "final",
-                self.cfg.export.max_shard_size, self.world.is_main,
-            )  # fmt: skip
+                self.model,
+                self.tokenizer,
+                self.cfg.model.path,
+                self.output_dir / "final",
+                self.cfg.export.max_shard_size,
+                self.world.is_main,
+            )
             log(f"exported {self.output_dir / 'final'}")
         self.metrics.close()
         return {"train": row, "eval_before": before, "eval_after": after}
@@ -243,4 +265,3 @@ def _fault_nan_step() -> int:
         return -1
     rank = int(os.environ.get("FSDPO_FAULT_NAN_RANK", "0"))
     return int(step) if rank == (dist.get_rank() if dist.is_initialized() else 0) else -1
-

@@ -92,9 +92,15 @@ def run_training(
         cmd = [sys.executable, str(REPO / "torchrun_train.py"), str(recipe), *overrides]
     else:
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", str(REPO / "torchrun_train.py"), str(recipe), *overrides,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            str(REPO / "torchrun_train.py"),
+            str(recipe),
+            *overrides,
+        ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
 

@@ -36,11 +36,16 @@ def test_types_overrides_and_extends(tmp_path: Path) -> None:
     # an int where a float is expected is accepted and converted
     assert isinstance(load_config(child, ["optimizer.lr=1"]).optimizer.lr, float)
     # list-valued override
-    assert load_config(child, ['loss.type=["dpo", "sft"]', "loss.weights=[1.0, 0.5]"]).loss.weights == [1.0, 0.5]
+    assert load_config(child, ['loss.type=["dpo", "sft"]', "loss.weights=[1.0, 0.5]"]).loss.weights == [
+        1.0,
+        0.5,
+    ]
 
 
 def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
-    recipe = write_recipe(tmp_path / "r.toml", {**GOOD, "data": {"train": [{"path": "a.jsonl", "count": 10}]}})
+    recipe = write_recipe(
+        tmp_path / "r.toml", {**GOOD, "data": {"train": [{"path": "a.jsonl", "count": 10}]}}
+    )
     cfg = load_config(recipe, ["optimizer.lr=2e-6"])
     resolved = tmp_path / "resolved.toml"
     resolved.write_text(to_toml(cfg))
@@ -107,8 +112,13 @@ def test_cli_exit_code_and_no_traceback(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path / "bad.toml", {**GOOD, "optimizer": {"lrr": 1e-6}})
     proc = subprocess.run(
         [sys.executable, str(REPO / "torchrun_train.py"), str(recipe)],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == ["fsdpo: error: optimizer.lrr: unknown key in [optimizer] (did you mean \"lr\"?)"]
+    assert proc.stderr.strip().splitlines() == [
+        'fsdpo: error: optimizer.lrr: unknown key in [optimizer] (did you mean "lr"?)'
+    ]

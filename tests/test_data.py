@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ def _write(tmp_path: Path, rows: list) -> DataSource:
     return DataSource(path=str(path))
 
 
-def _one(tmp_path: Path, tokenizer, row: dict, max_length: int = 256):  # noqa: ANN001, ANN202
+def _one(tmp_path: Path, tokenizer, row: dict, max_length: int = 256):
     return build_dataset([_write(tmp_path, [row])], tokenizer, DataConfig(max_length=max_length), 0)
 
 
@@ -88,11 +90,26 @@ def test_truncation_keeps_the_start_and_drops_pairs_without_completion(tmp_path:
     [
         ({"prompt": "p", "chosen": "c"}, ["row 0", "missing column 'rejected'"]),
         ({"prompt": 3, "chosen": "c", "rejected": "r"}, ["row 0", "prompt"]),
-        ({"chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user", "content": "y"}]}, ["assistant"]),
-        ({"prompt": [{"role": "wizard", "content": "x"}], "chosen": [{"role": "assistant", "content": "a"}],
-          "rejected": [{"role": "assistant", "content": "b"}]}, ["unknown role 'wizard'"]),  # fmt: skip
-        ({"prompt": [], "chosen": [{"role": "assistant", "content": "a"}],
-          "rejected": [{"role": "assistant", "content": "b"}]}, ["prompt", "non-empty"]),  # fmt: skip
+        (
+            {"chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user", "content": "y"}]},
+            ["assistant"],
+        ),
+        (
+            {
+                "prompt": [{"role": "wizard", "content": "x"}],
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            ["unknown role 'wizard'"],
+        ),
+        (
+            {
+                "prompt": [],
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            ["prompt", "non-empty"],
+        ),
     ],
 )
 def test_bad_rows_name_file_row_and_problem(tmp_path: Path, tokenizer, row: dict, words: list) -> None:
@@ -126,8 +143,8 @@ def test_sampler_global_batch_is_independent_of_the_split() -> None:
                     got += mb
             assert got == reference
     s = GlobalBatchSampler(n, gbs, 8, 0, 1, seed=3)
-    epoch0 = sum((s.micro_batches(i)[0] for i in range(6)), [])
-    epoch1 = sum((s.micro_batches(i)[0] for i in range(6, 12)), [])
+    epoch0 = functools.reduce(operator.iadd, (s.micro_batches(i)[0] for i in range(6)), [])
+    epoch1 = functools.reduce(operator.iadd, (s.micro_batches(i)[0] for i in range(6, 12)), [])
     assert len(set(epoch0)) == 48 and epoch0 != epoch1  # no repeats within an epoch; reshuffled
     assert GlobalBatchSampler(n, gbs, 8, 0, 1, seed=4).micro_batches(0) != s.micro_batches(0)
 

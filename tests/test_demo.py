@@ -29,14 +29,16 @@ def test_demo_recipe_runs_under_torchrun_with_two_ranks(tmp_path: Path) -> None:
         nproc=2,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "held-out preference accuracy: before" in proc.stdout
+    assert "held-out preference accuracy" in proc.stdout and "-> after" in proc.stdout
     rows = read_metrics(out)
     assert [r["step"] for r in rows if "eval/loss" in r] == [0, 3, 6]
     assert [r["step"] for r in train_rows(out)] == [2, 4, 6]
     assert abs(rows[0]["eval/loss"] - LN2) < 1e-6
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "sort: 3 1 2"}], add_generation_prompt=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "sort: 3 1 2"}], add_generation_prompt=True
+    )
     assert torch.isfinite(model(torch.tensor([ids["input_ids"]])).logits).all()
 
 

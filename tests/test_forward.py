@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import DataConfig, DataSource, ParallelConfig
+from engine.config import DataConfig, DataSource, ModelConfig, ParallelConfig
 from engine.data import build_dataset, collate
 from engine.forward import FORWARD_MODES, SequenceLogprobs, padded_rows, policy_logps
 from engine.model import build_tokenizer
-from engine.config import ModelConfig
 
 CPU = torch.device("cpu")
 
@@ -27,7 +26,7 @@ def setup(tiny_model_dir: Path, small_data: dict):
     return tokenizer, data, lm
 
 
-def _reference_scores(lm, sequences, pad_id):  # noqa: ANN001, ANN202
+def _reference_scores(lm, sequences, pad_id):
     """float64 per-sequence log-probs and WPO log-weights from full logits, one sequence at a time."""
     lm64 = copy.deepcopy(lm).double()
     logps, logweights = [], []
@@ -80,7 +79,9 @@ def test_forward_modes_agree(setup) -> None:
     base = results["concatenated"]
     for mode, other in results.items():
         for field in ("chosen_logps", "rejected_logps", "chosen_tokens", "chosen_logweights"):
-            torch.testing.assert_close(getattr(other, field), getattr(base, field), rtol=1e-6, atol=1e-6, msg=mode)
+            torch.testing.assert_close(
+                getattr(other, field), getattr(base, field), rtol=1e-6, atol=1e-6, msg=mode
+            )
 
 
 def test_fsdp_wrapped_forward_matches_plain(setup, world) -> None:
@@ -90,7 +91,9 @@ def test_fsdp_wrapped_forward_matches_plain(setup, world) -> None:
     tokenizer, data, lm = setup
     batch = collate(data, list(range(4)))
     with torch.no_grad():
-        plain = policy_logps("concatenated", SequenceLogprobs(copy.deepcopy(lm)), batch, tokenizer.pad_token_id, CPU)
+        plain = policy_logps(
+            "concatenated", SequenceLogprobs(copy.deepcopy(lm)), batch, tokenizer.pad_token_id, CPU
+        )
         sharded = parallelize(
             SequenceLogprobs(copy.deepcopy(lm)),
             ParallelConfig(activation_checkpointing="full"),

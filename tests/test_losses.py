@@ -27,9 +27,22 @@ from engine.losses import (
 
 LN2 = math.log(2.0)
 ALL_LOSSES = [
-    "dpo", "dpo_norm", "simpo", "wpo", "ipo", "hinge", "robust", "exo_pair", "nca_pair",
-    "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "sft",
-]  # fmt: skip
+    "dpo",
+    "dpo_norm",
+    "simpo",
+    "wpo",
+    "ipo",
+    "hinge",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+]
 REFERENCE_FREE = {"simpo", "sft"}
 
 

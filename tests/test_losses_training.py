@@ -24,10 +24,16 @@ pytestmark = pytest.mark.slow
 def _sweep(tmp: Path, name: str, nproc: int, overrides: list[str], recipe: Path) -> dict:
     out = tmp / name
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}", str(REPO / "tests" / "scripts" / "loss_sweep.py"),
-        str(recipe), str(out), *overrides,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        str(REPO / "tests" / "scripts" / "loss_sweep.py"),
+        str(recipe),
+        str(out),
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads((out / "results.json").read_text()) | {"_dir": str(out)}
@@ -46,7 +52,9 @@ def sweeps(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small
     recipe = write_recipe(tmp / "sweep.toml", tables)
     return {
         "one": _sweep(tmp, "one", 1, [], recipe),
-        "two": _sweep(tmp, "two", 2, ["training.micro_batch_size=2", "training.forward_mode=separate"], recipe),
+        "two": _sweep(
+            tmp, "two", 2, ["training.micro_batch_size=2", "training.forward_mode=separate"], recipe
+        ),
     }
 
 
@@ -87,7 +95,7 @@ def test_simpo_trainer_does_not_call_the_reference_forward(
     from engine import trainer as trainer_module
     from engine.config import load_config
 
-    def forbidden(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def forbidden(*args, **kwargs):
         raise AssertionError("SimPO must not compute reference log-probs")
 
     monkeypatch.setattr(trainer_module, "compute_reference_logps", forbidden)

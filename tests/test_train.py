@@ -24,7 +24,9 @@ from tests.conftest import (
 pytestmark = pytest.mark.slow
 
 
-def _launch(tmp: Path, name: str, nproc: int, overrides: list[str], model_dir: Path, data: dict, env=None) -> Path:
+def _launch(
+    tmp: Path, name: str, nproc: int, overrides: list[str], model_dir: Path, data: dict, env=None
+) -> Path:
     out = tmp / name
     recipe = write_recipe(tmp / f"{name}.toml", base_tables(model_dir, data, out))
     proc = run_training(recipe, overrides, nproc=nproc, env=env)
@@ -41,9 +43,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small_d
         "one": _launch(tmp, "one", 1, [], tiny_model_dir, small_data),
         # 2 ranks x micro 2 x accumulation 2, separate forward
         "two": _launch(
-            tmp, "two", 2, ["training.micro_batch_size=2", "training.forward_mode=separate"],
-            tiny_model_dir, small_data,
-        ),  # fmt: skip
+            tmp,
+            "two",
+            2,
+            ["training.micro_batch_size=2", "training.forward_mode=separate"],
+            tiny_model_dir,
+            small_data,
+        ),
     }
 
 
@@ -70,10 +76,21 @@ def test_batch_split_invariance_losses_and_weights(runs: dict[str, Path]) -> Non
 
 def test_metrics_rows_carry_the_contract_keys(runs: dict[str, Path]) -> None:
     keys = {
-        "step", "epoch", "loss", "lr", "grad_norm", "rewards/chosen", "rewards/rejected",
-        "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
-        "tokens_per_s", "mfu", "peak_mem_gib",
-    }  # fmt: skip
+        "step",
+        "epoch",
+        "loss",
+        "lr",
+        "grad_norm",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "tokens_per_s",
+        "mfu",
+        "peak_mem_gib",
+    }
     for row in train_rows(runs["two"]):
         assert keys <= row.keys()
         assert all(math.isfinite(row[k]) for k in keys)
@@ -102,9 +119,14 @@ def test_nan_step_is_skipped_on_every_rank(
     tmp_path: Path, tiny_model_dir: Path, small_data: dict, runs: dict[str, Path]
 ) -> None:
     out = _launch(
-        tmp_path, "nan", 2, ["training.micro_batch_size=2", "training.max_steps=4", "export.enabled=false"],
-        tiny_model_dir, small_data, env={"FSDPO_FAULT_NAN_STEP": "2", "FSDPO_FAULT_NAN_RANK": "1"},
-    )  # fmt: skip
+        tmp_path,
+        "nan",
+        2,
+        ["training.micro_batch_size=2", "training.max_steps=4", "export.enabled=false"],
+        tiny_model_dir,
+        small_data,
+        env={"FSDPO_FAULT_NAN_STEP": "2", "FSDPO_FAULT_NAN_RANK": "1"},
+    )
     rows = train_rows(out)
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
     assert math.isnan(rows[1]["grad_norm"]) and math.isnan(rows[1]["loss"])

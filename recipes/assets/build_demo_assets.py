@@ -181,9 +181,7 @@ def check_tokenizer(folder: Path, pairs: list[dict]) -> bool:
     ok = True
     for pair in pairs:
         for side in ("chosen", "rejected"):
-            prompt = tokenizer.apply_chat_template(
-                pair["prompt"], tokenize=False, add_generation_prompt=True
-            )
+            prompt = tokenizer.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
             full = tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=False)
             p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             f_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
