@@ -122,3 +122,17 @@ def test_cli_exit_code_and_no_traceback(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         'fsdpo: error: optimizer.lrr: unknown key in [optimizer] (did you mean "lr"?)'
     ]
+
+
+def test_readme_recipe_reference_is_in_sync() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert reference_doc() in readme, "regenerate the README's recipe reference: python -m engine.config --doc"
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    command = "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest -q"
+    assert command in readme
+    for part in command.split(" && "):
+        assert part in ci
