@@ -163,6 +163,22 @@ class ReferenceConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    interval_steps: int = 0
+    """Save a DCP checkpoint every this many steps (0 = off)."""
+    interval_epochs: int = 0
+    """Save a checkpoint at the end of every this many epochs (0 = off)."""
+    keep_last: int = 0
+    """Keep only the newest this many complete checkpoints (0 = keep all)."""
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint in output_dir if any; `never`: start
+    fresh; or the path of a `step-N` checkpoint folder."""
+    async_save: bool = False
+    """Write checkpoints in a background thread (dcp.async_save on its own gloo group) while
+    training continues; waited on before the next save and at exit."""
+
+
+@dataclass
 class LoggingConfig:
     interval_steps: int = 1
     """Write a metrics row and a console line every this many steps."""
@@ -199,6 +215,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
@@ -467,6 +484,11 @@ def validate(cfg: Config) -> None:
     _check(0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", "a number in [0, 1]", s.min_lr_ratio)
 
     _check(cfg.reference.batch_size >= 0, "reference.batch_size", ">= 0", cfg.reference.batch_size)
+    c = cfg.checkpoint
+    _check(c.interval_steps >= 0, "checkpoint.interval_steps", "an integer >= 0", c.interval_steps)
+    _check(c.interval_epochs >= 0, "checkpoint.interval_epochs", "an integer >= 0", c.interval_epochs)
+    _check(c.keep_last >= 0, "checkpoint.keep_last", "an integer >= 0", c.keep_last)
+    _check(bool(c.resume), "checkpoint.resume", '"auto", "never" or a checkpoint path', c.resume)
     _check(cfg.logging.interval_steps >= 1, "logging.interval_steps", ">= 1", cfg.logging.interval_steps)
 
 

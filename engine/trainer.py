@@ -9,7 +9,10 @@ it is split into ranks x micro-batches x accumulation steps.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from engine import losses
+from engine.checkpoint import CheckpointManager, TrainerState, complete_checkpoints
 from engine.config import Config, to_toml
 from engine.data import GlobalBatchSampler, PreferenceDataset, build_dataset, collate, shard_for_inference
 from engine.distributed import World, log
@@ -30,31 +34,54 @@ from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import compute_dtype, parallelize
 from engine.reference import ReferenceLogps, compute_reference_logps
 
-RUN_FILES = ("metrics.jsonl", "recipe.toml", "final")
+RUN_FILES = ("metrics.jsonl", "recipe.toml", "final", "checkpoints")
 
 
-def prepare_output_dir(output_dir: Path, overwrite: bool, world: World) -> None:
-    """Refuse to clobber a previous run unless asked; never touch files fsdpo did not write."""
-    previous = [name for name in RUN_FILES if (output_dir / name).exists()]
-    if previous and not overwrite:
-        raise UserError(
-            f"job.output_dir: {output_dir} already holds a run ({', '.join(previous)}); "
-            "choose another folder or set job.overwrite=true"
-        )
+def prepare_output_dir(output_dir: Path, overwrite: bool, resume_step: int | None, world: World) -> None:
+    """Refuse to clobber a previous run unless asked; never touch files fsdpo did not write.
+
+    Resuming keeps the folder and drops the metrics rows logged after the checkpoint (the
+    resumed run logs those steps again). Starting fresh over a previous run (`job.overwrite`)
+    removes only that run's own files.
+    """
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"job.output_dir: {output_dir} exists and is not a folder")
+    previous = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if resume_step is None and previous and not overwrite:
+        raise UserError(
+            f"job.output_dir: {output_dir} already holds a run ({', '.join(previous)}); "
+            "resume it (checkpoint.resume=auto needs a checkpoint), choose another folder or set job.overwrite=true"
+        )
     if dist.is_initialized():
-        dist.barrier()  # every rank has looked before rank 0 writes anything
+        dist.barrier()  # every rank has looked before rank 0 changes anything
     if world.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.jsonl").write_text("")
+        metrics = output_dir / "metrics.jsonl"
+        if resume_step is None:
+            for _, path in complete_checkpoints(output_dir / "checkpoints"):
+                shutil.rmtree(path)
+            metrics.write_text("")
+        elif metrics.exists():
+            kept = [
+                line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= resume_step
+            ]
+            metrics.write_text("".join(line + "\n" for line in kept))
+    if dist.is_initialized():
+        dist.barrier()
 
 
 class Trainer:
     def __init__(self, cfg: Config, world: World) -> None:
         self.cfg, self.world = cfg, world
         self.output_dir = Path(cfg.job.output_dir)
-        prepare_output_dir(self.output_dir, cfg.job.overwrite, world)
+        self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint, world.rank, world.world_size)
+        resume_from = self.checkpoints.resume_path()
+        resume_step = (
+            None
+            if resume_from is None
+            else TrainerState(**_read_json(resume_from / "trainer_state.json")).step
+        )
+        prepare_output_dir(self.output_dir, cfg.job.overwrite, resume_step, world)
         if world.is_main:
             (self.output_dir / "recipe.toml").write_text(to_toml(cfg))
         torch.manual_seed(cfg.job.seed)
@@ -89,6 +116,18 @@ class Trainer:
         self.reference_batch = cfg.reference.batch_size or 4 * t.micro_batch_size
         self.train_reference = self._reference(self.train_data, "train")
         self.eval_reference = self._reference(self.eval_data, "eval") if self.eval_data else None
+
+        # Loaded after the reference log-probs, which must come from the initial weights.
+        self.state = TrainerState(global_batch_size=t.global_batch_size, world_size=world.world_size)
+        if resume_from is not None:
+            saved = self.checkpoints.load(resume_from, self.model, self.optimizer)
+            if saved.global_batch_size != t.global_batch_size:
+                raise UserError(
+                    f"training.global_batch_size: the checkpoint {resume_from} was trained with "
+                    f"{saved.global_batch_size} pairs per step, this run asks for {t.global_batch_size}"
+                )
+            self.scheduler.load_state_dict(saved.scheduler)
+            self.state = dataclasses.replace(saved, world_size=world.world_size)
 
         dtype = compute_dtype(cfg.parallel, world.device)
         self.peak_flops = measure_matmul_flops(world.device, dtype)
@@ -188,32 +227,43 @@ class Trainer:
         return row
 
     def train(self) -> dict[str, Any]:
-        t, lg = self.cfg.training, self.cfg.logging
+        t, lg, ck = self.cfg.training, self.cfg.logging, self.cfg.checkpoint
+        state = self.state
         self.model.train()
-        before = self.evaluate(0)
-        window, skipped_in_row, skipped_total = PairMetrics(), 0, 0
+        before = self.evaluate(0) if state.step == 0 else None
+        window = PairMetrics()
         last_time = time.perf_counter()
         row: dict[str, Any] = {}
-        for step in range(self.total_steps):
+        for step in range(state.step, self.total_steps):
             lr, grad_norm, skipped = self.train_step(step, window)
-            skipped_total += skipped
-            skipped_in_row = skipped_in_row + 1 if skipped else 0
+            _fault_kill_at_step(step + 1)
+            state.step, state.consumed_pairs = step + 1, (step + 1) * t.global_batch_size
+            state.skipped_steps += skipped
+            state.skipped_in_row = state.skipped_in_row + 1 if skipped else 0
             if skipped:
-                log(f"step {step + 1}: non-finite loss on some rank, update skipped")
-            if skipped_in_row >= t.max_skipped_steps:
+                log(f"step {state.step}: non-finite loss on some rank, update skipped")
+            if state.skipped_in_row >= t.max_skipped_steps:
                 raise UserError(
-                    f"training: {skipped_in_row} consecutive steps had a NaN/inf loss "
+                    f"training: {state.skipped_in_row} consecutive steps had a NaN/inf loss "
                     f"(training.max_skipped_steps={t.max_skipped_steps}); stopping"
                 )
-            done = step + 1
+            done = state.step
             if done % lg.interval_steps == 0 or done == self.total_steps:
-                row = self._log_row(
-                    done, lr, grad_norm, skipped_total, window, time.perf_counter() - last_time
-                )
+                elapsed = time.perf_counter() - last_time
+                row = self._log_row(done, lr, grad_norm, state.skipped_steps, window, elapsed)
                 window = PairMetrics()
                 last_time = time.perf_counter()
             if t.eval_interval_steps and done % t.eval_interval_steps == 0 and done != self.total_steps:
                 self.evaluate(done)
+            epoch_end = done % self.sampler.steps_per_epoch == 0
+            if (ck.interval_steps and done % ck.interval_steps == 0) or (
+                ck.interval_epochs
+                and epoch_end
+                and (done // self.sampler.steps_per_epoch) % ck.interval_epochs == 0
+            ):
+                state.scheduler = self.scheduler.state_dict()
+                self.checkpoints.save(done, self.model, self.optimizer, state)
+        self.checkpoints.close()
         after = self.evaluate(self.total_steps)
         if before and after:
             log(
@@ -258,6 +308,19 @@ class Trainer:
         return row
 
 
+def _fault_kill_at_step(step: int) -> None:
+    """Testing hook: FSDPO_FAULT_KILL="N:R:MARKER" SIGKILLs rank R after step N, once (the
+    marker file records that it happened, so a restarted job runs through)."""
+    spec = os.environ.get("FSDPO_FAULT_KILL")
+    if not spec:
+        return
+    at, rank, marker = spec.split(":", 2)
+    me = dist.get_rank() if dist.is_initialized() else 0
+    if int(at) == step and int(rank) == me and not os.path.exists(marker):
+        Path(marker).write_text("killed")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _fault_nan_step() -> int:
     """Testing hook: FSDPO_FAULT_NAN_STEP=N (with FSDPO_FAULT_NAN_RANK=r) poisons step N's loss."""
     step = os.environ.get("FSDPO_FAULT_NAN_STEP")
@@ -265,3 +328,7 @@ def _fault_nan_step() -> int:
         return -1
     rank = int(os.environ.get("FSDPO_FAULT_NAN_RANK", "0"))
     return int(step) if rank == (dist.get_rank() if dist.is_initialized() else 0) else -1
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())

@@ -85,7 +85,12 @@ def free_port() -> int:
 
 
 def run_training(
-    recipe: Path, overrides: list[str] = (), nproc: int = 1, timeout: int = 240, env: dict | None = None
+    recipe: Path,
+    overrides: list[str] = (),
+    nproc: int = 1,
+    timeout: int = 240,
+    env: dict | None = None,
+    torchrun_args: list[str] = (),
 ) -> subprocess.CompletedProcess:
     """Launch a real training run: torchrun with `nproc` ranks, or plain python for nproc=0."""
     if nproc == 0:
@@ -97,6 +102,7 @@ def run_training(
             "torch.distributed.run",
             f"--nproc_per_node={nproc}",
             f"--master_port={free_port()}",
+            *torchrun_args,
             str(REPO / "torchrun_train.py"),
             str(recipe),
             *overrides,

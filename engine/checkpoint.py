@@ -1,0 +1,193 @@
+"""DCP checkpoints: sharded save, atomic publish, retention, resume on any world size.
+
+A checkpoint is `output_dir/checkpoints/step-N/`:
+- the DCP files of the model and optimizer state (sharded: every rank writes its own shards;
+  DCP reshards on load, so a checkpoint saved on 8 ranks resumes on 4 or 1);
+- `trainer_state.json`: step, consumed pairs (a global count, independent of world size), the
+  global batch size, counters, the scheduler state;
+- `rng/rank-R.pt`: each rank's RNG states (restored when the world size is unchanged);
+- `COMPLETE`: written last, after every rank has finished writing.
+
+Saves go to `.step-N.incomplete/` and are renamed to `step-N/` only when complete, so a crash
+mid-save never leaves a half checkpoint that looks complete. Retention deletes only older
+`step-N` folders this engine published.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from engine.config import CheckpointConfig
+from engine.distributed import log
+from engine.errors import UserError
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+COMPLETE = "COMPLETE"
+
+
+@dataclass
+class TrainerState:
+    """Everything besides model and optimizer that a resumed run needs."""
+
+    step: int = 0
+    consumed_pairs: int = 0
+    global_batch_size: int = 0
+    world_size: int = 0
+    skipped_steps: int = 0
+    skipped_in_row: int = 0
+    scheduler: dict[str, Any] | None = None
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """Published, complete checkpoints, oldest first."""
+    found = []
+    if checkpoint_dir.is_dir():
+        for child in checkpoint_dir.iterdir():
+            match = STEP_DIR.match(child.name)
+            if match and (child / COMPLETE).is_file():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    """Saves, publishes, prunes and loads checkpoints of one run. Collective methods are marked."""
+
+    def __init__(self, output_dir: Path, cfg: CheckpointConfig, rank: int, world_size: int) -> None:
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.dir = output_dir / "checkpoints"
+        self._pending: tuple[Any, Path, Path] | None = None  # (future, staging, final) of an async save
+        self._async_group = None
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def resume_path(self) -> Path | None:
+        """The checkpoint to resume from, per `checkpoint.resume`, or None to start fresh."""
+        if self.cfg.resume == "never":
+            return None
+        if self.cfg.resume == "auto":
+            found = complete_checkpoints(self.dir)
+            return found[-1][1] if found else None
+        path = Path(self.cfg.resume).expanduser()
+        if not (path / COMPLETE).is_file():
+            what = "not found" if not path.exists() else "not a complete fsdpo checkpoint"
+            raise UserError(f"checkpoint.resume: {path} is {what}")
+        return path
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
+        """Collective: load model, optimizer and trainer state from `path` (any world size)."""
+        state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        to_load = {"model": model_sd, "optim": optim_sd}
+        dcp.load(to_load, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"])
+        rng_file = path / "rng" / f"rank-{self.rank}.pt"
+        if state.world_size == self.world_size and rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        else:
+            log(f"resume: saved on {state.world_size} ranks, now {self.world_size}: RNG states not restored")
+        log(f"resumed from {path} at step {state.step} ({state.consumed_pairs} pairs consumed)")
+        return state
+
+    # -- save -----------------------------------------------------------------------------------
+
+    def save(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState
+    ) -> None:
+        """Collective: write checkpoint `step-N` (waits for a previous async save first)."""
+        self.wait()
+        final = self.dir / f"step-{step}"
+        if final.exists():
+            return  # already saved (e.g. the epoch end coincides with an interval step)
+        staging = self.dir / f".step-{step}.incomplete"
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)  # a previous crash's leftovers, ours by name
+            (staging / "rng").mkdir(parents=True)
+            (staging / "trainer_state.json").write_text(json.dumps(state.__dict__))
+        if dist.is_initialized():
+            dist.barrier()
+        torch.save(_rng_state(), staging / "rng" / f"rank-{self.rank}.pt")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        to_save = {"model": model_sd, "optim": optim_sd}
+        try:
+            if self.cfg.async_save:
+                if self._async_group is None:  # on the default group it deadlocks against FSDP
+                    self._async_group = dist.new_group(backend="gloo")
+                future = dcp.async_save(to_save, checkpoint_id=str(staging), process_group=self._async_group)
+                self._pending = (future, staging, final)
+                return
+            dcp.save(to_save, checkpoint_id=str(staging))
+        except OSError as e:
+            raise UserError(f"checkpoint: cannot write {staging} ({e.strerror or e})") from None
+        self._publish(staging, final)
+
+    def wait(self) -> None:
+        """Collective: finish an in-flight async save and publish it."""
+        if self._pending is None:
+            return
+        future, staging, final = self._pending
+        self._pending = None
+        try:
+            future.result()
+        except OSError as e:
+            raise UserError(f"checkpoint: cannot write {staging} ({e.strerror or e})") from None
+        self._publish(staging, final)
+
+    def _publish(self, staging: Path, final: Path) -> None:
+        if dist.is_initialized():
+            dist.barrier()  # every rank's shards are on disk
+        if self.rank == 0:
+            _fault_kill_in_save(final)
+            (staging / COMPLETE).write_text("")
+            os.replace(staging, final)
+            log(f"checkpoint saved: {final}")
+            self._prune()
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _prune(self) -> None:
+        if self.cfg.keep_last <= 0:
+            return
+        for _, path in complete_checkpoints(self.dir)[: -self.cfg.keep_last]:
+            shutil.rmtree(path)
+
+    def close(self) -> None:
+        """Collective: wait for pending saves and release the async process group."""
+        self.wait()
+        if self._async_group is not None:
+            dist.barrier()
+            dist.destroy_process_group(self._async_group)
+            self._async_group = None
+
+
+def _fault_kill_in_save(final: Path) -> None:
+    """Testing hook: FSDPO_FAULT_KILL_IN_SAVE=N dies after the shards of step-N are written but
+    before the checkpoint is published, as a crash mid-save would."""
+    if os.environ.get("FSDPO_FAULT_KILL_IN_SAVE") == final.name.removeprefix("step-"):
+        os._exit(9)

@@ -1,0 +1,165 @@
+"""DCP checkpoints with real processes: exact resume, resharding, crashes, retention, async save."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import base_tables, load_final_weights, read_metrics, run_training, train_rows, write_recipe
+
+pytestmark = pytest.mark.slow
+
+TIMING = {"tokens_per_s", "mfu", "peak_mem_gib"}
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small_data: dict) -> Path:
+    tmp = tmp_path_factory.mktemp("ckpt")
+    tables = base_tables(tiny_model_dir, small_data, tmp / "unused")
+    tables["data"]["eval"] = []
+    tables["training"].update(max_steps=6, micro_batch_size=2)
+    tables["checkpoint"] = {"interval_steps": 2, "keep_last": 2}
+    return write_recipe(tmp / "ckpt.toml", tables)
+
+
+def _run(recipe: Path, out: Path, nproc: int, extra: list[str] = (), expect_ok: bool = True, **kwargs):  # noqa: ANN003, ANN201
+    proc = run_training(recipe, [f"job.output_dir={out}", *extra], nproc=nproc, **kwargs)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    else:
+        assert proc.returncode != 0
+    return proc
+
+
+def _kill(at: int, rank: int, marker: Path) -> dict:
+    return {"FSDPO_FAULT_KILL": f"{at}:{rank}:{marker}"}
+
+
+@pytest.fixture(scope="module")
+def straight(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    _run(recipe, out, 2)
+    return out
+
+
+def _same_rows_after(a: Path, b: Path, step: int, exact: bool) -> None:
+    rows_a = [r for r in train_rows(a) if r["step"] > step]
+    rows_b = [r for r in train_rows(b) if r["step"] > step]
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] and rows_a
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ra.keys() - TIMING:
+            if exact:
+                assert ra[key] == rb[key], (key, ra, rb)
+            else:
+                assert math.isclose(ra[key], rb[key], rel_tol=1e-5, abs_tol=1e-6), (key, ra, rb)
+
+
+def _assert_weights(a: Path, b: Path, exact: bool) -> None:
+    wa, wb = load_final_weights(a), load_final_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        if exact:
+            assert torch.equal(wa[k], wb[k]), k
+        else:
+            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
+
+
+def test_retention_keeps_exactly_keep_last(straight: Path) -> None:
+    names = sorted(p.name for p in (straight / "checkpoints").iterdir())
+    assert names == ["step-4", "step-6"]
+    assert all((straight / "checkpoints" / n / "COMPLETE").is_file() for n in names)
+
+
+def test_stop_and_resume_is_bitwise_identical(recipe: Path, straight: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _run(recipe, out, 2, expect_ok=False, env=_kill(3, 1, tmp_path / "killed"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    proc = _run(recipe, out, 2)
+    assert "resumed from" in proc.stdout and "step 2" in proc.stdout
+    _assert_weights(straight, out, exact=True)
+    _same_rows_after(straight, out, 2, exact=True)
+    assert [r["step"] for r in train_rows(out)] == [1, 2, 3, 4, 5, 6]  # no duplicated rows
+
+
+def test_sigkill_under_max_restarts_completes_identically(recipe: Path, straight: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _run(recipe, out, 2, env=_kill(5, 1, tmp_path / "killed"), torchrun_args=["--max-restarts=2"])
+    assert (tmp_path / "killed").exists() and "resumed from" in proc.stdout
+    _assert_weights(straight, out, exact=True)
+    _same_rows_after(straight, out, 4, exact=True)
+
+
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(recipe: Path, straight: Path, tmp_path: Path, first: int, second: int) -> None:
+    out = tmp_path / "run"
+    _run(recipe, out, first, expect_ok=False, env=_kill(3, first - 1, tmp_path / "killed"))
+    proc = _run(recipe, out, second)
+    assert "resumed from" in proc.stdout
+    _same_rows_after(straight, out, 2, exact=False)
+    _assert_weights(straight, out, exact=False)
+
+
+def test_crash_inside_save_resumes_from_the_previous_checkpoint(recipe: Path, straight: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _run(recipe, out, 2, expect_ok=False, env={"FSDPO_FAULT_KILL_IN_SAVE": "4"})
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == [".step-4.incomplete", "step-2"]  # the half-written one is not a checkpoint
+    proc = _run(recipe, out, 2)
+    assert "resumed from" in proc.stdout and "step-2" in proc.stdout
+    _assert_weights(straight, out, exact=True)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-6"]
+
+
+def test_async_save_writes_the_same_checkpoints(recipe: Path, straight: Path, tmp_path: Path) -> None:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / "run"
+    _run(recipe, out, 2, ["checkpoint.async_save=true"])
+    for name in ("step-4", "step-6"):
+        dcp_to_torch_save(straight / "checkpoints" / name, tmp_path / f"sync-{name}.pt")
+        dcp_to_torch_save(out / "checkpoints" / name, tmp_path / f"async-{name}.pt")
+        sync = torch.load(tmp_path / f"sync-{name}.pt", weights_only=False)
+        asyn = torch.load(tmp_path / f"async-{name}.pt", weights_only=False)
+        flat_sync, flat_async = _flatten(sync), _flatten(asyn)
+        assert flat_sync.keys() == flat_async.keys() and len(flat_sync) > 10
+        for key, value in flat_sync.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, flat_async[key]), key
+            else:
+                assert value == flat_async[key], key
+    _assert_weights(straight, out, exact=True)
+
+
+def test_resume_never_refuses_to_overwrite_checkpoints(recipe: Path, straight: Path, tmp_path: Path) -> None:
+    proc = run_training(recipe, [f"job.output_dir={straight}", "checkpoint.resume=never"], nproc=0)
+    assert proc.returncode == 2
+    assert "job.output_dir" in proc.stderr and "already holds a run" in proc.stderr
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step-4", "step-6"]
+    assert len(read_metrics(straight)) == 6
+
+
+def test_resume_with_another_global_batch_is_refused(recipe: Path, straight: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(straight, out)
+    (out / "checkpoints" / "step-6").rename(out / "checkpoints" / "step-3")  # pretend mid-run
+    proc = run_training(recipe, [f"job.output_dir={out}", "training.global_batch_size=16"], nproc=0)
+    assert proc.returncode == 2 and "training.global_batch_size" in proc.stderr
+
+
+def _flatten(tree, prefix: str = "") -> dict:  # noqa: ANN001
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(tree, (list, tuple)):
+        out = {}
+        for i, v in enumerate(tree):
+            out.update(_flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix: tree}
