@@ -6,6 +6,7 @@ A checkpoint is `output_dir/checkpoints/step-N/`:
 - `trainer_state.json`: step, consumed pairs (a global count, independent of world size), the
   global batch size, counters, the scheduler state;
 - `rng/rank-R.pt`: each rank's RNG states (restored when the world size is unchanged);
+- `recipe.toml`: the resolved recipe, so `python -m engine.export` needs nothing else;
 - `COMPLETE`: written last, after every rank has finished writing.
 
 Saves go to `.step-N.incomplete/` and are renamed to `step-N/` only when complete, so a crash
@@ -118,9 +119,13 @@ class CheckpointManager:
     # -- save -----------------------------------------------------------------------------------
 
     def save(
-        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState, recipe: str
     ) -> None:
-        """Collective: write checkpoint `step-N` (waits for a previous async save first)."""
+        """Collective: write checkpoint `step-N` (waits for a previous async save first).
+
+        `recipe` (the resolved recipe TOML) is stored inside, so `python -m engine.export` can
+        rebuild the model from the checkpoint alone.
+        """
         self.wait()
         final = self.dir / f"step-{step}"
         if final.exists():
@@ -130,6 +135,7 @@ class CheckpointManager:
             shutil.rmtree(staging, ignore_errors=True)  # a previous crash's leftovers, ours by name
             (staging / "rng").mkdir(parents=True)
             (staging / "trainer_state.json").write_text(json.dumps(state.__dict__))
+            (staging / "recipe.toml").write_text(recipe)
         if dist.is_initialized():
             dist.barrier()
         torch.save(_rng_state(), staging / "rng" / f"rank-{self.rank}.pt")

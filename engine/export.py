@@ -1,20 +1,25 @@
-"""Export the trained model as a Hugging Face folder (safetensors, config, tokenizer).
+"""Export a model as a Hugging Face folder (safetensors, config, tokenizer, generation config).
 
-The full state dict is gathered to rank 0 in CPU memory, loaded into a model built on the meta
-device (no second allocation of random weights) and written with `save_pretrained`. The folder
-appears under its final name only when complete (written beside it, then renamed).
+Two entry points share one writer:
+- `export_hf(model, ...)` at the end of training: the full state dict is gathered to rank 0 in
+  CPU memory and loaded into a model built on the meta device (no second allocation).
+- `python -m engine.export CHECKPOINT_DIR OUT_DIR`: turns any `step-N` checkpoint into a folder
+  without a training run (one process; reads the recipe saved inside the checkpoint).
+
+A folder appears under its final name only when complete (written beside it, then renamed).
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.model import save_tokenizer_and_generation_config
 
@@ -28,6 +33,32 @@ def full_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k.removeprefix(WRAPPER_PREFIX): v for k, v in state.items()}
 
 
+def write_hf_folder(
+    state: dict[str, torch.Tensor],
+    config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    model_path: str,
+    out_dir: Path,
+    max_shard_size: str,
+) -> None:
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    hf_model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        hf_model.tie_weights()
+    missing = [n for n, p in hf_model.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"export: parameters missing from the state dict: {missing[:5]}")
+    staging = out_dir.with_name(out_dir.name + ".incomplete")
+    shutil.rmtree(staging, ignore_errors=True)
+    hf_model.config.use_cache = True
+    hf_model.save_pretrained(staging, max_shard_size=max_shard_size)
+    save_tokenizer_and_generation_config(tokenizer, model_path, staging)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+
+
 def export_hf(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -36,25 +67,51 @@ def export_hf(
     max_shard_size: str,
     is_main: bool,
 ) -> None:
-    """Write `out_dir` as a from_pretrained-loadable folder. Collective: call on every rank."""
+    """Write `out_dir` from the sharded training model. Collective: call on every rank."""
     state = full_hf_state_dict(model)
     if is_main:
-        config = model.causal_lm.config
-        with torch.device("meta"):
-            hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        hf_model.load_state_dict(state, strict=False, assign=True)
-        if getattr(config, "tie_word_embeddings", False):
-            hf_model.tie_weights()
-        missing = [n for n, p in hf_model.named_parameters() if p.is_meta]
-        if missing:
-            raise RuntimeError(f"export: parameters missing from the state dict: {missing[:5]}")
-        staging = out_dir.with_name(out_dir.name + ".incomplete")
-        shutil.rmtree(staging, ignore_errors=True)
-        hf_model.config.use_cache = True
-        hf_model.save_pretrained(staging, max_shard_size=max_shard_size)
-        save_tokenizer_and_generation_config(tokenizer, model_path, staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        write_hf_folder(state, model.causal_lm.config, tokenizer, model_path, out_dir, max_shard_size)
     if dist.is_initialized():
         dist.barrier()
+
+
+def export_checkpoint(checkpoint_dir: Path, out_dir: Path, max_shard_size: str = "5GB") -> None:
+    """Turn a `step-N` checkpoint into a Hugging Face folder, in this one process."""
+    import torch.distributed.checkpoint as dcp
+
+    from engine.checkpoint import COMPLETE
+    from engine.config import load_config
+    from engine.errors import UserError
+    from engine.forward import SequenceLogprobs
+    from engine.model import build_model, build_tokenizer
+
+    if not (checkpoint_dir / COMPLETE).is_file():
+        raise UserError(f"{checkpoint_dir}: not a complete fsdpo checkpoint")
+    if out_dir.exists():
+        raise UserError(f"{out_dir}: already exists; choose a new folder")
+    cfg = load_config(checkpoint_dir / "recipe.toml")
+    tokenizer = build_tokenizer(cfg.model)
+    model = SequenceLogprobs(build_model(cfg.model, cfg.job.seed))
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)
+    weights = {k.removeprefix(WRAPPER_PREFIX): v for k, v in state["model"].items()}
+    write_hf_folder(weights, model.causal_lm.config, tokenizer, cfg.model.path, out_dir, max_shard_size)
+
+
+def main(argv: list[str]) -> int:
+    from engine.errors import UserError
+
+    if len(argv) != 2:
+        print("usage: python -m engine.export CHECKPOINT_DIR OUT_DIR", file=sys.stderr)
+        return 2
+    try:
+        export_checkpoint(Path(argv[0]), Path(argv[1]))
+    except UserError as e:
+        print(f"fsdpo: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {argv[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

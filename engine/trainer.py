@@ -262,7 +262,7 @@ class Trainer:
                 and (done // self.sampler.steps_per_epoch) % ck.interval_epochs == 0
             ):
                 state.scheduler = self.scheduler.state_dict()
-                self.checkpoints.save(done, self.model, self.optimizer, state)
+                self.checkpoints.save(done, self.model, self.optimizer, state, to_toml(self.cfg))
         self.checkpoints.close()
         after = self.evaluate(self.total_steps)
         if before and after:

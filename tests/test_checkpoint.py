@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import base_tables, load_final_weights, read_metrics, run_training, train_rows, write_recipe
+from tests.conftest import (
+    base_tables,
+    load_final_weights,
+    read_metrics,
+    run_training,
+    train_rows,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +32,7 @@ def recipe(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small
     return write_recipe(tmp / "ckpt.toml", tables)
 
 
-def _run(recipe: Path, out: Path, nproc: int, extra: list[str] = (), expect_ok: bool = True, **kwargs):  # noqa: ANN003, ANN201
+def _run(recipe: Path, out: Path, nproc: int, extra: list[str] = (), expect_ok: bool = True, **kwargs):
     proc = run_training(recipe, [f"job.output_dir={out}", *extra], nproc=nproc, **kwargs)
     if expect_ok:
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -84,7 +91,9 @@ def test_stop_and_resume_is_bitwise_identical(recipe: Path, straight: Path, tmp_
     assert [r["step"] for r in train_rows(out)] == [1, 2, 3, 4, 5, 6]  # no duplicated rows
 
 
-def test_sigkill_under_max_restarts_completes_identically(recipe: Path, straight: Path, tmp_path: Path) -> None:
+def test_sigkill_under_max_restarts_completes_identically(
+    recipe: Path, straight: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
     proc = _run(recipe, out, 2, env=_kill(5, 1, tmp_path / "killed"), torchrun_args=["--max-restarts=2"])
     assert (tmp_path / "killed").exists() and "resumed from" in proc.stdout
@@ -93,7 +102,9 @@ def test_sigkill_under_max_restarts_completes_identically(recipe: Path, straight
 
 
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
-def test_resume_on_another_world_size(recipe: Path, straight: Path, tmp_path: Path, first: int, second: int) -> None:
+def test_resume_on_another_world_size(
+    recipe: Path, straight: Path, tmp_path: Path, first: int, second: int
+) -> None:
     out = tmp_path / "run"
     _run(recipe, out, first, expect_ok=False, env=_kill(3, first - 1, tmp_path / "killed"))
     proc = _run(recipe, out, second)
@@ -102,7 +113,9 @@ def test_resume_on_another_world_size(recipe: Path, straight: Path, tmp_path: Pa
     _assert_weights(straight, out, exact=False)
 
 
-def test_crash_inside_save_resumes_from_the_previous_checkpoint(recipe: Path, straight: Path, tmp_path: Path) -> None:
+def test_crash_inside_save_resumes_from_the_previous_checkpoint(
+    recipe: Path, straight: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
     _run(recipe, out, 2, expect_ok=False, env={"FSDPO_FAULT_KILL_IN_SAVE": "4"})
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -151,7 +164,7 @@ def test_resume_with_another_global_batch_is_refused(recipe: Path, straight: Pat
     assert proc.returncode == 2 and "training.global_batch_size" in proc.stderr
 
 
-def _flatten(tree, prefix: str = "") -> dict:  # noqa: ANN001
+def _flatten(tree, prefix: str = "") -> dict:
     if isinstance(tree, dict):
         out = {}
         for k, v in tree.items():
@@ -163,3 +176,19 @@ def _flatten(tree, prefix: str = "") -> dict:  # noqa: ANN001
             out.update(_flatten(v, f"{prefix}{i}."))
         return out
     return {prefix: tree}
+
+
+def test_export_tool_turns_a_checkpoint_into_the_final_model(straight: Path, tmp_path: Path) -> None:
+    from engine.export import main
+
+    assert main([str(straight / "checkpoints" / "step-6"), str(tmp_path / "hf")]) == 0
+    from safetensors.torch import load_file
+
+    exported = {}
+    for f in (tmp_path / "hf").glob("*.safetensors"):
+        exported.update(load_file(f))
+    final = load_final_weights(straight)
+    assert exported.keys() == final.keys()
+    assert all(torch.equal(exported[k], final[k]) for k in final)
+    assert (tmp_path / "hf" / "tokenizer_config.json").is_file()
+    assert main([str(straight / "checkpoints" / "step-6"), str(tmp_path / "hf")]) == 2  # never overwrites
