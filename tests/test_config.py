@@ -126,7 +126,9 @@ def test_cli_exit_code_and_no_traceback(tmp_path: Path) -> None:
 
 def test_readme_recipe_reference_is_in_sync() -> None:
     readme = (REPO / "README.md").read_text()
-    assert reference_doc() in readme, "regenerate the README's recipe reference: python -m engine.config --doc"
+    assert reference_doc() in readme, (
+        "regenerate the README's recipe reference: python -m engine.config --doc"
+    )
 
 
 def test_ci_runs_the_readme_test_command() -> None:
