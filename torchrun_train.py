@@ -3,6 +3,9 @@
     torchrun --nproc_per_node N torchrun_train.py RECIPE.toml [table.key=value ...]
     python torchrun_train.py RECIPE.toml [table.key=value ...]      (one process)
 
+Flags (anywhere after the recipe):
+    --build-reference-only   build the reference log-prob cache and exit
+
 Exit code 0 on success, 2 on a user error (one line on stderr naming the key, file or row).
 """
 
@@ -22,7 +25,11 @@ def main(argv: list[str]) -> int:
     try:
         from engine.config import load_config
 
-        cfg = load_config(argv[0], argv[1:])
+        flags = {a for a in argv[1:] if a.startswith("--")}
+        unknown = flags - {"--build-reference-only"}
+        if unknown:
+            raise UserError(f"{sorted(unknown)[0]}: unknown flag (known: --build-reference-only)")
+        cfg = load_config(argv[0], [a for a in argv[1:] if not a.startswith("--")])
     except UserError as e:
         _report(e)
         return 2
@@ -32,7 +39,10 @@ def main(argv: list[str]) -> int:
 
     world = init_distributed()
     try:
-        Trainer(cfg, world).train()
+        if "--build-reference-only" in flags:
+            Trainer(cfg, world, reference_only=True)
+        else:
+            Trainer(cfg, world).train()
     except UserError as e:
         _report(e)
         return 2

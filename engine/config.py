@@ -143,20 +143,41 @@ class SchedulerConfig:
 
 @dataclass
 class ParallelConfig:
+    sharding: Literal["full", "grad_op", "hybrid", "none"] = "full"
+    """How state is split over ranks (FSDP2): `full` = ZeRO-3 / FULL_SHARD (parameters, gradients
+    and optimizer state sharded, parameters freed after forward); `grad_op` = ZeRO-2 /
+    SHARD_GRAD_OP (sharded, parameters kept gathered from forward to backward); `hybrid` = HSDP
+    (shard within groups of ranks, replicate across groups: for many nodes); `none` = ZeRO-0 /
+    DDP (everything replicated, gradients all-reduced)."""
+    replicate_degree: int = 0
+    """`hybrid` only: number of replica groups; 0 = one per node (ranks / ranks per node)."""
     mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute dtype of the sharded model: `auto` is bf16 on CUDA and fp32 on CPU. Master
     weights, gradient reduction and log-softmax stay in fp32."""
-    reshard_after_forward: bool = True
-    """Free gathered parameters after each block's forward (ZeRO-3); false keeps them until
-    backward (more memory, less communication)."""
+    reshard_after_forward: bool | Literal["auto"] = "auto"
+    """Free gathered parameters after each block's forward; `auto` follows `sharding` (true for
+    full/hybrid, false for grad_op). Setting it against the sharding is an error."""
+    gradient_sync: Literal["auto", "every_micro_batch", "last_micro_batch"] = "auto"
+    """When gradients are reduced across ranks during accumulation: `last_micro_batch` skips the
+    collective on all but the last micro-batch (less communication, but unsharded gradients are
+    held between micro-batches); `auto` is last_micro_batch for `none` (where gradients are
+    unsharded anyway) and every_micro_batch otherwise."""
+    cpu_offload: bool = False
+    """Keep parameters, gradients and the optimizer step on the host (FSDP2 CPUOffloadPolicy) for
+    models that do not fit on the GPUs. A no-op on CPU-only runs."""
     activation_checkpointing: Literal["none", "full"] = "none"
-    """Recompute each decoder block's activations in backward instead of storing them."""
+    """Recompute decoder blocks' activations in backward instead of storing them."""
+    activation_checkpointing_every: int = 1
+    """With `full`: checkpoint every n-th block only (1 = all blocks; 2 = half of them)."""
     compile: bool = False
     """torch.compile each decoder block (needs a C++ compiler on CPU)."""
 
 
 @dataclass
 class ReferenceConfig:
+    cache_dir: str = ""
+    """Folder of the reference log-prob cache files; empty = output_dir/reference. Point several
+    runs at one folder to share caches (files are keyed by model, tokenizer, data and settings)."""
     batch_size: int = 0
     """Pairs per rank per reference forward (no grad, so larger than training); 0 = 4 x
     `training.micro_batch_size`."""
@@ -484,6 +505,23 @@ def validate(cfg: Config) -> None:
     _check(0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", "a number in [0, 1]", s.min_lr_ratio)
 
     _check(cfg.reference.batch_size >= 0, "reference.batch_size", ">= 0", cfg.reference.batch_size)
+    p = cfg.parallel
+    _check(p.replicate_degree >= 0, "parallel.replicate_degree", "an integer >= 0", p.replicate_degree)
+    _check(
+        p.activation_checkpointing_every >= 1,
+        "parallel.activation_checkpointing_every",
+        "an integer >= 1",
+        p.activation_checkpointing_every,
+    )
+    if p.replicate_degree and p.sharding != "hybrid":
+        raise UserError('parallel.replicate_degree: only used with parallel.sharding = "hybrid"')
+    if (p.sharding == "grad_op" and p.reshard_after_forward is True) or (
+        p.sharding in ("full", "hybrid") and p.reshard_after_forward is False
+    ):
+        raise UserError(
+            f"parallel.reshard_after_forward={str(p.reshard_after_forward).lower()} conflicts with "
+            f'parallel.sharding="{p.sharding}" (leave it "auto")'
+        )
     c = cfg.checkpoint
     _check(c.interval_steps >= 0, "checkpoint.interval_steps", "an integer >= 0", c.interval_steps)
     _check(c.interval_epochs >= 0, "checkpoint.interval_epochs", "an integer >= 0", c.interval_epochs)

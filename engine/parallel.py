@@ -1,10 +1,20 @@
-"""One ordered `parallelize()`: activation checkpointing, compile, FSDP2, in that order.
+"""One ordered `parallelize()`: activation checkpointing, FSDP2, compile, in that order.
 
 The order is the documentation:
-1. activation checkpointing wraps each decoder block (it must see the plain block);
+1. activation checkpointing wraps decoder blocks (it must see the plain block);
 2. `fully_shard` each block (its own all-gather / reduce-scatter unit), then the root, which
    owns what is left (embeddings, final norm, LM head);
 3. compile each block after sharding it (FSDP's hooks stay outside the compiled graph).
+
+Sharding strategies are all FSDP2 over a device mesh, named as users of DeepSpeed and FSDP1 know
+them:
+
+| `parallel.sharding` | DeepSpeed | FSDP1              | mesh                          | reshard after forward |
+|---------------------|-----------|--------------------|-------------------------------|-----------------------|
+| `full`              | ZeRO-3    | FULL_SHARD         | 1-D (shard over all ranks)    | yes                   |
+| `grad_op`           | ZeRO-2    | SHARD_GRAD_OP      | 1-D (shard over all ranks)    | no                    |
+| `hybrid`            | ZeRO++ hpZ| HYBRID_SHARD       | 2-D (replicate x shard)       | yes                   |
+| `none`              | ZeRO-0    | NO_SHARD / DDP     | 2-D (replicate x 1)           | -                     |
 
 Master weights stay fp32 and sharded; `MixedPrecisionPolicy` casts them to the compute dtype
 for forward and backward and reduces gradients in fp32.
@@ -20,10 +30,17 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
     checkpoint_wrapper,
 )
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 
 from engine.config import ParallelConfig
+from engine.distributed import log
 from engine.errors import UserError
 from engine.model import decoder_blocks
 
@@ -32,6 +49,36 @@ def compute_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
     if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return torch.float32
+
+
+def build_mesh(cfg: ParallelConfig, world_size: int, ranks_per_node: int, device_type: str) -> DeviceMesh:
+    """The data-parallel mesh for `cfg.sharding` (see the table in this module's docstring)."""
+    if cfg.sharding in ("full", "grad_op"):
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
+    if cfg.sharding == "none":
+        return init_device_mesh(device_type, (world_size, 1), mesh_dim_names=("replicate", "shard"))
+    replicas = cfg.replicate_degree or max(1, world_size // max(1, ranks_per_node))
+    if world_size % replicas:
+        raise UserError(
+            f"parallel.replicate_degree={replicas} must divide the {world_size} ranks "
+            '(parallel.sharding = "hybrid")'
+        )
+    return init_device_mesh(
+        device_type, (replicas, world_size // replicas), mesh_dim_names=("replicate", "shard")
+    )
+
+
+def reshard_after_forward(cfg: ParallelConfig) -> bool:
+    if cfg.reshard_after_forward != "auto":
+        return bool(cfg.reshard_after_forward)
+    return cfg.sharding != "grad_op"
+
+
+def defers_gradient_sync(cfg: ParallelConfig) -> bool:
+    """Whether gradients are reduced only on the last micro-batch of a step."""
+    if cfg.gradient_sync == "auto":
+        return cfg.sharding == "none"
+    return cfg.gradient_sync == "last_micro_batch"
 
 
 def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -43,26 +90,11 @@ def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
     raise ValueError("module not found under root")
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    for block in decoder_blocks(model):
-        _replace_module(model, block, checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
-
-
-def apply_fsdp(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, device: torch.device) -> None:
-    dtype = compute_dtype(cfg, device)
-    policy = MixedPrecisionPolicy(
-        param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32
-    )
-    for block in _fsdp_units(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
-    # The loss is already normalised by the pairs of the whole global batch, so gradients are
-    # summed across ranks, not averaged (averaging would tie results to the world size).
-    # Plain SUM collectives (gloo has no PREMUL_SUM), with no pre/post scaling.
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
+def apply_activation_checkpointing(model: nn.Module, every: int) -> None:
+    for index, block in enumerate(decoder_blocks(model)):
+        if index % every == 0:
+            wrapped = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            _replace_module(model, block, wrapped)
 
 
 def _fsdp_units(model: nn.Module) -> list[nn.Module]:
@@ -74,6 +106,30 @@ def _fsdp_units(model: nn.Module) -> list[nn.Module]:
         if hasattr(m, "_checkpoint_wrapped_module")
     }
     return [wrappers.get(id(b), b) for b in blocks]
+
+
+def apply_fsdp(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, device: torch.device) -> None:
+    dtype = compute_dtype(cfg, device)
+    policy = MixedPrecisionPolicy(
+        param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32
+    )
+    offload: OffloadPolicy = OffloadPolicy()
+    if cfg.cpu_offload:
+        if device.type == "cuda":
+            offload = CPUOffloadPolicy()
+        else:
+            log("parallel.cpu_offload: this run is on the CPU already; nothing to offload")
+    reshard = reshard_after_forward(cfg)
+    for block in _fsdp_units(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard)
+    # The loss is already normalised by the pairs of the whole global batch, so gradients are
+    # summed across ranks, not averaged (averaging would tie results to the world size), with
+    # plain SUM collectives (gloo has no PREMUL_SUM) and no pre/post scaling.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -89,8 +145,26 @@ def apply_compile(model: nn.Module) -> None:
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, device: torch.device) -> FSDPModule:
     """Shard `model` in place over `mesh`; FSDP moves each rank's shards to `device`."""
     if cfg.activation_checkpointing == "full":
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, cfg.activation_checkpointing_every)
     apply_fsdp(model, cfg, mesh, device)
     if cfg.compile:
         apply_compile(model)
     return model  # type: ignore[return-value]
+
+
+def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state held by this rank (its local shards)."""
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    params = sum(local(p).numel() * local(p).element_size() for p in model.parameters())
+    grads = sum(
+        local(p.grad).numel() * local(p.grad).element_size() for p in model.parameters() if p.grad is not None
+    )
+    optim = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                optim += local(value).numel() * local(value).element_size()
+    return {"params": params, "grads": grads, "optimizer": optim}

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from engine import losses
 from engine.checkpoint import CheckpointManager, TrainerState, complete_checkpoints
-from engine.config import Config, to_toml
+from engine.config import Config, DataSource, to_toml
 from engine.data import GlobalBatchSampler, PreferenceDataset, build_dataset, collate, shard_for_inference
 from engine.distributed import World, log
 from engine.errors import UserError
@@ -31,8 +31,9 @@ from engine.forward import SequenceLogprobs, policy_logps
 from engine.metrics import MetricsLogger, PairMetrics, format_row, measure_matmul_flops, peak_memory_gib
 from engine.model import build_model, build_tokenizer
 from engine.optim import build_optimizer, build_scheduler
-from engine.parallel import compute_dtype, parallelize
+from engine.parallel import build_mesh, compute_dtype, defers_gradient_sync, local_state_bytes, parallelize
 from engine.reference import ReferenceLogps, compute_reference_logps
+from engine.reference_cache import load_reference_cache, reference_cache_key, save_reference_cache
 
 RUN_FILES = ("metrics.jsonl", "recipe.toml", "final", "checkpoints")
 
@@ -71,21 +72,28 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resume_step: int | Non
 
 
 class Trainer:
-    def __init__(self, cfg: Config, world: World) -> None:
+    """Builds every component from its own recipe table, then `train()` runs the loop.
+
+    With `reference_only`, it stops after the reference log-prob cache is built (nothing else is
+    written to the output folder), for precomputing the cache on other hardware.
+    """
+
+    def __init__(self, cfg: Config, world: World, reference_only: bool = False) -> None:
         self.cfg, self.world = cfg, world
         self.output_dir = Path(cfg.job.output_dir)
         self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint, world.rank, world.world_size)
-        resume_from = self.checkpoints.resume_path()
-        resume_step = (
-            None
-            if resume_from is None
-            else TrainerState(**_read_json(resume_from / "trainer_state.json")).step
-        )
-        prepare_output_dir(self.output_dir, cfg.job.overwrite, resume_step, world)
-        if world.is_main:
-            (self.output_dir / "recipe.toml").write_text(to_toml(cfg))
+        resume_from = None if reference_only else self.checkpoints.resume_path()
+        self.resuming = resume_from is not None
+        if not reference_only:
+            resume_step = (
+                None if resume_from is None else _read_json(resume_from / "trainer_state.json")["step"]
+            )
+            prepare_output_dir(self.output_dir, cfg.job.overwrite, resume_step, world)
+            if world.is_main:
+                (self.output_dir / "recipe.toml").write_text(to_toml(cfg))
         torch.manual_seed(cfg.job.seed)
 
+        # data
         self.tokenizer = build_tokenizer(cfg.model)
         self.pad_id = self.tokenizer.pad_token_id
         self.train_data = build_dataset(cfg.data.train, self.tokenizer, cfg.data, cfg.job.seed)
@@ -93,7 +101,6 @@ class Trainer:
             build_dataset(cfg.data.eval, self.tokenizer, cfg.data, cfg.job.seed) if cfg.data.eval else None
         )
         log(f"data: {self.train_data.stats}")
-
         t = cfg.training
         self.sampler = GlobalBatchSampler(
             len(self.train_data),
@@ -105,53 +112,79 @@ class Trainer:
         )
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.sampler.steps_per_epoch
 
+        # model, sharded
         causal_lm = build_model(cfg.model, cfg.job.seed)
         self.num_params = sum(p.numel() for p in causal_lm.parameters())
-        self.model = parallelize(SequenceLogprobs(causal_lm), cfg.parallel, world.mesh, world.device)
+        ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
+        mesh = build_mesh(cfg.parallel, world.world_size, ranks_per_node, world.device.type)
+        self.model = parallelize(SequenceLogprobs(causal_lm), cfg.parallel, mesh, world.device)
+        self.defer_gradient_sync = defers_gradient_sync(cfg.parallel)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.scheduler)
         self.with_logweights = losses.needs_logweights(cfg.loss)
+        self.dtype = compute_dtype(cfg.parallel, world.device)
+
+        # reference log-probs, from the initial weights (so before any checkpoint is loaded)
         self.reference_forwards = 0
-
         self.reference_batch = cfg.reference.batch_size or 4 * t.micro_batch_size
-        self.train_reference = self._reference(self.train_data, "train")
-        self.eval_reference = self._reference(self.eval_data, "eval") if self.eval_data else None
+        self.reference_dir = Path(cfg.reference.cache_dir or self.output_dir / "reference")
+        self.train_reference = self._reference(self.train_data, "train", cfg.data.train)
+        self.eval_reference = self._reference(self.eval_data, "eval", cfg.data.eval)
+        if reference_only:
+            return
 
-        # Loaded after the reference log-probs, which must come from the initial weights.
         self.state = TrainerState(global_batch_size=t.global_batch_size, world_size=world.world_size)
         if resume_from is not None:
-            saved = self.checkpoints.load(resume_from, self.model, self.optimizer)
-            if saved.global_batch_size != t.global_batch_size:
-                raise UserError(
-                    f"training.global_batch_size: the checkpoint {resume_from} was trained with "
-                    f"{saved.global_batch_size} pairs per step, this run asks for {t.global_batch_size}"
-                )
-            self.scheduler.load_state_dict(saved.scheduler)
-            self.state = dataclasses.replace(saved, world_size=world.world_size)
-
-        dtype = compute_dtype(cfg.parallel, world.device)
-        self.peak_flops = measure_matmul_flops(world.device, dtype)
+            self._resume(resume_from)
+        self.peak_flops = measure_matmul_flops(world.device, self.dtype)
         self.metrics = MetricsLogger(self.output_dir, cfg.logging, world.is_main, dataclasses.asdict(cfg))
         log(
             f"model: {self.num_params / 1e6:.2f}M parameters, {world.world_size} ranks, "
+            f"sharding {cfg.parallel.sharding} over mesh {tuple(mesh.shape)}, "
             f"{self.sampler.accumulation_steps} accumulation steps of {t.micro_batch_size} pairs, "
-            f"{self.total_steps} steps, compute {dtype}, matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s"
+            f"{self.total_steps} steps, compute {self.dtype}, matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s"
         )
 
-    def _reference(self, dataset: PreferenceDataset | None, name: str) -> ReferenceLogps | None:
+    def _resume(self, path: Path) -> None:
+        saved = self.checkpoints.load(path, self.model, self.optimizer)
+        gbs = self.cfg.training.global_batch_size
+        if saved.global_batch_size != gbs:
+            raise UserError(
+                f"training.global_batch_size: the checkpoint {path} was trained with "
+                f"{saved.global_batch_size} pairs per step, this run asks for {gbs}"
+            )
+        self.scheduler.load_state_dict(saved.scheduler)
+        self.state = dataclasses.replace(saved, world_size=self.world.world_size)
+
+    def _reference(
+        self, dataset: PreferenceDataset | None, name: str, sources: list[DataSource]
+    ) -> ReferenceLogps | None:
+        """Load the cached reference log-probs of `dataset`, or compute and cache them."""
         if dataset is None or not losses.needs_reference(self.cfg.loss):
             return None
+        key = reference_cache_key(
+            self.cfg.model, self.cfg.job.seed, self.tokenizer, dataset, self.cfg.data,
+            sources=sources, extra={"compute_dtype": str(self.dtype)}, cache_dir=self.reference_dir,
+        )  # fmt: skip
+        cached = load_reference_cache(self.reference_dir, key, dataset)
+        if cached is not None:
+            log(f"reference log-probs ({name}): loaded {self.reference_dir / key.file_name}")
+            return cached
         self.reference_forwards += 1
-        return compute_reference_logps(
-            self.model,
-            dataset,
-            self.pad_id,
-            self.world.device,
-            self.reference_batch,
-            self.world.rank,
-            self.world.world_size,
-            name,
-        )
+        if self.resuming:
+            log(
+                f"reference log-probs ({name}): no cache on resume; rebuilding from the initial weights of model.path"
+            )
+        reference = compute_reference_logps(
+            self.model, dataset, self.pad_id, self.world.device, self.reference_batch,
+            self.world.rank, self.world.world_size, name,
+        )  # fmt: skip
+        if self.world.is_main:
+            path = save_reference_cache(self.reference_dir, key, dataset, reference)
+            log(f"reference log-probs ({name}): cached in {path}")
+        if dist.is_initialized():
+            dist.barrier()
+        return reference
 
     # ------------------------------------------------------------------------------------------
 
@@ -176,7 +209,10 @@ class Trainer:
         t = self.cfg.training
         lr = self.scheduler.get_last_lr()[0]
         local_finite = True
-        for indices in self.sampler.micro_batches(step):
+        micro_batches = self.sampler.micro_batches(step)
+        for index, indices in enumerate(micro_batches):
+            if self.defer_gradient_sync:  # reduce gradients across ranks once, on the last one
+                self.model.set_requires_gradient_sync(index == len(micro_batches) - 1)
             batch = collate(self.train_data, indices)
             logps, out, pair_losses = self._pair_losses(batch, self.train_reference)
             if _fault_nan_step() == step + 1:
@@ -203,6 +239,13 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
+        if step == self.state.step and not hasattr(self, "state_bytes"):  # first step of this process
+            self.state_bytes = local_state_bytes(self.model, self.optimizer)
+            mib = {k: f"{v / 2**20:.2f} MiB" for k, v in self.state_bytes.items()}
+            print(
+                f"[rank {self.world.rank}] local state under sharding={self.cfg.parallel.sharding}: {mib}",
+                flush=True,
+            )
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return lr, grad_norm.item(), False
