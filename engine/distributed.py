@@ -1,7 +1,7 @@
 """Process-group set-up from torchrun's environment, and rank-aware logging.
 
 Run under `torchrun`, the usual RANK/WORLD_SIZE/LOCAL_RANK variables are set; run as a plain
-`python` process, a one-rank group is created on a free local port so the rest of the engine
+`python` process, a one-rank group is created on an in-process store so the rest of the engine
 never special-cases "not distributed". The backend follows the device: nccl on CUDA, gloo on CPU.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 from dataclasses import dataclass
 
@@ -31,24 +30,11 @@ class World:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(timeout_s: int = 600) -> World:
     """Initialise the default process group and a 1-D data-parallel device mesh."""
-    if "RANK" not in os.environ:  # plain `python torchrun_train.py`: a world of one
-        os.environ.update(
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-            LOCAL_WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
-        )
-    local_rank = int(os.environ["LOCAL_RANK"])
+    # plain `python torchrun_train.py` (no launcher variables): a world of one
+    single = "RANK" not in os.environ or "MASTER_ADDR" not in os.environ
+    local_rank = 0 if single else int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -56,8 +42,12 @@ def init_distributed(timeout_s: int = 600) -> World:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if single:  # an in-process store: no port to find or to collide on
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device, mesh)
 

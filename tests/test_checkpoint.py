@@ -95,7 +95,13 @@ def test_sigkill_under_max_restarts_completes_identically(
     recipe: Path, straight: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    proc = _run(recipe, out, 2, env=_kill(5, 1, tmp_path / "killed"), torchrun_args=["--max-restarts=2"])
+    proc = _run(
+        recipe,
+        out,
+        2,
+        env=_kill(5, 1, tmp_path / "killed"),
+        torchrun_args=["--standalone", "--max-restarts=2"],
+    )
     assert (tmp_path / "killed").exists() and "resumed from" in proc.stdout
     _assert_weights(straight, out, exact=True)
     _same_rows_after(straight, out, 4, exact=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from engine import losses
-from tests.conftest import REPO, base_tables, free_port, write_recipe
+from tests.conftest import REPO, base_tables, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def _sweep(tmp: Path, name: str, nproc: int, overrides: list[str], recipe: Path)
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
+        "--standalone",
         str(REPO / "tests" / "scripts" / "loss_sweep.py"),
         str(recipe),
         str(out),

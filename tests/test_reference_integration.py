@@ -1,0 +1,144 @@
+"""The reference cache inside real runs: exactness at step 0, reuse, refusal, other world sizes."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.data import collate
+from engine.forward import policy_logps
+from engine.trainer import Trainer
+from tests.conftest import LN2, base_tables, run_training, train_rows, write_recipe
+
+
+def _trainer(tmp_path: Path, name: str, model_dir: Path, data: dict, cache: Path, overrides=(), world=None):
+    tables = base_tables(model_dir, data, tmp_path / name)
+    recipe = write_recipe(tmp_path / f"{name}.toml", tables)
+    cfg = load_config(recipe, [f"reference.cache_dir={cache}", "export.enabled=false", *overrides])
+    return Trainer(cfg, world)
+
+
+def test_step0_policy_equals_cached_reference_exactly(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world
+) -> None:
+    """Same batch composition (one pair per forward) gives bitwise-equal log-probs on CPU."""
+    trainer = _trainer(
+        tmp_path, "run", tiny_model_dir, small_data, tmp_path / "cache",
+        ["training.micro_batch_size=1", "reference.batch_size=1"], world,
+    )  # fmt: skip
+    ref = trainer.train_reference
+    with torch.no_grad():
+        for i in range(len(trainer.train_data)):
+            logps = policy_logps(
+                "concatenated", trainer.model, collate(trainer.train_data, [i]), trainer.pad_id, world.device
+            )
+            assert torch.equal(logps.chosen_logps, ref.chosen[i : i + 1])
+            assert torch.equal(logps.rejected_logps, ref.rejected[i : i + 1])
+    trainer.train()
+    assert abs(train_rows(tmp_path / "run")[0]["loss"] - LN2) < 1e-6
+
+
+def test_second_run_reuses_the_cache_and_reproduces_the_curve(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world
+) -> None:
+    cache = tmp_path / "cache"
+    first = _trainer(tmp_path, "first", tiny_model_dir, small_data, cache, world=world)
+    assert first.reference_forwards == 2  # train and eval
+    first.train()
+    second = _trainer(tmp_path, "second", tiny_model_dir, small_data, cache, world=world)
+    assert second.reference_forwards == 0
+    assert torch.equal(second.train_reference.chosen, first.train_reference.chosen)
+    assert torch.equal(second.eval_reference.rejected, first.eval_reference.rejected)
+    second.train()
+    assert train_rows(tmp_path / "first") and [r["loss"] for r in train_rows(tmp_path / "first")] == [
+        r["loss"] for r in train_rows(tmp_path / "second")
+    ]
+
+
+def test_every_change_of_key_builds_a_new_cache_beside_the_old(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world, capsys: pytest.CaptureFixture
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    data = {k: tmp_path / Path(v).name for k, v in small_data.items()}
+    for k, v in small_data.items():
+        shutil.copy(v, data[k])
+    cache = tmp_path / "cache"
+
+    def forwards(name: str, overrides=()) -> int:
+        return _trainer(tmp_path, name, model_dir, data, cache, overrides, world).reference_forwards
+
+    assert forwards("base") == 2
+    assert forwards("again") == 0
+    # a weight changed in place in the model folder (same file size)
+    weights = load_file(model_dir / "model.safetensors")
+    weights["lm_head.weight"][0, 0] += 0.5
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    assert forwards("weights") == 2
+    # the tokenizer's chat template
+    template = model_dir / "chat_template.jinja"
+    template.write_text(template.read_text() + "{# revised #}")
+    assert forwards("template") == 2
+    # one pair of the training data (the eval cache stays valid)
+    lines = data["train"].read_text().splitlines()
+    lines[3] = lines[3].replace('"content": "', '"content": "please ', 1)
+    data["train"].write_text("\n".join(lines) + "\n")
+    assert forwards("data") == 1
+    # max_length
+    assert forwards("length", ["data.max_length=40"]) == 2
+    files = sorted(cache.glob("reference-*.safetensors"))
+    assert len(files) == 2 + 2 + 2 + 1 + 2  # every key side by side, none overwritten
+    # a corrupted file is reported and rebuilt
+    newest = max(files, key=lambda f: f.stat().st_mtime_ns)
+    blob = bytearray(newest.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    newest.write_bytes(bytes(blob))
+    capsys.readouterr()
+    assert forwards("corrupt", ["data.max_length=40"]) == 1
+    assert "is corrupt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cache_built_on_two_ranks_serves_one_rank_and_back(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict
+) -> None:
+    tables = base_tables(tiny_model_dir, small_data, tmp_path / "unused")
+    tables["training"]["micro_batch_size"] = 2
+    tables["export"] = {"enabled": False}
+    recipe = write_recipe(tmp_path / "r.toml", tables)
+
+    def run(name: str, nproc: int, cache: str) -> tuple[list[float], str]:
+        out = tmp_path / name
+        proc = run_training(
+            recipe, [f"job.output_dir={out}", f"reference.cache_dir={tmp_path / cache}"], nproc=nproc
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [r["loss"] for r in train_rows(out)], proc.stdout
+
+    built2, log_a = run("a", 2, "x")
+    reused1, log_b = run("b", 1, "x")
+    built1, log_c = run("c", 1, "y")
+    reused2, log_d = run("d", 2, "y")
+    assert "cached in" in log_a and "loaded" in log_b and "cached in" in log_c and "loaded" in log_d
+    assert "pairs in" not in log_b and "pairs in" not in log_d  # no reference forward at all
+    for x, y in ((reused1, built1), (reused2, built2), (built1, built2)):
+        assert all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7) for a, b in zip(x, y)), (x, y)
+
+
+@pytest.mark.slow
+def test_build_reference_only_then_train(tmp_path: Path, tiny_model_dir: Path, small_data: dict) -> None:
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.toml", base_tables(tiny_model_dir, small_data, out))
+    proc = run_training(recipe, ["--build-reference-only", "export.enabled=false"], nproc=0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((out / "reference").glob("reference-*.safetensors"))) == 2
+    assert not (out / "metrics.jsonl").exists()  # nothing but the cache was written
+    proc = run_training(recipe, ["export.enabled=false"], nproc=0)
+    assert proc.returncode == 0 and proc.stdout.count("loaded") == 2
