@@ -110,6 +110,20 @@ def run_training(
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def run_sweep(recipe: Path, out: Path, runs: dict[str, list[str]], nproc: int, timeout: int = 400) -> dict:
+    """Train every variant in `runs` within one torchrun launch (tests/scripts/sweep.py)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runs.json").write_text(json.dumps(runs))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        str(REPO / "tests" / "scripts" / "sweep.py"), str(recipe), str(out), str(out / "runs.json"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads((out / "results.json").read_text())
+
+
 def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -6,37 +6,16 @@ x accumulation 2 with the separate forward) each train every registered loss for
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine import losses
-from tests.conftest import REPO, base_tables, write_recipe
+from tests.conftest import base_tables, run_sweep, write_recipe
 
 pytestmark = pytest.mark.slow
-
-
-def _sweep(tmp: Path, name: str, nproc: int, overrides: list[str], recipe: Path) -> dict:
-    out = tmp / name
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--standalone",
-        str(REPO / "tests" / "scripts" / "loss_sweep.py"),
-        str(recipe),
-        str(out),
-        *overrides,
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return json.loads((out / "results.json").read_text()) | {"_dir": str(out)}
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +29,14 @@ def sweeps(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small
     # noise in elements whose gradient is ~0; at lr 1e-3 that reaches ~2e-5 after 3 steps.
     tables["optimizer"]["lr"] = 1e-4
     recipe = write_recipe(tmp / "sweep.toml", tables)
+    one = {name: [f"loss.type={name}"] for name in losses.LOSSES}
+    two = {
+        name: [*runs, "training.micro_batch_size=2", "training.forward_mode=separate"]
+        for name, runs in one.items()
+    }
     return {
-        "one": _sweep(tmp, "one", 1, [], recipe),
-        "two": _sweep(
-            tmp, "two", 2, ["training.micro_batch_size=2", "training.forward_mode=separate"], recipe
-        ),
+        "one": run_sweep(recipe, tmp / "one", one, nproc=1) | {"_dir": str(tmp / "one")},
+        "two": run_sweep(recipe, tmp / "two", two, nproc=2) | {"_dir": str(tmp / "two")},
     }
 
 

@@ -1,33 +1,36 @@
-"""Train every registered loss for a few steps in one process group; write losses and weights.
+"""Train several variants of one recipe in one process group; write their losses and weights.
 
-    torchrun --nproc_per_node N tests/scripts/loss_sweep.py RECIPE OUT_DIR [overrides...]
+    torchrun --nproc_per_node N tests/scripts/sweep.py RECIPE OUT_DIR RUNS.json
 
-Used by tests/test_losses_training.py to compare batch splits without one launch per loss.
+RUNS.json maps a run name to a list of `table.key=value` overrides. Sharing one launch across
+variants saves the ~5 s start-up of each torchrun (tests compare batch splits, losses, sharding).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from engine import losses
 from engine.config import load_config
 from engine.distributed import init_distributed, shutdown
 from engine.export import full_hf_state_dict
 from engine.trainer import Trainer
 
 
-def main(recipe: str, out_dir: str, overrides: list[str]) -> None:
+def main(recipe: str, out_dir: str, runs_file: str) -> None:
     world = init_distributed()
     results = {}
-    for name in losses.LOSSES:
+    for name, overrides in json.loads(Path(runs_file).read_text()).items():
         run_dir = Path(out_dir) / name
-        cfg = load_config(recipe, [*overrides, f"loss.type={name}", f"job.output_dir={run_dir}"])
+        cfg = load_config(recipe, [*overrides, f"job.output_dir={run_dir}"])
         trainer = Trainer(cfg, world)
+        start = time.perf_counter()
         trainer.train()
+        elapsed = time.perf_counter() - start
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         weights = full_hf_state_dict(trainer.model)
         if world.is_main:
@@ -36,6 +39,8 @@ def main(recipe: str, out_dir: str, overrides: list[str]) -> None:
             "losses": [r["loss"] for r in rows if "loss" in r],
             "reference_forwards": trainer.reference_forwards,
             "wpo_weight": [r.get("wpo/weight") for r in rows if "loss" in r],
+            "state_bytes": trainer.state_bytes,
+            "seconds_per_step": elapsed / trainer.total_steps,
         }
     if world.is_main:
         (Path(out_dir) / "results.json").write_text(json.dumps(results))
@@ -43,4 +48,4 @@ def main(recipe: str, out_dir: str, overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -1,0 +1,110 @@
+"""Sharding strategies (ZeRO 0-3 equivalents, HSDP), gradient-sync deferral, cross-strategy resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import ParallelConfig
+from engine.errors import UserError
+from engine.parallel import defers_gradient_sync, reshard_after_forward
+from tests.conftest import base_tables, load_final_weights, run_sweep, run_training, train_rows, write_recipe
+
+pytestmark = pytest.mark.slow
+
+STRATEGIES = {
+    "full": ["parallel.sharding=full"],
+    "grad_op": ["parallel.sharding=grad_op"],
+    "hybrid": ["parallel.sharding=hybrid"],
+    "none": ["parallel.sharding=none"],
+    "full_sync_last": ["parallel.sharding=full", "parallel.gradient_sync=last_micro_batch"],
+    "none_sync_every": ["parallel.sharding=none", "parallel.gradient_sync=every_micro_batch"],
+}
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small_data: dict) -> Path:
+    tmp = tmp_path_factory.mktemp("sharding")
+    tables = base_tables(tiny_model_dir, small_data, tmp / "unused")
+    tables["data"]["eval"] = []
+    tables["training"].update(max_steps=5, micro_batch_size=1)  # 4 accumulation steps on 2 ranks
+    tables["export"] = {"enabled": False}
+    return write_recipe(tmp / "r.toml", tables)
+
+
+@pytest.fixture(scope="module")
+def sweep(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("sweep")
+    two = run_sweep(recipe, tmp / "two", STRATEGIES, nproc=2)
+    four = run_sweep(
+        recipe, tmp / "four", {"hybrid_2x2": ["parallel.sharding=hybrid", "parallel.replicate_degree=2"]}, nproc=4
+    )
+    return two | four
+
+
+@pytest.mark.parametrize("name", [*STRATEGIES, "hybrid_2x2"])
+def test_every_strategy_trains_to_the_same_losses(sweep: dict, name: str) -> None:
+    reference = sweep["full"]["losses"]
+    assert len(reference) == 5 and reference[0] != reference[-1]
+    for a, b in zip(reference, sweep[name]["losses"]):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (name, reference, sweep[name]["losses"])
+
+
+def test_local_state_bytes_per_strategy(sweep: dict) -> None:
+    def total(name: str) -> int:
+        return sum(sweep[name]["state_bytes"].values())
+
+    none = sweep["none"]["state_bytes"]
+    for name in ("full", "grad_op"):
+        got = sweep[name]["state_bytes"]
+        for part in ("params", "grads", "optimizer"):
+            assert 0.45 <= got[part] / none[part] <= 0.55, (name, part, got, none)
+    assert 0.45 <= total("full") / total("none") <= 0.55
+    # 2 ranks on one node: hybrid defaults to one replica group, i.e. sharded like `full`
+    assert sweep["hybrid"]["state_bytes"] == sweep["full"]["state_bytes"]
+
+
+def test_gradient_sync_defaults_and_conflicts(recipe: Path) -> None:
+    assert defers_gradient_sync(ParallelConfig(sharding="none"))
+    assert not defers_gradient_sync(ParallelConfig(sharding="full"))
+    assert reshard_after_forward(ParallelConfig(sharding="full"))
+    assert not reshard_after_forward(ParallelConfig(sharding="grad_op"))
+    from engine.config import load_config
+
+    with pytest.raises(UserError, match="parallel.reshard_after_forward=true conflicts"):
+        load_config(recipe, ["parallel.sharding=grad_op", "parallel.reshard_after_forward=true"])
+    with pytest.raises(UserError, match="replicate_degree"):
+        load_config(recipe, ["parallel.replicate_degree=2"])
+
+
+@pytest.fixture(scope="module")
+def straight(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    proc = run_training(recipe, [f"job.output_dir={out}", "checkpoint.interval_steps=2", "export.enabled=true"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize(
+    "first,second",
+    [("full", "hybrid"), ("full", "none"), ("none", "full")],
+)
+def test_resume_across_strategies(recipe: Path, straight: Path, tmp_path: Path, first: str, second: str) -> None:
+    out = tmp_path / "run"
+    common = [f"job.output_dir={out}", "checkpoint.interval_steps=2", "export.enabled=true"]
+    hybrid = ["parallel.replicate_degree=2"] if second == "hybrid" else []
+    proc = run_training(
+        recipe, [*common, f"parallel.sharding={first}"], nproc=2, env={"FSDPO_FAULT_KILL": f"3:1:{tmp_path / 'k'}"}
+    )
+    assert proc.returncode != 0 and (out / "checkpoints" / "step-2" / "COMPLETE").exists()
+    proc = run_training(recipe, [*common, f"parallel.sharding={second}", *hybrid], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    for a, b in zip(train_rows(straight), train_rows(out)):
+        assert a["step"] == b["step"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-5, abs_tol=1e-6)
+    wa, wb = load_final_weights(straight), load_final_weights(out)
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-5)
