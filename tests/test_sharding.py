@@ -74,7 +74,7 @@ def test_gradient_sync_defaults_and_conflicts(recipe: Path) -> None:
     assert not reshard_after_forward(ParallelConfig(sharding="grad_op"))
     from engine.config import load_config
 
-    with pytest.raises(UserError, match="parallel.reshard_after_forward=true conflicts"):
+    with pytest.raises(UserError, match=r"parallel\.reshard_after_forward=true conflicts"):
         load_config(recipe, ["parallel.sharding=grad_op", "parallel.reshard_after_forward=true"])
     with pytest.raises(UserError, match="replicate_degree"):
         load_config(recipe, ["parallel.replicate_degree=2"])
