@@ -29,12 +29,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from engine.config import CheckpointConfig
 from engine.distributed import log
 from engine.errors import UserError
 
+# Frozen parameters (LoRA's base weights) are not saved: they come from model.path on resume.
+STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 STEP_DIR = re.compile(r"^step-(\d+)$")
 COMPLETE = "COMPLETE"
 
@@ -104,10 +106,16 @@ class CheckpointManager:
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
         """Collective: load model, optimizer and trainer state from `path` (any world size)."""
         state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_OPTIONS)
         to_load = {"model": model_sd, "optim": optim_sd}
         dcp.load(to_load, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"])
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=to_load["model"],
+            optim_state_dict=to_load["optim"],
+            options=STATE_OPTIONS,
+        )
         rng_file = path / "rng" / f"rank-{self.rank}.pt"
         if state.world_size == self.world_size and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=True))
@@ -139,7 +147,7 @@ class CheckpointManager:
         if dist.is_initialized():
             dist.barrier()
         torch.save(_rng_state(), staging / "rng" / f"rank-{self.rank}.pt")
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_OPTIONS)
         to_save = {"model": model_sd, "optim": optim_sd}
         try:
             if self.cfg.async_save:

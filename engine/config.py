@@ -56,11 +56,22 @@ class ModelConfig:
 @dataclass
 class DataSource:
     path: str = ""
-    """Local .json/.jsonl file (one pair per row or line)."""
+    """A local .json (array or JSON lines), .jsonl or .parquet file; a folder of such files (read
+    in sorted order); a folder written by `datasets`' `save_to_disk`; or a Hugging Face hub
+    data set id (loaded with `datasets.load_dataset`, so it works offline from the local cache)."""
+    split: str = "train"
+    """Split to read from a hub id or a saved DatasetDict (e.g. "train_prefs"); ignored for files."""
+    subset: str = ""
+    """Hub only: the configuration (subset) name passed to `load_dataset`; empty = the default."""
+    revision: str = ""
+    """Hub only: branch, tag or commit to load; empty = the default branch."""
     fraction: float = 1.0
-    """Share of this source's pairs to use; > 1 repeats pairs (seeded)."""
+    """Share of this source's pairs to use, after filtering; > 1 repeats pairs (seeded)."""
     count: int = -1
-    """Exact number of pairs to use (seeded sample; repeats if larger); -1 = use `fraction`."""
+    """Exact number of pairs to use after filtering (seeded sample; repeats if larger); -1 = use
+    `fraction`."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """This source's column names, overriding `data.columns` (e.g. { chosen = "response_a" })."""
 
 
 @dataclass
@@ -70,9 +81,42 @@ class DataConfig:
     eval: list[DataSource] = field(default_factory=list)
     """Held-out sources, evaluated before training, every `training.eval_interval_steps` and at
     the end."""
+    eval_fraction: float = 0.0
+    """Share of the training pairs held out as the eval set when `eval` is empty (seeded; no
+    underlying row is in both sets); 0 = no held-out set."""
+    format: Literal["auto", "standard", "conversational", "implicit_prompt"] = "auto"
+    """Row format. `standard`: `prompt`, `chosen`, `rejected` strings. `conversational`: `prompt`
+    a list of messages, `chosen`/`rejected` one assistant message (or a string). `implicit_prompt`:
+    `chosen`/`rejected` whole conversations whose shared turns before the final assistant turn
+    are the prompt. `auto` decides per row: a message-list prompt is conversational, all strings
+    is standard, otherwise implicit (a string prompt beside conversations is then ignored)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column names in the data for `prompt`, `chosen` and `rejected`, where they differ (e.g.
+    { chosen = "response_a", rejected = "response_b" })."""
+    chat_template: str = ""
+    """Jinja chat template (the template text, or the path of a .jinja file) used instead of the
+    tokenizer's own for conversational rows; empty = the tokenizer's template."""
     max_length: int = 1024
-    """Maximum prompt + completion tokens per sequence; completions are cut from the end, and
-    pairs with no completion token left are dropped and counted."""
+    """Maximum prompt + completion tokens per sequence (see `truncation`)."""
+    max_prompt_length: int = 0
+    """Maximum prompt tokens; a longer prompt keeps its last this many tokens (its most recent
+    turns and the generation prompt) under `keep_start`, or drops the pair under `drop`. 0 = no
+    separate prompt limit."""
+    truncation: Literal["keep_start", "drop"] = "keep_start"
+    """Pairs over the length limits: `keep_start` cuts completions from the end (pairs left
+    with no completion token are dropped); `drop` drops the pair. Counted per source."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A malformed row (missing column, wrong type, empty or unknown-role messages, a template
+    that rejects it): `error` stops naming source, row and problem; `skip` drops and counts it."""
+    group_by_length: bool = False
+    """Sample global batches of similar length (less padding): within each epoch's shuffle,
+    chunks of 64 global batches are sorted by length and the batches' order is shuffled."""
+    num_proc: int = 0
+    """Processes for tokenisation (`datasets.map`); 0 = one per 10,000 rows, at most 8 and at
+    most the CPU count."""
+    cache_dir: str = ""
+    """Folder of tokenised data sets, reused when sources, tokenizer, template and format are
+    unchanged; empty = $XDG_CACHE_HOME/fsdpo/tokenized (default ~/.cache/fsdpo/tokenized)."""
 
 
 @dataclass
@@ -218,9 +262,32 @@ class LoggingConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters (peft) instead of all weights; the base weights stay frozen."""
+    r: int = 16
+    """Rank of each adapter."""
+    alpha: float = 32.0
+    """Scaling numerator: adapters are scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: str | list[str] = "all-linear"
+    """Module names to adapt (e.g. ["q_proj", "v_proj"]) or "all-linear" (every linear layer but
+    the LM head)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters (e.g. ["lm_head"])."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases are trained."""
+
+
+@dataclass
 class ExportConfig:
     enabled: bool = True
     """Write output_dir/final/ as a Hugging Face folder at the end of training."""
+    lora: Literal["adapter", "merged", "both"] = "merged"
+    """With LoRA: `merged` writes final/ as a full model with the adapters merged in; `adapter`
+    writes final/ as a PEFT adapter folder (PeftModel.from_pretrained); `both` writes the merged
+    model in final/ and the adapter in final/adapter/."""
     max_shard_size: str = "5GB"
     """Largest safetensors file in final/ (e.g. "2GB")."""
 
@@ -238,6 +305,7 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
@@ -275,6 +343,8 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         (item,) = typing.get_args(tp)
         return f"list of {_type_name(item)}"
+    if origin is dict:
+        return f"table of {_type_name(typing.get_args(tp)[1])}s"
     if dataclasses.is_dataclass(tp):
         return "table"
     return {str: "string", int: "integer", float: "number", bool: "true/false"}.get(tp, str(tp))
@@ -304,6 +374,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, value_tp = typing.get_args(tp)  # keys are TOML keys, so always strings
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a {_type_name(tp)}, e.g. {{ name = ... }}, got {value!r}")
+        return {k: _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, str) and tp is DataSource:
             value = {"path": value}
@@ -448,12 +523,33 @@ def validate(cfg: Config) -> None:
 
     _check(bool(cfg.model.path), "model.path", "a model folder or hub id", cfg.model.path)
     _check(bool(cfg.data.train), "data.train", "at least one training source", cfg.data.train)
-    for key, sources in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+    d = cfg.data
+    column_tables = [("data.columns", d.columns)]
+    for key, sources in (("data.train", d.train), ("data.eval", d.eval)):
         for i, src in enumerate(sources):
-            _check(bool(src.path), f"{key}[{i}].path", "a file path", src.path)
+            _check(bool(src.path), f"{key}[{i}].path", "a file, folder or hub id", src.path)
+            _check(bool(src.split), f"{key}[{i}].split", "a split name", src.split)
             _check(src.fraction > 0, f"{key}[{i}].fraction", "a number > 0", src.fraction)
             _check(src.count == -1 or src.count > 0, f"{key}[{i}].count", "-1 or > 0", src.count)
-    _check(cfg.data.max_length >= 2, "data.max_length", "an integer >= 2", cfg.data.max_length)
+            column_tables.append((f"{key}[{i}].columns", src.columns))
+    for key, columns in column_tables:
+        for name, column in columns.items():
+            if name not in ("prompt", "chosen", "rejected"):
+                hint = difflib.get_close_matches(name, ["prompt", "chosen", "rejected"], n=1)
+                extra = f' (did you mean "{hint[0]}"?)' if hint else ""
+                raise UserError(f"{key}.{name}: expected keys prompt, chosen or rejected{extra}")
+            _check(bool(column), f"{key}.{name}", "a column name", column)
+    _check(0 <= d.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)", d.eval_fraction)
+    if d.eval and d.eval_fraction:
+        raise UserError("data.eval and data.eval_fraction: set one of them, not both")
+    _check(d.max_length >= 2, "data.max_length", "an integer >= 2", d.max_length)
+    _check(
+        0 <= d.max_prompt_length < d.max_length,
+        "data.max_prompt_length",
+        f"0 (off) or an integer below data.max_length={d.max_length}",
+        d.max_prompt_length,
+    )
+    _check(d.num_proc >= 0, "data.num_proc", "0 (auto) or a number of processes", d.num_proc)
 
     names = [cfg.loss.type] if isinstance(cfg.loss.type, str) else cfg.loss.type
     _check(bool(names), "loss.type", "a loss name or a non-empty list", cfg.loss.type)
@@ -505,6 +601,16 @@ def validate(cfg: Config) -> None:
     _check(0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", "a number in [0, 1]", s.min_lr_ratio)
 
     _check(cfg.reference.batch_size >= 0, "reference.batch_size", ">= 0", cfg.reference.batch_size)
+    lo = cfg.lora
+    _check(lo.r >= 1, "lora.r", "an integer >= 1", lo.r)
+    _check(lo.alpha > 0, "lora.alpha", "a number > 0", lo.alpha)
+    _check(0 <= lo.dropout < 1, "lora.dropout", "a number in [0, 1)", lo.dropout)
+    _check(
+        bool(lo.target_modules),
+        "lora.target_modules",
+        '"all-linear" or a list of module names',
+        lo.target_modules,
+    )
     p = cfg.parallel
     _check(p.replicate_degree >= 0, "parallel.replicate_degree", "an integer >= 0", p.replicate_degree)
     _check(

@@ -13,7 +13,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from engine.config import ModelConfig
+from engine.config import LoraConfig, ModelConfig
 from engine.errors import UserError
 
 
@@ -59,6 +59,45 @@ def build_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
         raise UserError(f"model.path: cannot load model weights from {cfg.path} ({first})") from None
     model.config.use_cache = False
     return model
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int) -> torch.nn.Module:
+    """Wrap `model` with peft LoRA adapters (seeded, so every rank starts identical).
+
+    Adapters start as the identity (B = 0), so the initial policy is the base model; only adapter
+    (and `modules_to_save`) parameters require gradients.
+    """
+    import peft
+
+    torch.manual_seed(seed)
+    try:
+        return peft.get_peft_model(
+            model,
+            peft.LoraConfig(
+                r=cfg.r,
+                lora_alpha=cfg.alpha,
+                lora_dropout=cfg.dropout,
+                target_modules=cfg.target_modules,
+                modules_to_save=cfg.modules_to_save or None,
+                bias=cfg.bias,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    except ValueError as e:
+        raise UserError(f"lora.target_modules: {e}") from None
+
+
+def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int) -> torch.nn.Module:
+    """The model that is trained: the causal LM, with LoRA adapters when enabled."""
+    model = build_model(model_cfg, seed)
+    return apply_lora(model, lora_cfg, seed) if lora_cfg.enabled else model
+
+
+def adapter_description(lora_cfg: LoraConfig) -> str | None:
+    """What the reference cache key records about adapters (None without LoRA)."""
+    if not lora_cfg.enabled:
+        return None
+    return f"lora r={lora_cfg.r} alpha={lora_cfg.alpha} targets={lora_cfg.target_modules} save={lora_cfg.modules_to_save}"
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -8,6 +8,7 @@ it is split into ranks x micro-batches x accumulation steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -29,7 +30,7 @@ from engine.errors import UserError
 from engine.export import export_hf
 from engine.forward import SequenceLogprobs, policy_logps
 from engine.metrics import MetricsLogger, PairMetrics, format_row, measure_matmul_flops, peak_memory_gib
-from engine.model import build_model, build_tokenizer
+from engine.model import adapter_description, build_policy, build_tokenizer
 from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import build_mesh, compute_dtype, defers_gradient_sync, local_state_bytes, parallelize
 from engine.reference import ReferenceLogps, compute_reference_logps
@@ -113,8 +114,9 @@ class Trainer:
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.sampler.steps_per_epoch
 
         # model, sharded
-        causal_lm = build_model(cfg.model, cfg.job.seed)
+        causal_lm = build_policy(cfg.model, cfg.lora, cfg.job.seed)
         self.num_params = sum(p.numel() for p in causal_lm.parameters())
+        self.trainable_params = sum(p.numel() for p in causal_lm.parameters() if p.requires_grad)
         ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
         mesh = build_mesh(cfg.parallel, world.world_size, ranks_per_node, world.device.type)
         self.model = parallelize(SequenceLogprobs(causal_lm), cfg.parallel, mesh, world.device)
@@ -139,11 +141,17 @@ class Trainer:
         self.peak_flops = measure_matmul_flops(world.device, self.dtype)
         self.metrics = MetricsLogger(self.output_dir, cfg.logging, world.is_main, dataclasses.asdict(cfg))
         log(
-            f"model: {self.num_params / 1e6:.2f}M parameters, {world.world_size} ranks, "
+            f"model: {self.num_params / 1e6:.2f}M parameters ({self.trainable_params / 1e6:.2f}M trained), "
+            f"{world.world_size} ranks, "
             f"sharding {cfg.parallel.sharding} over mesh {tuple(mesh.shape)}, "
             f"{self.sampler.accumulation_steps} accumulation steps of {t.micro_batch_size} pairs, "
             f"{self.total_steps} steps, compute {self.dtype}, matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s"
         )
+
+    def _adapters_disabled(self) -> contextlib.AbstractContextManager:
+        if self.cfg.lora.enabled:
+            return self.model.causal_lm.disable_adapter()
+        return contextlib.nullcontext()
 
     def _resume(self, path: Path) -> None:
         saved = self.checkpoints.load(path, self.model, self.optimizer)
@@ -164,7 +172,8 @@ class Trainer:
             return None
         key = reference_cache_key(
             self.cfg.model, self.cfg.job.seed, self.tokenizer, dataset, self.cfg.data,
-            sources=sources, extra={"compute_dtype": str(self.dtype)}, cache_dir=self.reference_dir,
+            adapter=adapter_description(self.cfg.lora), sources=sources,
+            extra={"compute_dtype": str(self.dtype)}, cache_dir=self.reference_dir,
         )  # fmt: skip
         cached = load_reference_cache(self.reference_dir, key, dataset)
         if cached is not None:
@@ -175,10 +184,11 @@ class Trainer:
             log(
                 f"reference log-probs ({name}): no cache on resume; rebuilding from the initial weights of model.path"
             )
-        reference = compute_reference_logps(
-            self.model, dataset, self.pad_id, self.world.device, self.reference_batch,
-            self.world.rank, self.world.world_size, name,
-        )  # fmt: skip
+        with self._adapters_disabled():  # the reference is the base model
+            reference = compute_reference_logps(
+                self.model, dataset, self.pad_id, self.world.device, self.reference_batch,
+                self.world.rank, self.world.world_size, name,
+            )  # fmt: skip
         if self.world.is_main:
             path = save_reference_cache(self.reference_dir, key, dataset, reference)
             log(f"reference log-probs ({name}): cached in {path}")
@@ -319,7 +329,8 @@ class Trainer:
                 self.tokenizer,
                 self.cfg.model.path,
                 self.output_dir / "final",
-                self.cfg.export.max_shard_size,
+                self.cfg.export,
+                self.cfg.lora,
                 self.world.is_main,
             )
             log(f"exported {self.output_dir / 'final'}")

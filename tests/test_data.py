@@ -82,7 +82,7 @@ def test_truncation_keeps_the_start_and_drops_pairs_without_completion(tmp_path:
     assert cut.chosen_ids == full.chosen_ids[:2] and cut.rejected_ids == full.rejected_ids[:2]
     rows = [row, {"prompt": "sort: " + " ".join(["7"] * 80), "chosen": "7", "rejected": "8"}]
     data = build_dataset([_write(tmp_path, rows)], tokenizer, DataConfig(max_length=40), 0)
-    assert len(data) == 1 and data.stats["sources"][0]["dropped_no_completion_left"] == 1
+    assert len(data) == 1 and data.stats["sources"][0]["filters"]["no_trainable_token"]["dropped"] == 1
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,10 @@ def sweep(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("sweep")
     two = run_sweep(recipe, tmp / "two", STRATEGIES, nproc=2)
     four = run_sweep(
-        recipe, tmp / "four", {"hybrid_2x2": ["parallel.sharding=hybrid", "parallel.replicate_degree=2"]}, nproc=4
+        recipe,
+        tmp / "four",
+        {"hybrid_2x2": ["parallel.sharding=hybrid", "parallel.replicate_degree=2"]},
+        nproc=4,
     )
     return two | four
 
@@ -83,7 +86,9 @@ def test_gradient_sync_defaults_and_conflicts(recipe: Path) -> None:
 @pytest.fixture(scope="module")
 def straight(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("straight") / "run"
-    proc = run_training(recipe, [f"job.output_dir={out}", "checkpoint.interval_steps=2", "export.enabled=true"], nproc=2)
+    proc = run_training(
+        recipe, [f"job.output_dir={out}", "checkpoint.interval_steps=2", "export.enabled=true"], nproc=2
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -92,12 +97,17 @@ def straight(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     "first,second",
     [("full", "hybrid"), ("full", "none"), ("none", "full")],
 )
-def test_resume_across_strategies(recipe: Path, straight: Path, tmp_path: Path, first: str, second: str) -> None:
+def test_resume_across_strategies(
+    recipe: Path, straight: Path, tmp_path: Path, first: str, second: str
+) -> None:
     out = tmp_path / "run"
     common = [f"job.output_dir={out}", "checkpoint.interval_steps=2", "export.enabled=true"]
     hybrid = ["parallel.replicate_degree=2"] if second == "hybrid" else []
     proc = run_training(
-        recipe, [*common, f"parallel.sharding={first}"], nproc=2, env={"FSDPO_FAULT_KILL": f"3:1:{tmp_path / 'k'}"}
+        recipe,
+        [*common, f"parallel.sharding={first}"],
+        nproc=2,
+        env={"FSDPO_FAULT_KILL": f"3:1:{tmp_path / 'k'}"},
     )
     assert proc.returncode != 0 and (out / "checkpoints" / "step-2" / "COMPLETE").exists()
     proc = run_training(recipe, [*common, f"parallel.sharding={second}", *hybrid], nproc=2)

@@ -1,0 +1,192 @@
+"""Data sources: where rows come from, what identifies them, and reading them as a `datasets.Dataset`.
+
+A `[data]` source path is, in this order:
+- a local file: .json (an array of objects, or JSON lines), .jsonl or .parquet;
+- a local folder written by `datasets`' `save_to_disk` (a Dataset, or a DatasetDict read at
+  `split`);
+- a local folder of .json/.jsonl/.parquet files (all of one kind, read in sorted order, recursively);
+- otherwise a Hugging Face hub id, loaded by `datasets.load_dataset(path, name=subset,
+  split=split, revision=revision)`, which serves it from the local cache when offline.
+
+JSON rows are kept as their raw text (parsed while tokenising), so one malformed or oddly typed
+row is a bad row to report or skip, not a schema error for the whole file. Parquet and `datasets`
+rows are typed Arrow columns.
+
+A source's identity (for the tokenisation cache) is its files' paths, sizes and content hashes
+(size and mtime for files over `HASH_LIMIT`), or for hub ids and saved folders the `datasets`
+fingerprint of the loaded split together with the path, subset, split and revision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.config import DataSource
+from engine.errors import UserError
+
+JSON_SUFFIXES = (".json", ".jsonl")
+DATA_SUFFIXES = (*JSON_SUFFIXES, ".parquet")
+HASH_LIMIT = 256 * 2**20  # files up to this size are identified by content, larger by size + mtime
+
+
+@dataclass
+class ResolvedSource:
+    """A source whose kind and files are known; reading its rows is `read()`."""
+
+    config: DataSource
+    name: str  # how messages name it, e.g. "data.train[0] (prefs.jsonl)"
+    kind: str  # "json", "parquet", "saved" or "hub"
+    files: list[Path] = field(default_factory=list)
+    _loaded: datasets.Dataset | None = None
+
+    @property
+    def file_names(self) -> list[str]:
+        """Files relative to the source folder (a single file: its name), for messages."""
+        root = Path(self.config.path).expanduser()
+        return [str(f.relative_to(root)) if root.is_dir() else f.name for f in self.files]
+
+    def identity(self) -> dict[str, Any]:
+        """What the tokenised rows of this source depend on, as JSON-able values."""
+        if self.kind in ("json", "parquet"):
+            return {"kind": self.kind, "files": [_file_identity(f) for f in self.files]}
+        c = self.config
+        return {
+            "kind": self.kind,
+            "path": c.path if self.kind == "hub" else str(Path(c.path).expanduser().resolve()),
+            "subset": c.subset,
+            "split": c.split,
+            "revision": c.revision,
+            "fingerprint": self._load_arrow()._fingerprint,
+        }
+
+    def read(self) -> tuple[datasets.Dataset, list[int]]:
+        """(rows, first row of each file). JSON rows have columns `__json` and `__line`."""
+        if self.kind == "json":
+            texts, lines, offsets = [], [], []
+            for path in self.files:
+                offsets.append(len(texts))
+                _read_json_file(path, texts, lines, self.name)
+            return datasets.Dataset.from_dict({"__json": texts, "__line": lines}), offsets
+        if self.kind == "parquet":
+            tables, offsets, total = [], [], 0
+            for path in self.files:
+                try:
+                    table = pq.read_table(path)
+                except (OSError, pa.ArrowException) as e:
+                    raise UserError(f"{self.name}: {path}: not a readable parquet file ({e})") from None
+                offsets.append(total)
+                total += table.num_rows
+                tables.append(table)
+            try:
+                table = pa.concat_tables(tables, promote_options="permissive")
+            except pa.ArrowException as e:
+                raise UserError(f"{self.name}: the parquet files have incompatible columns ({e})") from None
+            return datasets.Dataset(datasets.table.InMemoryTable(table)), offsets
+        return self._load_arrow(), [0]
+
+    def _load_arrow(self) -> datasets.Dataset:
+        if self._loaded is None:
+            self._loaded = _load_saved(self) if self.kind == "saved" else _load_hub(self)
+        return self._loaded
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    identity: dict[str, Any] = {"path": str(path.resolve()), "size": st.st_size}
+    if st.st_size <= HASH_LIMIT:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(2**22), b""):
+                digest.update(block)
+        identity["sha256"] = digest.hexdigest()
+    else:
+        identity["mtime_ns"] = st.st_mtime_ns
+    return identity
+
+
+def _read_json_file(path: Path, texts: list[str], lines: list[int], name: str) -> None:
+    """Append each row of a .json/.jsonl file as JSON text (and its line number, or -1)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{name}: cannot read {path} ({e})") from None
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{name}: {path.name} is not a valid JSON array ({e})") from None
+        texts.extend(json.dumps(row, ensure_ascii=False) for row in rows)
+        lines.extend([-1] * len(rows))
+        return
+    for n, line in enumerate(text.splitlines()):
+        if line.strip():
+            texts.append(line)
+            lines.append(n + 1)
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _load_saved(source: ResolvedSource) -> datasets.Dataset:
+    try:
+        loaded = datasets.load_from_disk(str(Path(source.config.path).expanduser()))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{source.name}: cannot load the saved data set ({e})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if source.config.split not in loaded:
+            raise UserError(
+                f"{source.name}: no split {source.config.split!r} (splits: {', '.join(loaded)}); "
+                "set `split` in the source's table"
+            )
+        loaded = loaded[source.config.split]
+    return loaded
+
+
+def _load_hub(source: ResolvedSource) -> datasets.Dataset:
+    c = source.config
+    try:
+        return datasets.load_dataset(
+            c.path, name=c.subset or None, split=c.split, revision=c.revision or None
+        )
+    except (OSError, ValueError, ImportError, ConnectionError, datasets.exceptions.DatasetsError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{source.name}: not a local file or folder, and loading it as a hub data set failed ({first})"
+        ) from None
+
+
+def resolve_source(source: DataSource, name: str) -> ResolvedSource:
+    """Decide what `source.path` is (see the module docstring) without reading any rows."""
+    path = Path(source.path).expanduser()
+    if path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            raise UserError(f"{name}: expected a .json, .jsonl or .parquet file")
+        return ResolvedSource(source, name, "parquet" if path.suffix == ".parquet" else "json", [path])
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            return ResolvedSource(source, name, "saved")
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.suffix in DATA_SUFFIXES
+            and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not files:
+            raise UserError(f"{name}: the folder holds no .json, .jsonl or .parquet file")
+        kinds = {"parquet" if p.suffix == ".parquet" else "json" for p in files}
+        if len(kinds) > 1:
+            raise UserError(f"{name}: the folder mixes JSON and parquet files; give them as two sources")
+        return ResolvedSource(source, name, kinds.pop(), files)
+    if source.path.startswith((".", "/", "~")) or path.suffix in DATA_SUFFIXES or source.path.count("/") > 1:
+        raise UserError(f"{name}: data file not found")
+    return ResolvedSource(source, name, "hub")
