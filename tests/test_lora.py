@@ -101,7 +101,7 @@ def test_exported_adapter_and_merged_model_reproduce_the_trained_model(
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank_and_resume(tmp_path: Path, tiny_model_dir: Path, small_data: dict) -> None:
-    def run(name: str, nproc: int, extra=(), env=None, ok=True):  # noqa: ANN001, ANN202
+    def run(name: str, nproc: int, extra=(), env=None, ok=True):
         out = tmp_path / name
         recipe = _recipe(tmp_path, tiny_model_dir, small_data, out)
         proc = run_training(recipe, [*LORA, "checkpoint.interval_steps=2", *extra], nproc=nproc, env=env)
