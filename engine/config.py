@@ -293,6 +293,27 @@ class ExportConfig:
 
 
 @dataclass
+class HubConfig:
+    push: bool = False
+    """Upload final/ to the Hugging Face Hub after training (token from the environment, HF_TOKEN
+    or `hf auth login`; never from the recipe)."""
+    repo_id: str = ""
+    """Target repository, e.g. "my-org/llama-3-8b-dpo" (required when push is true)."""
+    private: bool = True
+    """Create the repository as private if it does not exist."""
+    commit_message: str = "Upload model trained with fsdpo"
+    """Commit message of the upload."""
+
+
+@dataclass
+class PostTrainConfig:
+    command: str = ""
+    """Shell command run on rank 0 after export, e.g. an evaluation harness; `{model_dir}` and
+    `{output_dir}` are replaced by the (quoted) paths. Its output and exit status are recorded in
+    output_dir/post_train.log and post_train.json. Empty = nothing."""
+
+
+@dataclass
 class Config:
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -307,6 +328,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    post_train: PostTrainConfig = field(default_factory=PostTrainConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,6 +624,10 @@ def validate(cfg: Config) -> None:
     _check(0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", "a number in [0, 1]", s.min_lr_ratio)
 
     _check(cfg.reference.batch_size >= 0, "reference.batch_size", ">= 0", cfg.reference.batch_size)
+    if cfg.hub.push and not cfg.hub.repo_id:
+        raise UserError("hub.repo_id: required when hub.push = true")
+    if cfg.hub.push and not cfg.export.enabled:
+        raise UserError("hub.push: needs export.enabled = true (it uploads final/)")
     lo = cfg.lora
     _check(lo.r >= 1, "lora.r", "an integer >= 1", lo.r)
     _check(lo.alpha > 0, "lora.alpha", "a number > 0", lo.alpha)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,11 @@ def _rank() -> int:
 
 
 def log(message: str) -> None:
-    """Print on rank 0 only, flushed, so logs read like a single process."""
+    """Print on rank 0 only, flushed, so logs read like a single process (and above any
+    progress bar on a terminal)."""
     if _rank() == 0:
-        print(message, flush=True)
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
 
 
 def log_error(message: str) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 from engine.data import PreferenceDataset, collate, shard_for_inference
 from engine.distributed import log
 from engine.forward import policy_logps
+from engine.progress import Progress
 
 
 @dataclass
@@ -46,7 +47,9 @@ def compute_reference_logps(
     n = len(dataset)
     sums = torch.zeros(3, n, dtype=torch.float64, device=device)  # chosen, rejected, filled
     start = time.perf_counter()
-    for indices, valid in shard_for_inference(n, batch_size, rank, world_size):
+    shards = shard_for_inference(n, batch_size, rank, world_size)
+    progress = Progress(n, f"reference log-probs ({name})", "pair", enabled=rank == 0)
+    for indices, valid in shards:
         batch = collate(dataset, indices, valid)
         logps = policy_logps("concatenated", model, batch, pad_id, device)
         ids = batch.pair_ids[batch.valid].to(device)
@@ -54,6 +57,8 @@ def compute_reference_logps(
         sums[0].index_add_(0, ids, logps.chosen_logps[keep].double())
         sums[1].index_add_(0, ids, logps.rejected_logps[keep].double())
         sums[2].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
+        progress.update(int(keep.sum()) * world_size)
+    progress.close()
     if world_size > 1:
         dist.all_reduce(sums)
     elapsed = time.perf_counter() - start

@@ -33,10 +33,12 @@ from engine.metrics import MetricsLogger, PairMetrics, format_row, measure_matmu
 from engine.model import adapter_description, build_policy, build_tokenizer
 from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import build_mesh, compute_dtype, defers_gradient_sync, local_state_bytes, parallelize
+from engine.post_train import push_to_hub, run_post_train_command
+from engine.progress import Progress
 from engine.reference import ReferenceLogps, compute_reference_logps
 from engine.reference_cache import load_reference_cache, reference_cache_key, save_reference_cache
 
-RUN_FILES = ("metrics.jsonl", "recipe.toml", "final", "checkpoints")
+RUN_FILES = ("metrics.jsonl", "recipe.toml", "final", "checkpoints", "post_train.json")
 
 
 def prepare_output_dir(output_dir: Path, overwrite: bool, resume_step: int | None, world: World) -> None:
@@ -266,12 +268,16 @@ class Trainer:
             return None
         self.model.eval()
         window = PairMetrics()
-        for indices, valid in shard_for_inference(
+        shards = shard_for_inference(
             len(self.eval_data), self.reference_batch, self.world.rank, self.world.world_size
-        ):
+        )
+        progress = Progress(len(shards), f"eval at step {step}", "batch", enabled=self.world.is_main)
+        for indices, valid in shards:
             batch = collate(self.eval_data, indices, valid)
             logps, out, pair_losses = self._pair_losses(batch, self.eval_reference)
             window.add(pair_losses, out, logps, batch.valid)
+            progress.update()
+        progress.close()
         self.model.train()
         reduced = window.reduce(self.world.device)
         row = {"step": step, **{f"eval/{k}": v for k, v in reduced.items() if k != "pairs"}}
@@ -287,8 +293,13 @@ class Trainer:
         window = PairMetrics()
         last_time = time.perf_counter()
         row: dict[str, Any] = {}
+        progress = Progress(self.total_steps, "training", "step", enabled=self.world.is_main)
+        progress.update(state.step)
         for step in range(state.step, self.total_steps):
             lr, grad_norm, skipped = self.train_step(step, window)
+            progress.update(
+                1, loss=f"{row.get('loss', float('nan')):.4f}", acc=f"{row.get('rewards/accuracies', 0):.3f}"
+            )
             _fault_kill_at_step(step + 1)
             state.step, state.consumed_pairs = step + 1, (step + 1) * t.global_batch_size
             state.skipped_steps += skipped
@@ -316,6 +327,7 @@ class Trainer:
             ):
                 state.scheduler = self.scheduler.state_dict()
                 self.checkpoints.save(done, self.model, self.optimizer, state, to_toml(self.cfg))
+        progress.close()
         self.checkpoints.close()
         after = self.evaluate(self.total_steps)
         if before and after:
@@ -334,6 +346,13 @@ class Trainer:
                 self.world.is_main,
             )
             log(f"exported {self.output_dir / 'final'}")
+        if self.world.is_main:
+            if self.cfg.hub.push:
+                push_to_hub(self.output_dir / "final", self.cfg.hub)
+            if self.cfg.post_train.command:
+                run_post_train_command(self.cfg.post_train, self.output_dir / "final", self.output_dir)
+        if dist.is_initialized():
+            dist.barrier()
         self.metrics.close()
         return {"train": row, "eval_before": before, "eval_after": after}
 

@@ -1,0 +1,64 @@
+"""After export, on rank 0: push final/ to the Hugging Face Hub, run the user's command.
+
+The hub token is never read from the recipe: `huggingface_hub` takes it from the environment
+(`HF_TOKEN`) or its login cache, and nothing here writes it anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+from engine.config import HubConfig, PostTrainConfig
+from engine.distributed import log, log_error
+from engine.errors import UserError
+
+
+def push_to_hub(model_dir: Path, cfg: HubConfig) -> str:
+    """Create (or reuse) `cfg.repo_id` and upload `model_dir`; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(cfg.repo_id, private=cfg.private, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=cfg.repo_id,
+            folder_path=str(model_dir),
+            repo_type="model",
+            commit_message=cfg.commit_message,
+        )
+    except Exception as e:  # network, auth, quota: the model is saved; say so and stop with 2
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"hub.repo_id: upload of {model_dir} to {cfg.repo_id} failed ({first}); final/ is intact"
+        ) from None
+    url = getattr(commit, "commit_url", str(commit))
+    log(f"pushed {model_dir} to {cfg.repo_id}: {url}")
+    return url
+
+
+def run_post_train_command(cfg: PostTrainConfig, model_dir: Path, output_dir: Path) -> int:
+    """Run the command with {model_dir} and {output_dir} substituted (shell-quoted).
+
+    Its output goes to output_dir/post_train.log and its exit status, duration and command to
+    output_dir/post_train.json. A failing command is reported, not fatal: the model is saved.
+    """
+    command = cfg.command.format(
+        model_dir=shlex.quote(str(model_dir)), output_dir=shlex.quote(str(output_dir))
+    )
+    log(f"post-train: {command}")
+    start = time.perf_counter()
+    with open(output_dir / "post_train.log", "w", encoding="utf-8") as out:
+        code = subprocess.run(
+            command, shell=True, stdout=out, stderr=subprocess.STDOUT, check=False
+        ).returncode
+    record = {"command": command, "exit_code": code, "seconds": round(time.perf_counter() - start, 3)}
+    (output_dir / "post_train.json").write_text(json.dumps(record, indent=2) + "\n")
+    if code != 0:
+        log_error(
+            f"fsdpo: warning: post-train command exited with {code}; see {output_dir / 'post_train.log'}"
+        )
+    return code
