@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -155,7 +156,7 @@ def _start_wandb(output_dir: Path, cfg: LoggingConfig, run_config: dict[str, Any
         if mode == "offline":
             print("wandb: no API key found, logging offline (sync later with `wandb sync`)", file=sys.stderr)
     id_file = output_dir / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
     return wandb.init(
         project=cfg.project,
