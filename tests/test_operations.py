@@ -13,6 +13,7 @@ import subprocess
 import sys
 import termios
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -172,7 +173,7 @@ def test_two_nodes_on_loopback_equal_one_node_with_two_processes(
                 str(REPO / "torchrun_train.py"),
                 str(recipe),
                 f"job.output_dir={multi}",
-            ],  # fmt: skip
+            ],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -190,7 +191,7 @@ def test_two_nodes_on_loopback_equal_one_node_with_two_processes(
 
 
 class FakeHfApi:
-    calls: list = []
+    calls: typing.ClassVar[list] = []
 
     def create_repo(self, repo_id: str, **kwargs: object) -> None:
         self.calls.append(("create_repo", repo_id, kwargs))
