@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from engine.config import LoraConfig, ModelConfig
 from engine.errors import UserError
+from engine.loading import parameters_on_meta, safetensors_index
 
 
 def _looks_local(path: str) -> bool:
@@ -36,8 +37,28 @@ def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
-    """The causal LM in fp32 on the CPU (parallelize() moves and shards it)."""
+def sharded_weights_dir(cfg: ModelConfig) -> Path | None:
+    """The local folder with the model's safetensors, for shard-by-shard loading; None when the
+    weights must be loaded whole (random init, or only .bin/.pt files)."""
+    if cfg.random_init:
+        return None
+    folder = Path(cfg.path).expanduser()
+    if not folder.is_dir():  # a hub id: its snapshot in the local cache (downloaded if needed)
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(cfg.path, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception:
+            return None
+    return folder if safetensors_index(folder) is not None else None
+
+
+def build_model(cfg: ModelConfig, seed: int, defer_weights: bool = False) -> torch.nn.Module:
+    """The causal LM in fp32 on the CPU (parallelize() shards it).
+
+    With `defer_weights`, parameters are created on the meta device and nothing is loaded:
+    `engine.loading.materialize_and_load` fills each rank's shards after sharding.
+    """
     try:
         config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -49,7 +70,10 @@ def build_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
         dtype=torch.float32,
     )
     try:
-        if cfg.random_init:
+        if defer_weights:
+            with parameters_on_meta():
+                model = AutoModelForCausalLM.from_config(config, **kwargs)
+        elif cfg.random_init:
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, **kwargs)
         else:
@@ -87,10 +111,26 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int) -> torch.nn.M
         raise UserError(f"lora.target_modules: {e}") from None
 
 
-def build_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int) -> torch.nn.Module:
-    """The model that is trained: the causal LM, with LoRA adapters when enabled."""
-    model = build_model(model_cfg, seed)
-    return apply_lora(model, lora_cfg, seed) if lora_cfg.enabled else model
+def build_policy(
+    model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int, defer_weights: bool = False
+) -> torch.nn.Module:
+    """The model that is trained: the causal LM, with LoRA adapters when enabled (adapters are
+    always created for real, seeded, even when the base weights are deferred)."""
+    model = build_model(model_cfg, seed, defer_weights)
+    if not lora_cfg.enabled:
+        return model
+    model = apply_lora(model, lora_cfg, seed)
+    if defer_weights:  # peft put the adapters on the base layers' (meta) device: create them here
+        from peft.tuners.lora import LoraLayer
+
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for adapter in module.lora_A:
+                    module.lora_A[adapter].to_empty(device="cpu")
+                    module.lora_B[adapter].to_empty(device="cpu")
+                    module.reset_lora_parameters(adapter, init_lora_weights=True)
+    return model
 
 
 def adapter_description(lora_cfg: LoraConfig) -> str | None:

@@ -29,8 +29,9 @@ from engine.distributed import World, log
 from engine.errors import UserError
 from engine.export import export_hf
 from engine.forward import SequenceLogprobs, policy_logps
+from engine.loading import materialize_and_load
 from engine.metrics import MetricsLogger, PairMetrics, format_row, measure_matmul_flops, peak_memory_gib
-from engine.model import adapter_description, build_policy, build_tokenizer
+from engine.model import adapter_description, build_policy, build_tokenizer, sharded_weights_dir
 from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import build_mesh, compute_dtype, defers_gradient_sync, local_state_bytes, parallelize
 from engine.post_train import push_to_hub, run_post_train_command
@@ -116,12 +117,23 @@ class Trainer:
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.sampler.steps_per_epoch
 
         # model, sharded
-        causal_lm = build_policy(cfg.model, cfg.lora, cfg.job.seed)
+        # pretrained safetensors: parameters start on the meta device and every rank reads only
+        # its own shards after sharding (no rank ever holds the whole model)
+        weights_dir = sharded_weights_dir(cfg.model)
+        causal_lm = build_policy(cfg.model, cfg.lora, cfg.job.seed, defer_weights=weights_dir is not None)
         self.num_params = sum(p.numel() for p in causal_lm.parameters())
         self.trainable_params = sum(p.numel() for p in causal_lm.parameters() if p.requires_grad)
         ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
         mesh = build_mesh(cfg.parallel, world.world_size, ranks_per_node, world.device.type)
         self.model = parallelize(SequenceLogprobs(causal_lm), cfg.parallel, mesh, world.device)
+        if weights_dir is not None:
+            rss_before = peak_memory_gib(torch.device("cpu"))
+            tied = {"lm_head.weight": "model.embed_tokens.weight"}
+            materialize_and_load(self.model, weights_dir, world.device, tied)
+            log(
+                f"loaded {weights_dir} shard by shard: peak RSS {peak_memory_gib(torch.device('cpu')):.2f} GiB "
+                f"(before loading {rss_before:.2f} GiB) on rank 0"
+            )
         self.defer_gradient_sync = defers_gradient_sync(cfg.parallel)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.scheduler)
