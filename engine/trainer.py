@@ -130,9 +130,10 @@ class Trainer:
             rss_before = peak_memory_gib(torch.device("cpu"))
             tied = {"lm_head.weight": "model.embed_tokens.weight"}
             materialize_and_load(self.model, weights_dir, world.device, tied)
-            log(
-                f"loaded {weights_dir} shard by shard: peak RSS {peak_memory_gib(torch.device('cpu')):.2f} GiB "
-                f"(before loading {rss_before:.2f} GiB) on rank 0"
+            print(
+                f"[rank {world.rank}] loaded {weights_dir} shard by shard: peak RSS "
+                f"{peak_memory_gib(torch.device('cpu')):.2f} GiB (before loading {rss_before:.2f} GiB)",
+                flush=True,
             )
         self.defer_gradient_sync = defers_gradient_sync(cfg.parallel)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
