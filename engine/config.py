@@ -150,9 +150,15 @@ class TrainingConfig:
     """Passes over the training pairs (ignored when `max_steps` > 0)."""
     max_steps: int = -1
     """Optimizer steps to run; -1 derives them from `epochs`."""
-    forward_mode: Literal["concatenated", "separate"] = "concatenated"
-    """`concatenated`: chosen and rejected in one forward of 2B rows; `separate`: two forwards
-    of B rows (lower peak activation memory)."""
+    forward_mode: Literal["concatenated", "separate", "packed", "prefix_shared"] = "concatenated"
+    """`concatenated`: chosen and rejected in one forward of 2B padded rows; `separate`: two
+    forwards of B rows (lower peak activation memory); `packed`: all 2B sequences in one row
+    without padding, attention confined to each sequence; `prefix_shared`: one
+    `[prompt | chosen | rejected]` sequence per pair, packed, so each prompt is computed once
+    (rejected attends to the prompt, not to chosen). All give the same log-probs."""
+    logprob_chunk_tokens: int = 1024
+    """Scored positions per chunk through the LM head and log-softmax (fp32 logits of one chunk
+    at a time, recomputed in backward); 0 = all at once, keeping the logits for backward."""
     eval_interval_steps: int = 0
     """Evaluate every this many steps (0 = only before training and at the end)."""
     max_skipped_steps: int = 3
@@ -289,7 +295,11 @@ class ExportConfig:
     writes final/ as a PEFT adapter folder (PeftModel.from_pretrained); `both` writes the merged
     model in final/ and the adapter in final/adapter/."""
     max_shard_size: str = "5GB"
-    """Largest safetensors file in final/ (e.g. "2GB")."""
+    """Largest safetensors file in final/ (e.g. "2GB", "500MiB"); also bounds the host memory the
+    export needs on rank 0, since weights are streamed file by file."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype of the exported weights: `auto` keeps the dtype declared in the model's config
+    (float32 when it declares none); training always keeps fp32 master weights."""
 
 
 @dataclass
@@ -624,6 +634,14 @@ def validate(cfg: Config) -> None:
     _check(0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", "a number in [0, 1]", s.min_lr_ratio)
 
     _check(cfg.reference.batch_size >= 0, "reference.batch_size", ">= 0", cfg.reference.batch_size)
+    try:
+        from engine.export import parse_size
+
+        parse_size(cfg.export.max_shard_size)
+    except ValueError:
+        raise UserError(
+            f'export.max_shard_size: expected a size like "5GB" or "500MiB", got {cfg.export.max_shard_size!r}'
+        ) from None
     if cfg.hub.push and not cfg.hub.repo_id:
         raise UserError("hub.repo_id: required when hub.push = true")
     if cfg.hub.push and not cfg.export.enabled:

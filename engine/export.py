@@ -1,80 +1,169 @@
-"""Export a model as a Hugging Face folder (safetensors, config, tokenizer, generation config).
+"""Export the trained model as a Hugging Face folder (safetensors, config, tokenizer).
 
-Two entry points share one writer:
-- `export_hf(model, ...)` at the end of training: the full state dict is gathered to rank 0 in
-  CPU memory and loaded into a model built on the meta device (no second allocation).
-- `python -m engine.export CHECKPOINT_DIR OUT_DIR`: turns any `step-N` checkpoint into a folder
-  without a training run (one process; reads the recipe saved inside the checkpoint).
+Weights are streamed: one parameter at a time is gathered from its shards (every rank takes
+part), rank 0 moves it to host memory and writes a safetensors file whenever
+`export.max_shard_size` is reached, so no rank ever holds more than one file's worth of the
+model, whatever its size. With LoRA, merged weights are computed on the fly as
+W + (alpha / r) B A per adapted layer, and the adapter folder is written in peft's format.
+
+Two entry points share this writer:
+- `export_hf(model, ...)` at the end of training (collective: call on every rank);
+- `python -m engine.export CHECKPOINT_DIR OUT_DIR`: any `step-N` checkpoint to a folder, in one
+  process, without a training run (reads the recipe saved inside the checkpoint).
 
 A folder appears under its final name only when complete (written beside it, then renamed).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+from torch.distributed.tensor import DTensor
+from transformers import PreTrainedTokenizerBase
 
 from engine.config import ExportConfig, LoraConfig
-from engine.model import apply_lora, save_tokenizer_and_generation_config
+from engine.model import save_tokenizer_and_generation_config
 
 WRAPPER_PREFIX = "causal_lm."
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def full_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded weights under Hugging Face names on rank 0 (empty on other ranks)."""
+    """The whole unsharded state on rank 0 (empty elsewhere), keyed as the trained model names it.
+    For tests and small models; the export itself streams (see `export_hf`)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     return {k.removeprefix(WRAPPER_PREFIX): v for k, v in state.items()}
 
 
-def write_hf_folder(
-    state: dict[str, torch.Tensor],
-    config: PretrainedConfig,
-    tokenizer: PreTrainedTokenizerBase,
-    model_path: str,
-    out_dir: Path,
-    export_cfg: ExportConfig,
-    lora_cfg: LoraConfig,
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes, '500MiB' -> 500 * 2**20 (transformers' convention)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    units = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, None: 1}
+    return int(float(match.group(1)) * units[match.group(2).lower() if match.group(2) else None])
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """Collective for DTensors: the whole tensor (on every rank), as a plain tensor."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _hf_name(name: str) -> str:
+    name = name.removeprefix(WRAPPER_PREFIX).replace("base_model.model.", "", 1)
+    return name.replace(".base_layer", "").replace(".modules_to_save.default", "")
+
+
+def _merged_weights(
+    state: dict[str, torch.Tensor], lora_cfg: LoraConfig, tied: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, full tensor) for every weight of the exported model, in a fixed order
+    (the same on every rank, since each gather is collective), adapters merged in."""
+    scale = lora_cfg.alpha / lora_cfg.r
+    for name, tensor in state.items():
+        if ".lora_A." in name or ".lora_B." in name:
+            continue  # folded into their base layer below
+        if (
+            ".original_module." in name
+            and name.replace(".original_module.", ".modules_to_save.default.") in state
+        ):
+            continue  # the trained copy in modules_to_save replaces it
+        hf_name = _hf_name(name)
+        if tied and hf_name == "lm_head.weight":
+            continue  # tied to the embeddings; transformers re-ties on load
+        value = _full(tensor)
+        if ".base_layer.weight" in name and lora_cfg.enabled:
+            prefix = name.removesuffix(".base_layer.weight")
+            a, b = (
+                _full(state[f"{prefix}.lora_A.default.weight"]),
+                _full(state[f"{prefix}.lora_B.default.weight"]),
+            )
+            value = value + scale * (b.to(value.dtype) @ a.to(value.dtype))
+        yield hf_name, value
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors into safetensors files of at most `max_bytes` each, plus the index."""
+
+    def __init__(self, folder: Path, max_bytes: int, dtype: torch.dtype) -> None:
+        self.folder, self.max_bytes, self.dtype = folder, max_bytes, dtype
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[list[str]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu", self.dtype).contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor
+        self.pending_bytes += size
+
+    def _flush(self) -> None:
+        index = len(self.files)
+        save_file(self.pending, str(self.folder / f"part-{index}.safetensors"), metadata={"format": "pt"})
+        self.files.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        if len(self.files) == 1:
+            (self.folder / "part-0.safetensors").rename(self.folder / "model.safetensors")
+            return
+        weight_map, total = {}, 0
+        for i, names in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors"
+            (self.folder / f"part-{i}.safetensors").rename(self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        for f in self.folder.glob("model-*.safetensors"):
+            total += f.stat().st_size
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _export_dtype(export_cfg: ExportConfig, config: object) -> torch.dtype:
+    if export_cfg.dtype != "auto":
+        return DTYPES[export_cfg.dtype]
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(declared).removeprefix("torch.") if declared is not None else "float32"
+    return DTYPES.get(name, torch.float32)
+
+
+def _write_adapter(
+    model: nn.Module, state: dict[str, torch.Tensor], folder: Path, model_path: str, is_main: bool
 ) -> None:
-    """Write `out_dir` from a full state dict (keys as the trained model names them)."""
-    if lora_cfg.enabled and export_cfg.lora != "adapter":
-        # merging writes into the base weights; on one CPU rank the gathered state dict can share
-        # storage with the live model, which must stay as trained
-        state = {k: v.clone() for k, v in state.items()}
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        if lora_cfg.enabled:
-            model = apply_lora(model, lora_cfg, seed=0)
-    model.load_state_dict(state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise RuntimeError(f"export: parameters missing from the state dict: {missing[:5]}")
-    staging = out_dir.with_name(out_dir.name + ".incomplete")
-    shutil.rmtree(staging, ignore_errors=True)
-    if lora_cfg.enabled:
-        model.peft_config["default"].base_model_name_or_path = model_path
-        if export_cfg.lora == "adapter":
-            model.save_pretrained(staging)
-        else:
-            if export_cfg.lora == "both":
-                model.save_pretrained(staging / "adapter")
-            model = model.merge_and_unload()
-    if not (lora_cfg.enabled and export_cfg.lora == "adapter"):
-        model.config.use_cache = True
-        model.save_pretrained(staging, max_shard_size=export_cfg.max_shard_size)
-    save_tokenizer_and_generation_config(tokenizer, model_path, staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+    """The PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    from peft.utils import get_peft_model_state_dict
+
+    trained = {
+        k.removeprefix(WRAPPER_PREFIX): _full(v)
+        for k, v in state.items()
+        if ".lora_" in k or ".modules_to_save." in k
+    }
+    if not is_main:
+        return
+    peft_model = model.causal_lm
+    adapter_state = get_peft_model_state_dict(peft_model, state_dict={k: v.cpu() for k, v in trained.items()})
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in adapter_state.items()}, str(folder / "adapter_model.safetensors")
+    )
+    peft_config = peft_model.peft_config["default"]
+    peft_config.base_model_name_or_path = model_path
+    peft_config.inference_mode = True
+    peft_config.save_pretrained(str(folder))
 
 
 def export_hf(
@@ -86,10 +175,41 @@ def export_hf(
     lora_cfg: LoraConfig,
     is_main: bool,
 ) -> None:
-    """Write `out_dir` from the sharded training model. Collective: call on every rank."""
-    state = full_hf_state_dict(model)
+    """Write `out_dir` as a from_pretrained-loadable folder (or a PEFT adapter folder with
+    `export.lora = "adapter"`). Collective under torch.distributed: call on every rank."""
+    state = get_model_state_dict(model)  # sharded: DTensors, nothing gathered yet
+    config = model.causal_lm.config
+    staging = out_dir.with_name(out_dir.name + ".incomplete")
     if is_main:
-        write_hf_folder(state, model.causal_lm.config, tokenizer, model_path, out_dir, export_cfg, lora_cfg)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    adapter_only = lora_cfg.enabled and export_cfg.lora == "adapter"
+    if lora_cfg.enabled and export_cfg.lora in ("adapter", "both"):
+        _write_adapter(model, state, staging if adapter_only else staging / "adapter", model_path, is_main)
+    if not adapter_only:
+        dtype = _export_dtype(export_cfg, config)
+        writer = (
+            ShardedSafetensorsWriter(staging, parse_size(export_cfg.max_shard_size), dtype)
+            if is_main
+            else None
+        )
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        for name, tensor in _merged_weights(state, lora_cfg, tied):
+            if writer is not None:
+                writer.add(name, tensor)
+        if writer is not None:
+            writer.close()
+            base_config = config.to_dict()
+            base_config.update(use_cache=True, dtype=str(dtype).removeprefix("torch."))
+            base_config.pop("_name_or_path", None)
+            base = model.causal_lm.get_base_model() if lora_cfg.enabled else model.causal_lm
+            base_config["architectures"] = base_config.get("architectures") or [type(base).__name__]
+            type(config).from_dict(base_config).save_pretrained(staging)
+    if is_main:
+        save_tokenizer_and_generation_config(tokenizer, model_path, staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
     if dist.is_initialized():
         dist.barrier()
 
@@ -98,7 +218,7 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
     """Turn a `step-N` checkpoint into a Hugging Face folder, in this one process."""
     import torch.distributed.checkpoint as dcp
 
-    from engine.checkpoint import COMPLETE
+    from engine.checkpoint import COMPLETE, STATE_OPTIONS
     from engine.config import load_config
     from engine.errors import UserError
     from engine.forward import SequenceLogprobs
@@ -111,10 +231,10 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
     cfg = load_config(checkpoint_dir / "recipe.toml")
     tokenizer = build_tokenizer(cfg.model)
     model = SequenceLogprobs(build_policy(cfg.model, cfg.lora, cfg.job.seed))
-    state = {"model": model.state_dict()}
+    state = {"model": get_model_state_dict(model, options=STATE_OPTIONS)}
     dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)
-    weights = {k.removeprefix(WRAPPER_PREFIX): v for k, v in state["model"].items()}
-    write_hf_folder(weights, model.causal_lm.config, tokenizer, cfg.model.path, out_dir, cfg.export, cfg.lora)
+    model.load_state_dict(state["model"], strict=False)
+    export_hf(model, tokenizer, cfg.model.path, out_dir, cfg.export, cfg.lora, is_main=True)
 
 
 def main(argv: list[str]) -> int:

@@ -147,3 +147,12 @@ def world():
     from engine.distributed import init_distributed
 
     return init_distributed()
+
+
+def every_position_logps(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """log p(x[t+1] | x[<=t]) for every position of one row `ids` [1, T], through a
+    SequenceLogprobs model (each position scored as its own one-token sequence)."""
+    length = ids.shape[1]
+    positions = torch.arange(length - 1)
+    with torch.no_grad():
+        return model(ids, None, None, positions, ids[0, 1:], positions, length - 1).logps

@@ -12,7 +12,15 @@ from engine.config import load_config
 from engine.data import collate
 from engine.forward import SequenceLogprobs, policy_logps
 from engine.trainer import Trainer
-from tests.conftest import LN2, base_tables, load_final_weights, run_training, train_rows, write_recipe
+from tests.conftest import (
+    LN2,
+    base_tables,
+    every_position_logps,
+    load_final_weights,
+    run_training,
+    train_rows,
+    write_recipe,
+)
 
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "optimizer.lr=5e-3"]
 
@@ -34,20 +42,9 @@ def trained(
     return trainer
 
 
-def _sequences(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    pair = trainer.train_data.pairs[0]
-    ids = torch.tensor([pair.prompt_ids + pair.chosen_ids])
-    length = ids.shape[1]
-    next_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
-    index = torch.arange(length).unsqueeze(0).clone()
-    index[0, -1] = -1
-    return ids, next_ids, index, length
-
-
 def _every_position_logps(model: torch.nn.Module, trainer: Trainer) -> torch.Tensor:
-    ids, next_ids, index, length = _sequences(trainer)
-    with torch.no_grad():
-        return model(ids, None, None, next_ids, index, length).logps[:-1]
+    pair = trainer.train_data.pairs[0]
+    return every_position_logps(model, torch.tensor([pair.prompt_ids + pair.chosen_ids]))
 
 
 def test_step0_is_ln2_and_base_weights_stay_frozen(trained: Trainer, tiny_model_dir: Path) -> None:
