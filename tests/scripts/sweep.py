@@ -1,6 +1,6 @@
 """Train several variants of one recipe in one process group; write their losses and weights.
 
-    torchrun --nproc_per_node N tests/scripts/sweep.py RECIPE OUT_DIR RUNS.json
+    torchrun --nproc_per_node N tests/scripts/sweep.py RECIPE OUT_DIR RUNS.json [table.key=value ...]
 
 RUNS.json maps a run name to a list of `table.key=value` overrides. Sharing one launch across
 variants saves the ~5 s start-up of each torchrun (tests compare batch splits, losses, sharding).
@@ -21,12 +21,12 @@ from engine.export import full_hf_state_dict
 from engine.trainer import Trainer
 
 
-def main(recipe: str, out_dir: str, runs_file: str) -> None:
+def main(recipe: str, out_dir: str, runs_file: str, common: list[str]) -> None:
     world = init_distributed()
     results = {}
     for name, overrides in json.loads(Path(runs_file).read_text()).items():
         run_dir = Path(out_dir) / name
-        cfg = load_config(recipe, [*overrides, f"job.output_dir={run_dir}"])
+        cfg = load_config(recipe, [*common, *overrides, f"job.output_dir={run_dir}"])
         trainer = Trainer(cfg, world)
         start = time.perf_counter()
         trainer.train()
@@ -48,4 +48,4 @@ def main(recipe: str, out_dir: str, runs_file: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3])
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])
