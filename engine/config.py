@@ -77,7 +77,9 @@ class DataSource:
 @dataclass
 class DataConfig:
     train: list[DataSource] = field(default_factory=list)
-    """Training sources: paths, or tables with `path` and `fraction` or `count` (required)."""
+    """Training sources (required): paths or hub ids, or tables with `path` and optionally
+    `split`, `subset`, `revision`, `fraction` or `count`, and `columns` (the DataSource fields);
+    several tables make a mixture, each source sampled with `job.seed`."""
     eval: list[DataSource] = field(default_factory=list)
     """Held-out sources, evaluated before training, every `training.eval_interval_steps` and at
     the end."""

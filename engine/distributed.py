@@ -48,9 +48,32 @@ def init_distributed(timeout_s: int = 600) -> World:
         if single:  # an in-process store: no port to find or to collide on
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
-            dist.init_process_group(backend, timeout=timeout)
+            dist.init_process_group(
+                backend,
+                store=_launcher_store(timeout),
+                timeout=timeout,
+                rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]),
+            )
     mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device, mesh)
+
+
+def _launcher_store(timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store of torchrun (or any launcher setting MASTER_ADDR/PORT), with keys
+    prefixed by the restart attempt: after `--max-restarts` brings a job back, a fresh process
+    must never read a peer address a dead process left behind (gloo then hangs connecting)."""
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=not agent_hosts_it and os.environ["RANK"] == "0",
+        timeout=timeout,
+        multi_tenant=True,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"fsdpo/attempt-{attempt}", store)
 
 
 def shutdown() -> None:

@@ -265,17 +265,20 @@ def _tokenizer_component(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     }
 
 
+TOKEN_SETTINGS = ("max_length", "max_prompt_length", "truncation", "format", "columns", "chat_template")
+
+
 def _data_component(
     dataset: PreferenceDataset, data_cfg: DataConfig, sources: list[DataSource]
 ) -> dict[str, Any]:
-    # every scalar setting of [data] (max_length today, any later truncation knob tomorrow)
-    settings = {
-        f.name: getattr(data_cfg, f.name)
-        for f in dataclasses.fields(data_cfg)
-        if f.name not in ("train", "eval")
-    }
+    # the [data] settings that decide which tokens a pair has (the pair hashes cover the tokens
+    # themselves; settings such as num_proc, cache_dir or group_by_length change no number)
+    settings = {name: getattr(data_cfg, name) for name in TOKEN_SETTINGS if hasattr(data_cfg, name)}
     source_list = [
-        {"path": os.path.abspath(os.path.expanduser(s.path)), "fraction": s.fraction, "count": s.count}
+        {
+            "path": os.path.abspath(os.path.expanduser(s.path)),
+            **{f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "path"},
+        }
         for s in sources
     ]
     pairs_sha256 = hashlib.sha256(b"".join(sorted(pair_hashes(dataset)))).hexdigest()

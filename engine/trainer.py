@@ -24,7 +24,16 @@ import torch.distributed as dist
 from engine import losses
 from engine.checkpoint import CheckpointManager, TrainerState, complete_checkpoints
 from engine.config import Config, DataSource, to_toml
-from engine.data import GlobalBatchSampler, PreferenceDataset, build_dataset, collate, shard_for_inference
+from engine.data import (
+    GlobalBatchSampler,
+    PreferenceDataset,
+    build_dataset,
+    collate,
+    padding_fraction,
+    resolve_chat_template,
+    shard_for_inference,
+    split_eval,
+)
 from engine.distributed import World, log
 from engine.errors import UserError
 from engine.export import export_hf
@@ -39,7 +48,7 @@ from engine.progress import Progress
 from engine.reference import ReferenceLogps, compute_reference_logps
 from engine.reference_cache import load_reference_cache, reference_cache_key, save_reference_cache
 
-RUN_FILES = ("metrics.jsonl", "recipe.toml", "final", "checkpoints", "post_train.json")
+RUN_FILES = ("metrics.jsonl", "recipe.toml", "data_stats.json", "final", "checkpoints", "post_train.json")
 
 
 def prepare_output_dir(output_dir: Path, overwrite: bool, resume_step: int | None, world: World) -> None:
@@ -99,21 +108,27 @@ class Trainer:
 
         # data
         self.tokenizer = build_tokenizer(cfg.model)
+        template = resolve_chat_template(cfg.data.chat_template)
+        if template:  # trained with it, so exported with it
+            self.tokenizer.chat_template = template
         self.pad_id = self.tokenizer.pad_token_id
         self.train_data = build_dataset(cfg.data.train, self.tokenizer, cfg.data, cfg.job.seed)
-        self.eval_data = (
-            build_dataset(cfg.data.eval, self.tokenizer, cfg.data, cfg.job.seed) if cfg.data.eval else None
-        )
-        log(f"data: {self.train_data.stats}")
+        self.eval_data = None
+        if cfg.data.eval:
+            self.eval_data = build_dataset(cfg.data.eval, self.tokenizer, cfg.data, cfg.job.seed)
+        elif cfg.data.eval_fraction > 0:
+            self.train_data, self.eval_data = split_eval(
+                self.train_data, cfg.data.eval_fraction, cfg.job.seed
+            )
+        log(self.train_data.summary())
         t = cfg.training
         self.sampler = GlobalBatchSampler(
-            len(self.train_data),
-            t.global_batch_size,
-            t.micro_batch_size,
-            world.rank,
-            world.world_size,
-            cfg.job.seed,
-        )
+            len(self.train_data), t.global_batch_size, t.micro_batch_size, world.rank, world.world_size, cfg.job.seed,
+            lengths=self.train_data.sequence_lengths() if cfg.data.group_by_length else None,
+            group_by_length=cfg.data.group_by_length,
+        )  # fmt: skip
+        if world.is_main and not reference_only:
+            self._write_data_stats()
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.sampler.steps_per_epoch
 
         # model, sharded
@@ -167,6 +182,28 @@ class Trainer:
         if self.cfg.lora.enabled:
             return self.model.causal_lm.disable_adapter()
         return contextlib.nullcontext()
+
+    def _write_data_stats(self) -> None:
+        """output_dir/data_stats.json: per-source filter counts, token-length percentiles, and the
+        padding fraction each padded forward mode would pay at this batch size."""
+        t, d = self.cfg.training, self.cfg.data
+        padding = {
+            mode: padding_fraction(
+                self.train_data,
+                t.micro_batch_size,
+                mode,
+                global_batch_size=t.global_batch_size,
+                group_by_length=d.group_by_length,
+                seed=self.cfg.job.seed,
+            )
+            for mode in ("concatenated", "separate")
+        }
+        stats = {
+            "train": self.train_data.stats,
+            "eval": self.eval_data.stats if self.eval_data is not None else None,
+            "padding_fraction": padding,
+        }
+        (self.output_dir / "data_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
 
     def _resume(self, path: Path) -> None:
         saved = self.checkpoints.load(path, self.model, self.optimizer)

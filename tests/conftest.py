@@ -25,6 +25,13 @@ ASSETS = REPO / "recipes" / "assets"
 LN2 = 0.6931471805599453
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tokenisation caches (and anything else under XDG_CACHE_HOME) go to a temp folder, for
+    this process and every run it launches."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny Llama (weights + config + tokenizer) built from the demo config."""

@@ -10,6 +10,7 @@ import torch
 
 from tests.conftest import (
     base_tables,
+    free_port,
     load_final_weights,
     read_metrics,
     run_training,
@@ -100,7 +101,7 @@ def test_sigkill_under_max_restarts_completes_identically(
         out,
         2,
         env=_kill(5, 1, tmp_path / "killed"),
-        torchrun_args=["--standalone", "--max-restarts=2"],
+        torchrun_args=[f"--master_port={free_port()}", "--max-restarts=2"],
     )
     assert (tmp_path / "killed").exists() and "resumed from" in proc.stdout
     _assert_weights(straight, out, exact=True)

@@ -9,11 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import DataConfig, DataSource, ModelConfig
+from engine.config import DataConfig, DataSource, ModelConfig, load_config, to_toml
 from engine.data import GlobalBatchSampler, build_dataset, shard_for_inference
 from engine.errors import UserError
 from engine.model import build_tokenizer
-from tests.conftest import ASSETS
+from tests.conftest import ASSETS, write_recipe
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default tokenisation cache (under $XDG_CACHE_HOME) in a temporary folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +166,45 @@ def test_inference_shards_are_disjoint_complete_and_in_step() -> None:
     assert len({len(s) for s in shards}) == 1  # same number of forwards on every rank
     seen = [i for s in shards for idx, ok in s for i, v in zip(idx, ok) if v]
     assert sorted(seen) == list(range(n))
+
+
+def test_data_recipe_keys_parse_validate_and_round_trip(tmp_path: Path) -> None:
+    tables = {
+        "model": {"path": "m"},
+        "data": {
+            "train": [
+                "a.jsonl",
+                {"path": "org/prefs", "split": "train_prefs", "revision": "v2", "count": 100},
+                {"path": "b.parquet", "fraction": 0.5, "columns": {"chosen": "good"}},
+            ],
+            "columns": {"prompt": "question"},
+            "max_prompt_length": 512,
+            "truncation": "drop",
+            "group_by_length": True,
+        },
+    }
+    recipe = write_recipe(tmp_path / "r.toml", tables)
+    cfg = load_config(recipe, ['data.columns={rejected = "bad"}', "data.eval_fraction=0.1"])
+    assert cfg.data.columns == {"rejected": "bad"}  # an override replaces the whole table
+    assert cfg.data.train[1] == DataSource("org/prefs", split="train_prefs", revision="v2", count=100)
+    assert cfg.data.train[2].columns == {"chosen": "good"} and cfg.data.eval_fraction == 0.1
+    (tmp_path / "resolved.toml").write_text(to_toml(cfg))
+    assert load_config(tmp_path / "resolved.toml") == cfg
+    for override, words in (
+        (
+            'data.columns={chossen = "a"}',
+            'data.columns.chossen: expected keys prompt, chosen or rejected (did you mean "chosen"?)',
+        ),
+        ("data.columns={chosen = 1}", "data.columns.chosen: expected a string"),
+        ("data.columns=3", "data.columns: expected a table of strings"),
+        (
+            "data.max_prompt_length=1024",
+            "data.max_prompt_length: expected 0 (off) or an integer below data.max_length=1024",
+        ),
+        ('data.eval=["e.jsonl"]', "data.eval and data.eval_fraction: set one of them"),
+        ("data.format=chat", 'data.format: expected one of "auto" | "standard"'),
+        ("data.on_bad_row=ignore", 'data.on_bad_row: expected one of "error" | "skip"'),
+    ):
+        with pytest.raises(UserError) as e:
+            load_config(recipe, ["data.eval_fraction=0.1", override])
+        assert words in str(e.value), (override, str(e.value))

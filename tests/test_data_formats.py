@@ -69,8 +69,10 @@ def build(tmp_path: Path, rows: list, tokenizer=None, **settings):
 def labels(pair) -> list[int]:
     """Training labels as the forward lays the pair out: -100 where nothing is scored."""
     inputs = padded_rows([(pair.prompt_ids, pair.chosen_ids)], ID["<pad>"], torch.device("cpu"))
-    targets = torch.where(inputs.sequence_index[0] >= 0, inputs.next_ids[0], -100)
-    return [-100, *targets.tolist()[:-1]]  # token t's label is what position t - 1 predicts
+    labels = [-100] * inputs.input_ids.shape[1]
+    for position, target in zip(inputs.score_positions.tolist(), inputs.score_targets.tolist()):
+        labels[position + 1] = target  # position t predicts token t + 1
+    return labels
 
 
 # ----------------------------------------------------------------------------------------------

@@ -254,7 +254,7 @@ def test_max_length_changes_key(tmp_path, model_copy, tokenizer, train_file, max
 
     new = key_for(model_copy, tokenizer, short_data, short_cfg)
     assert new.digest != old.digest
-    assert new.metadata["components"]["data"]["settings"] == {"max_length": max_lengths[1]}
+    assert new.metadata["components"]["data"]["settings"]["max_length"] == max_lengths[1]
     assert rc.load_reference_cache(cache, new, short_data) is None
 
 

@@ -141,4 +141,5 @@ def test_build_reference_only_then_train(tmp_path: Path, tiny_model_dir: Path, s
     assert len(list((out / "reference").glob("reference-*.safetensors"))) == 2
     assert not (out / "metrics.jsonl").exists()  # nothing but the cache was written
     proc = run_training(recipe, ["export.enabled=false"], nproc=0)
-    assert proc.returncode == 0 and proc.stdout.count("loaded") == 2
+    assert proc.returncode == 0 and proc.stdout.count("reference log-probs (train): loaded") == 1
+    assert proc.stdout.count("reference log-probs (eval): loaded") == 1

@@ -46,6 +46,7 @@ from engine.errors import UserError
 TOKENIZATION_VERSION = 1
 """Bump when tokenize.py's output for the same inputs changes: old cache folders go unused."""
 ROWS_PER_PROCESS = 10_000  # data.num_proc = 0: one tokenising process per this many rows
+STAGING_MAX_AGE_S = 7 * 24 * 3600  # older staging folders are leftovers of killed runs
 _IDS = getattr(datasets, "List", datasets.Sequence)(datasets.Value("int32"))
 FEATURES = datasets.Features(
     {
@@ -198,6 +199,18 @@ def _build(
     )
 
 
+def _remove_abandoned_staging(cache_dir: Path) -> None:
+    """Remove staging folders untouched for a week: leftovers of builds that were killed."""
+    if not cache_dir.is_dir():
+        return
+    for staging in cache_dir.glob(".staging-*"):
+        try:
+            if time.time() - staging.stat().st_mtime > STAGING_MAX_AGE_S:
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def ensure_tokenized(
     sources: list[ResolvedSource],
     tokenizer: PreTrainedTokenizerBase,
@@ -208,6 +221,7 @@ def ensure_tokenized(
     num_proc: int,
 ) -> list[str]:
     """Build every missing cache folder; return their names (one per source, in order)."""
+    _remove_abandoned_staging(cache_dir)
     fingerprint = tokenize.tokenizer_fingerprint(tokenizer)
     names = []
     for source in sources:

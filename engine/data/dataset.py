@@ -159,6 +159,24 @@ class PreferenceDataset:
         """The underlying row of each pair (repeats of an up-sampled row share it)."""
         return self.pairs.rows if isinstance(self.pairs, ArrowPairs) else np.arange(len(self.pairs))
 
+    def summary(self) -> str:
+        """One log line: pairs, what the filters dropped, and token-length percentiles."""
+        parts = [f"{len(self)} pairs"]
+        for source in self.stats.get("sources", []):
+            dropped = ", ".join(f"{k} {v['dropped']}" for k, v in source["filters"].items() if v["dropped"])
+            cut = ", ".join(f"{k} {v}" for k, v in source["truncated"].items() if v)
+            parts.append(
+                f"{source['source']}: {source['rows']} rows -> {source['kept']} kept -> {source['sampled']} "
+                f"sampled (dropped: {dropped or 'none'}; truncated: {cut or 'none'})"
+            )
+        tokens = self.stats.get("tokens", {})
+        if tokens.get("sequence"):
+            parts.append(
+                "tokens p50/p99/max: "
+                + ", ".join(f"{k} {v['p50']}/{v['p99']}/{v['max']}" for k, v in tokens.items() if v)
+            )
+        return "; ".join(parts)
+
     def select(self, positions: np.ndarray) -> PreferenceDataset:
         """The pairs at `positions`, renumbered from 0, with length statistics."""
         positions = np.asarray(positions, dtype=np.int64)
@@ -338,7 +356,10 @@ def build_dataset(
         if stats["kept"] == 0:
             raise UserError(f"{source_name}: no pair left after filtering ({_funnel(stats)})")
         picked = _sample(stats["kept"], config, source_name, seed)
+        examples = stats.pop("bad_row_examples", None)
         stats["sampled"] = len(picked)
+        if examples:
+            stats["bad_row_examples"] = examples
         spans.append({k: v[picked] + (offset if k == "rows" else 0) for k, v in kept.items()})
         per_source.append(stats)
         offset += source.table.num_rows
