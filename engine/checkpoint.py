@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from engine.config import CheckpointConfig
@@ -52,6 +53,47 @@ class TrainerState:
     skipped_steps: int = 0
     skipped_in_row: int = 0
     scheduler: dict[str, Any] | None = None
+
+
+def read_trainer_state(path: Path) -> TrainerState:
+    """The `trainer_state.json` of checkpoint `path`; a UserError naming the file if it is
+    missing or corrupt (a checkpoint edited or truncated by hand, a disk error)."""
+    file = path / "trainer_state.json"
+    try:
+        state = TrainerState(**json.loads(file.read_text()))
+    except FileNotFoundError:
+        raise UserError(f"checkpoint.resume: {file} is missing (not a complete fsdpo checkpoint)") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(
+            f"checkpoint.resume: {file} is corrupt ({str(e).splitlines()[0]}); resume from another "
+            "checkpoint (checkpoint.resume=PATH) or start over in another job.output_dir"
+        ) from None
+    if not (isinstance(state.step, int) and state.step >= 0 and isinstance(state.global_batch_size, int)):
+        raise UserError(f"checkpoint.resume: {file} is corrupt (step={state.step!r})")
+    return state
+
+
+def check_checkpoint(path: Path) -> None:
+    """Read what a resume reads first (trainer state, DCP metadata), so that a corrupt checkpoint
+    is an error before anything is built or written, not after the reference pass."""
+    read_trainer_state(path)
+    try:
+        dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # a truncated or foreign .metadata: unpickling raises anything
+        raise UserError(
+            f"checkpoint.resume: cannot load {path} (its DCP metadata: {_failure(e)[1]})"
+        ) from None
+
+
+def _failure(error: BaseException) -> tuple[BaseException, str]:
+    """The first underlying exception of a DCP failure (DCP wraps each rank's in a
+    CheckpointException, a BaseException) and its one-line description."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    if isinstance(error, OSError) and error.strerror:
+        return error, error.strerror
+    text = str(error).strip()
+    return error, text.splitlines()[0] if text else type(error).__name__
 
 
 def complete_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
@@ -96,19 +138,25 @@ class CheckpointManager:
             return None
         if self.cfg.resume == "auto":
             found = complete_checkpoints(self.dir)
+            if found:
+                check_checkpoint(found[-1][1])
             return found[-1][1] if found else None
         path = Path(self.cfg.resume).expanduser()
         if not (path / COMPLETE).is_file():
             what = "not found" if not path.exists() else "not a complete fsdpo checkpoint"
             raise UserError(f"checkpoint.resume: {path} is {what}")
+        check_checkpoint(path)
         return path
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
         """Collective: load model, optimizer and trainer state from `path` (any world size)."""
-        state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+        state = read_trainer_state(path)
         model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_OPTIONS)
         to_load = {"model": model_sd, "optim": optim_sd}
-        dcp.load(to_load, checkpoint_id=str(path))
+        try:
+            dcp.load(to_load, checkpoint_id=str(path))
+        except (OSError, CheckpointException) as e:  # unreadable files, or not this model's state
+            raise UserError(f"checkpoint.resume: cannot load {path} ({_failure(e)[1]})") from None
         set_state_dict(
             model,
             optimizer,
@@ -139,27 +187,37 @@ class CheckpointManager:
         if final.exists():
             return  # already saved (e.g. the epoch end coincides with an interval step)
         staging = self.dir / f".step-{step}.incomplete"
+        error: OSError | None = None
         if self.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)  # a previous crash's leftovers, ours by name
-            (staging / "rng").mkdir(parents=True)
-            (staging / "trainer_state.json").write_text(json.dumps(state.__dict__))
-            (staging / "recipe.toml").write_text(recipe)
-        if dist.is_initialized():
-            dist.barrier()
-        torch.save(_rng_state(), staging / "rng" / f"rank-{self.rank}.pt")
+            try:
+                (staging / "rng").mkdir(parents=True)
+                (staging / "trainer_state.json").write_text(json.dumps(state.__dict__))
+                (staging / "recipe.toml").write_text(recipe)
+            except OSError as e:
+                error = e
+        if dist.is_initialized():  # every rank learns whether the folder is there to write into
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error is not None:
+            self._save_failed(error, staging)
         model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_OPTIONS)
         to_save = {"model": model_sd, "optim": optim_sd}
         try:
+            # the collective write first: a full disk then fails on every rank alike
             if self.cfg.async_save:
                 if self._async_group is None:  # on the default group it deadlocks against FSDP
                     self._async_group = dist.new_group(backend="gloo")
                 future = dcp.async_save(to_save, checkpoint_id=str(staging), process_group=self._async_group)
                 self._pending = (future, staging, final)
-                return
-            dcp.save(to_save, checkpoint_id=str(staging))
-        except OSError as e:
-            raise UserError(f"checkpoint: cannot write {staging} ({e.strerror or e})") from None
-        self._publish(staging, final)
+            else:
+                dcp.save(to_save, checkpoint_id=str(staging))
+            torch.save(_rng_state(), staging / "rng" / f"rank-{self.rank}.pt")
+        except (OSError, CheckpointException) as e:
+            self._save_failed(e, staging)
+        if not self.cfg.async_save:
+            self._publish(staging, final)
 
     def wait(self) -> None:
         """Collective: finish an in-flight async save and publish it."""
@@ -169,9 +227,22 @@ class CheckpointManager:
         self._pending = None
         try:
             future.result()
-        except OSError as e:
-            raise UserError(f"checkpoint: cannot write {staging} ({e.strerror or e})") from None
+        except (OSError, CheckpointException) as e:
+            self._save_failed(e, staging)
         self._publish(staging, final)
+
+    def _save_failed(self, error: BaseException, staging: Path) -> None:
+        """A full disk or a lost mount is a UserError; the half-written staging folder is removed
+        (ours by name, never published) to give the space back. Anything else is a bug."""
+        cause, description = _failure(error)
+        if not isinstance(cause, OSError):
+            raise error
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(
+            f"checkpoint: cannot write {staging.parent / staging.name.removeprefix('.').removesuffix('.incomplete')} "
+            f"({description}); earlier checkpoints are untouched"
+        ) from None
 
     def _publish(self, staging: Path, final: Path) -> None:
         if dist.is_initialized():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from engine.config import LoraConfig, ModelConfig
@@ -22,9 +23,21 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or os.path.isdir(path)
 
 
+def check_model_folder(path: str) -> None:
+    """A path that looks local must be an existing folder with a config.json (a hub id passes)."""
+    if not _looks_local(path):
+        return
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        if folder.exists():
+            raise UserError(f"model.path: {path} is not a folder (expected a Hugging Face model folder)")
+        raise UserError(f"model.path: folder {path} not found")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"model.path: {path} holds no config.json (expected a Hugging Face model folder)")
+
+
 def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    if _looks_local(cfg.path) and not os.path.isdir(os.path.expanduser(cfg.path)):
-        raise UserError(f"model.path: folder {cfg.path} not found")
+    check_model_folder(cfg.path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -50,7 +63,12 @@ def sharded_weights_dir(cfg: ModelConfig) -> Path | None:
             folder = Path(snapshot_download(cfg.path, allow_patterns=["*.json", "*.safetensors"]))
         except Exception:
             return None
-    return folder if safetensors_index(folder) is not None else None
+    try:
+        index = safetensors_index(folder)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # a truncated file, a bad index
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.path: cannot read the safetensors weights in {cfg.path} ({first})") from None
+    return folder if index is not None else None
 
 
 def build_model(cfg: ModelConfig, seed: int, defer_weights: bool = False) -> torch.nn.Module:

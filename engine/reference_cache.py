@@ -49,6 +49,7 @@ from transformers import PreTrainedTokenizerBase
 
 from engine.config import DataConfig, DataSource, ModelConfig
 from engine.data import PreferenceDataset
+from engine.errors import UserError
 from engine.reference import ReferenceLogps
 
 LOGPROB_CODE_VERSION = 1
@@ -386,9 +387,12 @@ def save_reference_cache(
     }
     metadata["checksum"] = _checksum(tensors, metadata)
     folder = Path(cache_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / key.file_name
-    _write_atomically(path, safetensors.torch.save(tensors, metadata=metadata))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, safetensors.torch.save(tensors, metadata=metadata))
+    except OSError as e:
+        raise UserError(f"reference.cache_dir: cannot write {path} ({e.strerror or e})") from None
     return path
 
 

@@ -51,21 +51,27 @@ from engine.reference_cache import load_reference_cache, reference_cache_key, sa
 RUN_FILES = ("metrics.jsonl", "recipe.toml", "data_stats.json", "final", "checkpoints", "post_train.json")
 
 
+def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
+    """Refuse to clobber a previous run unless asked. Changes nothing (prepare_output_dir does)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"job.output_dir: {output_dir} exists and is not a folder")
+    previous = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if not resuming and previous and not overwrite:
+        raise UserError(
+            f"job.output_dir: {output_dir} already holds a run ({', '.join(previous)}); "
+            "resume it (checkpoint.resume=auto needs a checkpoint), choose another folder or set job.overwrite=true"
+        )
+
+
 def prepare_output_dir(output_dir: Path, overwrite: bool, resume_step: int | None, world: World) -> None:
-    """Refuse to clobber a previous run unless asked; never touch files fsdpo did not write.
+    """Make the output folder ready, once every input has loaded; never touch files fsdpo did
+    not write.
 
     Resuming keeps the folder and drops the metrics rows logged after the checkpoint (the
     resumed run logs those steps again). Starting fresh over a previous run (`job.overwrite`)
     removes only that run's own files.
     """
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"job.output_dir: {output_dir} exists and is not a folder")
-    previous = [name for name in RUN_FILES if (output_dir / name).exists()]
-    if resume_step is None and previous and not overwrite:
-        raise UserError(
-            f"job.output_dir: {output_dir} already holds a run ({', '.join(previous)}); "
-            "resume it (checkpoint.resume=auto needs a checkpoint), choose another folder or set job.overwrite=true"
-        )
+    check_output_dir(output_dir, overwrite, resume_step is not None)
     if dist.is_initialized():
         dist.barrier()  # every rank has looked before rank 0 changes anything
     if world.is_main:
@@ -97,13 +103,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint, world.rank, world.world_size)
         resume_from = None if reference_only else self.checkpoints.resume_path()
         self.resuming = resume_from is not None
-        if not reference_only:
-            resume_step = (
-                None if resume_from is None else _read_json(resume_from / "trainer_state.json")["step"]
-            )
-            prepare_output_dir(self.output_dir, cfg.job.overwrite, resume_step, world)
-            if world.is_main:
-                (self.output_dir / "recipe.toml").write_text(to_toml(cfg))
+        if not reference_only:  # look now; change the folder only once every input has loaded
+            check_output_dir(self.output_dir, cfg.job.overwrite, self.resuming)
         torch.manual_seed(cfg.job.seed)
 
         # data
@@ -127,8 +128,6 @@ class Trainer:
             lengths=self.train_data.sequence_lengths() if cfg.data.group_by_length else None,
             group_by_length=cfg.data.group_by_length,
         )  # fmt: skip
-        if world.is_main and not reference_only:
-            self._write_data_stats()
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.sampler.steps_per_epoch
 
         # model, sharded
@@ -160,6 +159,8 @@ class Trainer:
         self.reference_forwards = 0
         self.reference_batch = cfg.reference.batch_size or 4 * t.micro_batch_size
         self.reference_dir = Path(cfg.reference.cache_dir or self.output_dir / "reference")
+        if self.reference_dir.exists() and not self.reference_dir.is_dir():  # before hours of forwards
+            raise UserError(f"reference.cache_dir: {self.reference_dir} is not a folder")
         self.train_reference = self._reference(self.train_data, "train", cfg.data.train)
         self.eval_reference = self._reference(self.eval_data, "eval", cfg.data.eval)
         if reference_only:
@@ -168,6 +169,12 @@ class Trainer:
         self.state = TrainerState(global_batch_size=t.global_batch_size, world_size=world.world_size)
         if resume_from is not None:
             self._resume(resume_from)
+        prepare_output_dir(
+            self.output_dir, cfg.job.overwrite, self.state.step if self.resuming else None, world
+        )
+        if world.is_main:
+            (self.output_dir / "recipe.toml").write_text(to_toml(cfg))
+            self._write_data_stats()
         self.peak_flops = measure_matmul_flops(world.device, self.dtype)
         self.metrics = MetricsLogger(self.output_dir, cfg.logging, world.is_main, dataclasses.asdict(cfg))
         log(
@@ -451,7 +458,3 @@ def _fault_nan_step() -> int:
         return -1
     rank = int(os.environ.get("FSDPO_FAULT_NAN_RANK", "0"))
     return int(step) if rank == (dist.get_rank() if dist.is_initialized() else 0) else -1
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())

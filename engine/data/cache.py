@@ -148,7 +148,12 @@ def _build(
                 )
         rows = rows.select_columns([c for c in names.values() if c in rows.column_names])
     staging = folder.parent / f".staging-{folder.name}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(
+            f"data.cache_dir: cannot create a folder in {folder.parent} ({e.strerror or e})"
+        ) from None
     try:
         processes = _num_proc(num_proc, len(rows))
         mapped = rows.map(

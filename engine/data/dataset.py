@@ -335,6 +335,8 @@ def build_dataset(
     names = [f"{key}[{i}] ({s.path})" for i, s in enumerate(sources)]
     template = tokenize.resolve_chat_template(cfg.chat_template)
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise UserError(f"data.cache_dir: {cache_dir} is not a folder")
 
     def build() -> list[str]:
         resolved = [resolve_source(s, n) for s, n in zip(sources, names)]

@@ -1,0 +1,438 @@
+"""Dry-run planning: what a recipe will do on N ranks, without loading weights or starting
+torch.distributed.
+
+`python torchrun_train.py RECIPE --dry-run [--world-size N] [--ranks-per-node M]` prints:
+- the resolved recipe;
+- the world-size arithmetic: ranks x micro-batch x accumulation steps = global batch (an error
+  when it does not divide, as the real run would raise);
+- the device mesh of `parallel.sharding` (the same shapes parallel.build_mesh makes);
+- an estimate of the memory per rank, from the model built on the meta device.
+
+The arithmetic and the estimate are pure functions of the `Config` and the Hugging Face model
+config (`plan_run`), so tests check them against hand-computed numbers. `check_inputs` is the
+part that looks at the file system (model folder, data files, checkpoint, output folder).
+
+How the memory estimate counts, per rank (P = parameters, T = trained parameters, S = the shard
+size: ranks for `full`/`grad_op`, ranks per shard group for `hybrid`, 1 for `none`):
+- master parameters: 4 P / S bytes (fp32, sharded; frozen LoRA base weights included);
+- gradients: 4 T / S (fp32 after the reduce-scatter), or 4 T unsharded when gradients are
+  accumulated unsynchronised between micro-batches (`gradient_sync` = last_micro_batch);
+- AdamW state: 8 T / S (exp_avg and exp_avg_sq in fp32);
+- gathered parameters, transient, in the compute dtype: for `full`/`hybrid` the root's own
+  parameters (embeddings, final norm, LM head: FSDP keeps the root gathered from forward to
+  backward) + two decoder blocks (the one computing and the one prefetched) + one block's
+  unsharded gradients; for `grad_op` and `none` every parameter stays gathered;
+- activations, rough: tokens per micro-batch (2 x micro x max_length: chosen and rejected rows
+  at full length, an upper bound) x bytes of the compute dtype x values kept per token. A Llama
+  -style block keeps about 8 h + 4 i values per token (h = hidden size, i = MLP intermediate
+  size): the inputs of its two norms and their outputs feeding q/k/v and the MLP, q and k after
+  rotary embedding, v, the attention output and o_proj input (about 8 h with grouped-query
+  attention and a fused attention kernel that stores no T x T scores), and gate, up, silu(gate)
+  and their product (4 i). This is Korthikanti et al. 2022's 34 s b h bytes per layer, redone
+  for a SwiGLU MLP without dropout. With activation checkpointing a checkpointed block keeps
+  only its input (h values per token) and one block's full set is recomputed at a time;
+- LM-head chunk: the forward scores completion tokens through the head in chunks of
+  `training.logprob_chunk_tokens` (0 = all at once), recomputed in backward: logits in the
+  compute dtype, their fp32 copy and its gradient (vocab x (bytes + 8) per token of one chunk).
+Not counted: the CUDA context and allocator fragmentation (budget a few GiB), communication
+buffers, the reference log-probs (a few bytes per pair).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from engine.config import Config, LoraConfig, ParallelConfig, TrainingConfig, to_toml
+from engine.errors import UserError
+
+GIB = 2**30
+
+
+# ----------------------------------------------------------------------------------------------
+# World-size arithmetic and the mesh
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    world_size: int
+    global_batch_size: int
+    micro_batch_size: int
+    pairs_per_rank: int
+    accumulation_steps: int
+
+
+def plan_batches(training: TrainingConfig, world_size: int) -> BatchPlan:
+    """Split the global batch over ranks and micro-batches, as the sampler will."""
+    if world_size < 1:
+        raise UserError(f"--world-size: expected an integer >= 1, got {world_size}")
+    gbs, micro = training.global_batch_size, training.micro_batch_size
+    per_rank, rem = divmod(gbs, world_size)
+    if rem or per_rank % micro:
+        raise UserError(
+            f"training.global_batch_size={gbs} must be a multiple of "
+            f"training.micro_batch_size={micro} x {world_size} ranks"
+        )
+    return BatchPlan(world_size, gbs, micro, per_rank, per_rank // micro)
+
+
+def mesh_shape(
+    parallel: ParallelConfig, world_size: int, ranks_per_node: int
+) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(shape, dimension names) of the device mesh parallel.build_mesh makes for `sharding`."""
+    if parallel.sharding in ("full", "grad_op"):
+        return (world_size,), ("shard",)
+    if parallel.sharding == "none":
+        return (world_size, 1), ("replicate", "shard")
+    replicas = parallel.replicate_degree or max(1, world_size // max(1, ranks_per_node))
+    if world_size % replicas:
+        raise UserError(
+            f"parallel.replicate_degree={replicas} must divide the {world_size} ranks "
+            '(parallel.sharding = "hybrid")'
+        )
+    return (replicas, world_size // replicas), ("replicate", "shard")
+
+
+# ----------------------------------------------------------------------------------------------
+# The model, measured on the meta device
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    architecture: str
+    parameters: int
+    trainable: int
+    blocks: int
+    largest_block: int
+    largest_block_trainable: int
+    root: int  # parameters outside the decoder blocks (embeddings, final norm, LM head)
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    vocab_size: int
+
+
+def measure_model(hf_config: Any, lora: LoraConfig, trust_remote_code: bool = False) -> ModelSize:
+    """Count parameters of the model `hf_config` describes (with LoRA adapters when enabled),
+    built on the meta device: no memory is allocated and no weights are read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.model import apply_lora, decoder_blocks
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            try:
+                model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+            except (ValueError, ImportError, KeyError) as e:
+                raise UserError(f"model.path: cannot build the model from its config ({e})") from None
+            if lora.enabled:
+                model = apply_lora(model, lora, seed=0)
+    params = list(model.parameters())  # shared (tied) parameters are listed once
+    blocks = decoder_blocks(model)
+    block_sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    block_trainable = [sum(p.numel() for p in b.parameters() if p.requires_grad) for b in blocks]
+    total = sum(p.numel() for p in params)
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    hidden = int(text.hidden_size)
+    return ModelSize(
+        architecture=type(model.get_base_model() if lora.enabled else model).__name__,
+        parameters=total,
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        blocks=len(blocks),
+        largest_block=max(block_sizes),
+        largest_block_trainable=max(block_trainable),
+        root=total - sum(block_sizes),
+        hidden_size=hidden,
+        intermediate_size=int(getattr(text, "intermediate_size", None) or 4 * hidden),
+        num_layers=int(getattr(text, "num_hidden_layers", len(blocks))),
+        vocab_size=int(text.vocab_size),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory per rank
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    name: str
+    bytes: int
+    how: str
+    on_host: bool = False
+
+
+@dataclass
+class MemoryEstimate:
+    compute_dtype: str
+    shard_size: int
+    items: list[MemoryItem] = field(default_factory=list)
+
+    @property
+    def device_total(self) -> int:
+        return sum(i.bytes for i in self.items if not i.on_host)
+
+    @property
+    def host_total(self) -> int:
+        return sum(i.bytes for i in self.items if i.on_host)
+
+    def get(self, name: str) -> int:
+        return next(i.bytes for i in self.items if i.name == name)
+
+
+def shard_size(parallel: ParallelConfig, world_size: int, ranks_per_node: int) -> int:
+    """Ranks that one copy of the sharded state is split over."""
+    shape, _ = mesh_shape(parallel, world_size, ranks_per_node)
+    return shape[-1]
+
+
+def activation_values_per_token(size: ModelSize) -> int:
+    """Values one un-checkpointed decoder block keeps per token for backward (8 h + 4 i)."""
+    return 8 * size.hidden_size + 4 * size.intermediate_size
+
+
+def estimate_memory(
+    cfg: Config, size: ModelSize, world_size: int, ranks_per_node: int, device_type: str = "cuda"
+) -> MemoryEstimate:
+    """Bytes per rank of each kind of memory a training step needs (see the module docstring)."""
+    from engine.parallel import defers_gradient_sync
+
+    p, t = cfg.parallel, cfg.training
+    bf16 = p.mixed_precision == "bf16" or (p.mixed_precision == "auto" and device_type == "cuda")
+    dtype_bytes = 2 if bf16 else 4
+    dtype = "bf16" if bf16 else "fp32"
+    shard = shard_size(p, world_size, ranks_per_node)
+    batches = plan_batches(t, world_size)
+    host = p.cpu_offload and device_type == "cuda"
+    est = MemoryEstimate(dtype, shard)
+    add = est.items.append
+
+    def state(name: str, count: int, how: str) -> None:
+        add(MemoryItem(name, count, how + (" on the host (cpu_offload)" if host else ""), host))
+
+    params, trained = size.parameters, size.trainable
+    state("parameters", 4 * params // shard, f"fp32 master, {_n(params)} / {shard}")
+    if defers_gradient_sync(p) and batches.accumulation_steps > 1 and shard > 1:
+        state("gradients", 4 * trained, f"fp32, {_n(trained)} unsharded while accumulating (gradient_sync)")
+    else:
+        state("gradients", 4 * trained // shard, f"fp32, {_n(trained)} trained / {shard}")
+    state("optimizer", 8 * trained // shard, f"AdamW 2 x fp32, {_n(trained)} / {shard}")
+
+    block_grads = size.largest_block_trainable
+    if p.sharding in ("full", "hybrid"):
+        gathered = size.root + 2 * size.largest_block + block_grads
+        how = (
+            f"{dtype}: root {_n(size.root)} + 2 blocks of {_n(size.largest_block)} "
+            f"+ 1 block's gradients ({_n(block_grads)})"
+        )
+    else:
+        gathered = params + block_grads
+        how = f"{dtype}: all {_n(params)} stay gathered ({p.sharding}) + 1 block's gradients ({_n(block_grads)})"
+    add(MemoryItem("gathered", gathered * dtype_bytes, how))
+
+    tokens = 2 * t.micro_batch_size * cfg.data.max_length
+    per_block = activation_values_per_token(size)
+    layers = size.num_layers
+    if p.activation_checkpointing == "full":
+        checkpointed = math.ceil(layers / p.activation_checkpointing_every)
+        kept = checkpointed * size.hidden_size + (layers - checkpointed) * per_block + per_block
+        how = (
+            f"rough: {tokens} tokens x {dtype_bytes} B x ({checkpointed} checkpointed blocks x h={size.hidden_size}"
+            + (f" + {layers - checkpointed} blocks" if layers > checkpointed else "")
+            + f" + 1 recomputed x {per_block})"
+        )
+    else:
+        kept = layers * per_block
+        how = f"rough: {tokens} tokens x {dtype_bytes} B x {layers} blocks x {per_block} (8h+4i), no checkpointing"
+    add(MemoryItem("activations", tokens * dtype_bytes * kept, how))
+
+    chunk = min(t.logprob_chunk_tokens or tokens, tokens)
+    how = f"{chunk} tokens x vocab {size.vocab_size} x ({dtype_bytes} + 8) B"
+    add(MemoryItem("head_chunk", chunk * size.vocab_size * (dtype_bytes + 8), how))
+    return est
+
+
+def _n(count: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(count)
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan and its report
+
+
+@dataclass
+class Plan:
+    batches: BatchPlan
+    ranks_per_node: int
+    mesh: tuple[tuple[int, ...], tuple[str, ...]]
+    size: ModelSize | None = None
+    memory: MemoryEstimate | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_run(cfg: Config, hf_config: Any | None, world_size: int, ranks_per_node: int) -> Plan:
+    """The whole plan; without `hf_config` (a hub id offline) only the arithmetic and the mesh."""
+    batches = plan_batches(cfg.training, world_size)
+    mesh = mesh_shape(cfg.parallel, world_size, ranks_per_node)
+    plan = Plan(batches, ranks_per_node, mesh)
+    if hf_config is not None:
+        plan.size = measure_model(hf_config, cfg.lora, cfg.model.trust_remote_code)
+        plan.memory = estimate_memory(cfg, plan.size, world_size, ranks_per_node)
+    return plan
+
+
+def format_plan(cfg: Config, plan: Plan, inputs: list[str]) -> str:
+    b = plan.batches
+    nodes = math.ceil(b.world_size / max(1, plan.ranks_per_node))
+    shape, names = plan.mesh
+    out = ["# resolved recipe", to_toml(cfg).rstrip(), "", "# inputs", *inputs, "", "# ranks and batches"]
+    rows = [
+        ("ranks", f"{b.world_size} ({plan.ranks_per_node} per node, {nodes} node{'s' * (nodes > 1)})"),
+        ("global batch", f"{b.global_batch_size} pairs per optimizer step"),
+        ("micro batch", f"{b.micro_batch_size} pair{'s' * (b.micro_batch_size > 1)} per rank per forward"),
+        (
+            "accumulation steps",
+            f"{b.accumulation_steps} = {b.global_batch_size} / ({b.micro_batch_size} x {b.world_size} ranks)",
+        ),
+        ("sharding", f"{cfg.parallel.sharding}: mesh {shape} ({' x '.join(names)})"),
+    ]
+    out += [f"{k:<20} {v}" for k, v in rows]
+    if plan.size is not None and plan.memory is not None:
+        s, m = plan.size, plan.memory
+        trained = f"{_n(s.trainable)} trained" + (" in LoRA adapters" if cfg.lora.enabled else "")
+        out += [
+            "",
+            f"# estimated memory per rank (GPU, {m.compute_dtype} compute, state sharded over {m.shard_size})",
+            f"model: {s.architecture}, {_n(s.parameters)} parameters ({trained}), "
+            f"{s.blocks} blocks of {_n(s.largest_block)}, hidden {s.hidden_size}, vocab {s.vocab_size}",
+        ]
+        for item in m.items:
+            out.append(f"{item.name:<12} {item.bytes / GIB:8.2f} GiB  {item.how}")
+        out.append(f"{'total':<12} {m.device_total / GIB:8.2f} GiB  on each GPU, plus the CUDA context")
+        if m.host_total:
+            out.append(f"{'host':<12} {m.host_total / GIB:8.2f} GiB  per rank in CPU memory (cpu_offload)")
+    out += plan.notes
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the dry run checks on disk
+
+
+def load_model_config(cfg: Config) -> tuple[Any | None, str | None]:
+    """(HF config, None), or (None, a note) when a hub id cannot be resolved here (offline).
+    A local folder that is missing or holds no readable config is a UserError."""
+    from transformers import AutoConfig
+
+    from engine.model import _looks_local, check_model_folder
+
+    path = cfg.model.path
+    check_model_folder(path)
+    local = _looks_local(path)
+    note = (
+        f"note: the memory estimate needs the model config; {path} is not in the Hugging Face "
+        "cache and the hub cannot be reached from here (give model.path=<a folder with its config.json>)"
+    )
+    for local_files_only in (True, False):  # the cache first; the hub only if it resolves
+        if not local_files_only and (local or not _hub_reachable()):
+            return None, note
+        try:
+            config = AutoConfig.from_pretrained(
+                path, trust_remote_code=cfg.model.trust_remote_code, local_files_only=local_files_only
+            )
+            return config, None
+        except (OSError, ValueError, KeyError) as e:
+            if local:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"model.path: cannot load a model config from {path} ({first})") from None
+    return None, note
+
+
+def _hub_reachable() -> bool:
+    """Whether the hub's host name resolves (offline, the hub client would retry for ~25 s)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except OSError:
+        return False
+    return True
+
+
+def check_inputs(cfg: Config) -> list[str]:
+    """Check what the run will read and write, without reading data rows or weights. Returns one
+    line per input; raises UserError on the first problem."""
+    from engine.checkpoint import CheckpointManager
+    from engine.data.sources import resolve_source
+    from engine.data.tokenize import resolve_chat_template
+
+    lines = [f"model.path: {cfg.model.path}"]
+    for key, sources in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        for i, source in enumerate(sources):
+            resolved = resolve_source(source, f"{key}[{i}] ({source.path})")
+            if resolved.kind == "hub":
+                what = f"hub data set, split {source.split!r} (not checked offline)"
+            elif resolved.files:
+                total = sum(f.stat().st_size for f in resolved.files)
+                what = f"{len(resolved.files)} {resolved.kind} file(s), {total / 2**20:.1f} MiB"
+            else:
+                what = "saved data set folder"
+            lines.append(f"{key}[{i}]: {source.path}: {what}")
+    resolve_chat_template(cfg.data.chat_template)
+    for key, value in (
+        ("data.cache_dir", cfg.data.cache_dir),
+        ("reference.cache_dir", cfg.reference.cache_dir),
+    ):
+        folder = Path(value).expanduser()
+        if value and folder.exists() and not folder.is_dir():
+            raise UserError(f"{key}: {value} is not a folder")
+
+    output_dir = Path(cfg.job.output_dir)
+    checkpoints = CheckpointManager(output_dir, cfg.checkpoint, rank=0, world_size=1)
+    resume = checkpoints.resume_path()
+    check_output_dir(output_dir, cfg.job.overwrite, resuming=resume is not None)
+    lines.append(f"job.output_dir: {output_dir}" + (f" (resumes from {resume})" if resume else ""))
+    return lines
+
+
+def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
+    """The checks trainer.prepare_output_dir makes before it changes anything."""
+    from engine.trainer import RUN_FILES
+
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"job.output_dir: {output_dir} exists and is not a folder")
+    previous = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if not resuming and previous and not overwrite:
+        raise UserError(
+            f"job.output_dir: {output_dir} already holds a run ({', '.join(previous)}); "
+            "resume it (checkpoint.resume=auto needs a checkpoint), choose another folder or set job.overwrite=true"
+        )
+
+
+def dry_run(cfg: Config, world_size: int | None = None, ranks_per_node: int | None = None) -> str:
+    """Validate `cfg` against the file system and return the printed plan (no weights loaded,
+    no process group)."""
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    ranks_per_node = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if world_size % ranks_per_node and ranks_per_node < world_size:
+        raise UserError(f"--ranks-per-node={ranks_per_node} must divide --world-size={world_size}")
+    ranks_per_node = min(ranks_per_node, world_size)
+    inputs = check_inputs(cfg)
+    plan_batches(cfg.training, world_size)  # arithmetic errors before the slower model config
+    hf_config, note = load_model_config(cfg)
+    plan = plan_run(cfg, hf_config, world_size, ranks_per_node)
+    if note:
+        plan.notes.append(note)
+    return format_plan(cfg, plan, inputs)
