@@ -18,6 +18,7 @@ import torch
 from engine import reference_cache as rc
 from engine.config import DataConfig, DataSource, ModelConfig
 from engine.data import PreferenceDataset, TokenizedPair, build_dataset
+from engine.errors import UserError
 from engine.model import build_tokenizer
 from engine.reference import ReferenceLogps
 from tests.conftest import ASSETS
@@ -414,7 +415,7 @@ def test_write_is_atomic(tmp_path, model_copy, tokenizer, train_file, monkeypatc
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="disk full"):
         rc.save_reference_cache(cache, key, dataset, fake_reference(dataset, seed=2))
     assert os.listdir(cache) == [path.name]  # the temp file is removed
     assert path.read_bytes() == before  # and the old file is intact
