@@ -1,11 +1,23 @@
 """Per-sequence log-probabilities of chosen and rejected completions.
 
 `SequenceLogprobs` wraps the causal LM and is the FSDP root: its forward runs the decoder, then
-scores only the positions whose next token is a completion token, through the LM head in chunks
-(each chunk's logits recomputed in backward), with log-softmax in fp32. Full-vocabulary logits
-for every position are never materialised, and prompt and padding positions never reach the
-head. Forward modes (`concatenated`, `separate`) lay a micro-batch of pairs out as model inputs
-and are registered by name in `FORWARD_MODES`.
+scores only the positions that predict a completion token, through the LM head in chunks (each
+chunk's logits recomputed in backward), with log-softmax in fp32. Full-vocabulary logits for
+every position are never materialised, and prompt and padding positions never reach the head.
+
+Forward modes lay a micro-batch of B pairs out as model inputs and are registered by name in
+`FORWARD_MODES`:
+
+| mode            | rows                          | positions computed         | attention                      |
+|-----------------|-------------------------------|----------------------------|--------------------------------|
+| `concatenated`  | 2B padded rows                | 2B x longest sequence      | causal, padding masked         |
+| `separate`      | B padded rows, twice          | B x (longest c + longest r)| causal, padding masked         |
+| `packed`        | 1 row of 2B sequences         | sum of (2 prompt + c + r)  | causal within each sequence    |
+| `prefix_shared` | 1 row of B prompt+c+r         | sum of (prompt + c + r)    | rejected sees prompt, not c    |
+
+(c, r: chosen and rejected completions, with their prompt in the padded modes.)
+All give the same log-probs (fp32, up to kernel rounding). The packed modes' attention is in
+engine/attention.py.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from engine.attention import KWARG, AttentionSegments, enable_segment_attention, segmented_forward
 from engine.data import PairBatch
 from engine.losses import PreferenceLogps
 
@@ -33,58 +46,98 @@ class SequenceScores:
 class SequenceLogprobs(nn.Module):
     """A causal LM whose forward returns per-sequence completion log-probs.
 
-    Inputs are laid out by a forward mode: `input_ids` [R, T] rows (padded or packed), and for
-    each position t the id of the token at t + 1 (`next_ids`) and the sequence it scores
-    (`sequence_index`, -1 where nothing is scored). Rows and sequences need not coincide, so
-    padded and packed layouts share this one function.
+    Inputs are laid out by a forward mode: `input_ids` [R, T] rows (padded or packed), and three
+    flat index tensors of the N scored (position, target) pairs: `score_positions` (index into
+    the R x T positions, row-major), `score_targets` (the token id that position predicts) and
+    `score_sequences` (the sequence whose log-prob it adds to). Rows and sequences need not
+    coincide and one position may score several sequences (prefix sharing: the last prompt
+    position predicts both completions' first tokens), so all layouts share this one function.
+
+    `chunk_tokens` positions go through the LM head at a time, each chunk's logits recomputed in
+    backward; 0 scores all positions in one chunk and keeps its logits for backward (the
+    unchunked reference, for measurements).
     """
 
-    def __init__(self, causal_lm: nn.Module, chunk_tokens: int = 4096) -> None:
+    def __init__(self, causal_lm: nn.Module, chunk_tokens: int = 1024) -> None:
         super().__init__()
         self.causal_lm = causal_lm
         self.chunk_tokens = chunk_tokens
+        enable_segment_attention(causal_lm)  # padded forwards keep the configured kernel
 
     def forward(
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None,
         position_ids: Tensor | None,
-        next_ids: Tensor,
-        sequence_index: Tensor,
+        score_positions: Tensor,
+        score_targets: Tensor,
+        score_sequences: Tensor,
         num_sequences: int,
         with_logweights: bool = False,
+        segments: AttentionSegments | None = None,
     ) -> SequenceScores:
         decoder = self.causal_lm.get_decoder()
-        hidden = decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state
-        scored = sequence_index >= 0
-        hidden = hidden[scored]  # [N, H]: only positions that predict a completion token
-        targets = next_ids[scored]
-        owner = sequence_index[scored]
-
-        head = self.causal_lm.get_output_embeddings()
-        softcap = getattr(self.causal_lm.config, "final_logit_softcapping", None)
-        token_logps, token_logweights = [], []
-        for h, y in zip(hidden.split(self.chunk_tokens), targets.split(self.chunk_tokens)):
-            if torch.is_grad_enabled():
-                lp, lw = checkpoint(_score_chunk, head, h, y, softcap, with_logweights, use_reentrant=False)
-            else:
-                lp, lw = _score_chunk(head, h, y, softcap, with_logweights)
-            token_logps.append(lp)
-            token_logweights.append(lw)
+        if segments is None:
+            hidden = decoder(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+        else:
+            with segmented_forward():
+                hidden = decoder(
+                    input_ids=input_ids, position_ids=position_ids, use_cache=False, **{KWARG: segments}
+                ).last_hidden_state
+            if segments.calls == 0:
+                raise NotImplementedError(
+                    f"{type(self.causal_lm).__name__} does not route attention through transformers' "
+                    "AttentionInterface, so it cannot run packed forwards; use "
+                    'training.forward_mode = "concatenated"'
+                )
+        hidden = hidden.flatten(0, 1).index_select(0, score_positions)  # [N, H]
+        token_logps, token_logweights = score_tokens(
+            self.causal_lm.get_output_embeddings(),
+            hidden,
+            score_targets,
+            self.chunk_tokens,
+            with_logweights,
+            getattr(self.causal_lm.config, "final_logit_softcapping", None),
+        )
 
         zeros = torch.zeros(num_sequences, dtype=torch.float32, device=input_ids.device)
-        logps = zeros.index_add(0, owner, torch.cat(token_logps)) if token_logps else zeros
-        tokens = torch.bincount(owner, minlength=num_sequences).to(torch.float32)
+        logps = zeros.index_add(0, score_sequences, token_logps)
+        tokens = torch.bincount(score_sequences, minlength=num_sequences).to(torch.float32)
         logweights = None
         if with_logweights:
-            summed = zeros.index_add(0, owner, torch.cat(token_logweights).detach())
+            summed = zeros.index_add(0, score_sequences, token_logweights.detach())
             logweights = summed / tokens.clamp(min=1)
         return SequenceScores(logps, tokens, logweights)
+
+
+def score_tokens(
+    head: nn.Module,
+    hidden: Tensor,
+    targets: Tensor,
+    chunk_tokens: int,
+    with_logweights: bool = False,
+    softcap: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """log p(target) [N] fp32 of each hidden state [N, H] through `head`, and WPO's per-token
+    log-weights (zeros unless asked), `chunk_tokens` rows at a time with each chunk's logits
+    recomputed in backward (0 = one chunk, logits kept for backward)."""
+    if chunk_tokens <= 0 or not torch.is_grad_enabled():
+        size = max(hidden.shape[0] if chunk_tokens <= 0 else chunk_tokens, 1)
+        parts = [
+            _score_chunk(head, h, y, softcap, with_logweights)
+            for h, y in zip(hidden.split(size), targets.split(size))
+        ]
+    else:
+        parts = [
+            checkpoint(_score_chunk, head, h, y, softcap, with_logweights, use_reentrant=False)
+            for h, y in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens))
+        ]
+    if not parts:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _score_chunk(
@@ -96,7 +149,7 @@ def _score_chunk(
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     if not with_logweights:
-        return logp, logp.new_zeros(())
+        return logp, logp.new_zeros(logp.shape)
     # log sum_v p(v)^2 = logsumexp(2 z) - 2 logsumexp(z)
     return logp, logp - (torch.logsumexp(2 * logits, dim=-1) - 2 * lse)
 
@@ -107,74 +160,133 @@ def _score_chunk(
 
 @dataclass
 class ModelInputs:
+    """The arguments of `SequenceLogprobs.forward` (call it as `model(**vars(inputs))`)."""
+
     input_ids: Tensor
     attention_mask: Tensor | None
     position_ids: Tensor | None
-    next_ids: Tensor
-    sequence_index: Tensor
+    score_positions: Tensor
+    score_targets: Tensor
+    score_sequences: Tensor
     num_sequences: int
+    segments: AttentionSegments | None = None
+
+    @property
+    def computed_tokens(self) -> int:
+        """Positions run through the model, padding included."""
+        return self.input_ids.numel()
+
+    @property
+    def real_tokens(self) -> int:
+        """Positions run through the model that are not padding."""
+        if self.attention_mask is None:
+            return self.input_ids.numel()
+        return int(self.attention_mask.sum())
+
+
+class _Scores:
+    """Collects (position, target, sequence) triples for one layout."""
+
+    def __init__(self) -> None:
+        self.positions: list[Tensor] = []
+        self.targets: list[Tensor] = []
+        self.sequences: list[Tensor] = []
+
+    def add(self, positions: Tensor, targets: list[int], sequence: int) -> None:
+        self.positions.append(positions)
+        self.targets.append(torch.tensor(targets, dtype=torch.long))
+        self.sequences.append(torch.full((len(targets),), sequence, dtype=torch.long))
+
+    def tensors(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(torch.cat(x).to(device) for x in (self.positions, self.targets, self.sequences))
+
+
+def _check_prompt(prompt: list[int]) -> None:
+    if not prompt:
+        raise ValueError(
+            "a pair has an empty prompt: its first completion token has no position to predict it"
+        )
 
 
 def padded_rows(
     sequences: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device
 ) -> ModelInputs:
     """One right-padded row per (prompt, completion); row i scores sequence i's completion."""
-    lengths = [len(p) + len(c) for p, c in sequences]
-    width = max(lengths)
+    width = max(len(p) + len(c) for p, c in sequences)
     rows = len(sequences)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((rows, width), dtype=torch.long)
-    sequence_index = torch.full((rows, width), -1, dtype=torch.long)
+    scores = _Scores()
     for i, (prompt, completion) in enumerate(sequences):
+        _check_prompt(prompt)
         tokens = prompt + completion
         input_ids[i, : len(tokens)] = torch.tensor(tokens)
         attention_mask[i, : len(tokens)] = 1
-        # position t predicts token t + 1: score positions len(prompt)-1 .. len(tokens)-2
-        sequence_index[i, len(prompt) - 1 : len(tokens) - 1] = i
-    next_ids = torch.cat([input_ids[:, 1:], torch.full((rows, 1), pad_id)], dim=1)
+        # position t predicts token t + 1: positions len(prompt)-1 .. len(tokens)-2
+        scores.add(i * width + len(prompt) - 1 + torch.arange(len(completion)), completion, i)
+    return ModelInputs(input_ids.to(device), attention_mask.to(device), None, *scores.tensors(device), rows)
+
+
+def packed_row(sequences: list[tuple[list[int], list[int]]], device: torch.device) -> ModelInputs:
+    """All (prompt, completion) sequences back to back in one row, positions restarting per
+    sequence, attention confined to each sequence; sequence i scores its completion."""
+    ids, positions, lengths = [], [], []
+    scores = _Scores()
+    start = 0
+    for i, (prompt, completion) in enumerate(sequences):
+        _check_prompt(prompt)
+        n = len(prompt) + len(completion)
+        ids += prompt + completion
+        positions.append(torch.arange(n))
+        lengths.append(n)
+        scores.add(start + len(prompt) - 1 + torch.arange(len(completion)), completion, i)
+        start += n
     return ModelInputs(
-        input_ids.to(device),
-        attention_mask.to(device),
+        torch.tensor([ids], device=device),
         None,
-        next_ids.to(device),
-        sequence_index.to(device),
-        rows,
+        torch.cat(positions).unsqueeze(0).to(device),
+        *scores.tensors(device),
+        len(sequences),
+        AttentionSegments.for_sequences(lengths),
+    )
+
+
+def shared_prefix_row(batch: PairBatch, device: torch.device) -> ModelInputs:
+    """One row of `[prompt | chosen | rejected]` per pair, back to back. Rejected positions
+    continue from the prompt's end and attend to the prompt, not to chosen; the last prompt
+    position scores both completions' first tokens. Pair i's chosen is sequence i, its
+    rejected sequence B + i (as in the concatenated layout)."""
+    b = len(batch)
+    ids, positions, triples = [], [], []
+    scores = _Scores()
+    start = 0
+    for i, (prompt, chosen, rejected) in enumerate(zip(batch.prompts, batch.chosen, batch.rejected)):
+        _check_prompt(prompt)
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        ids += prompt + chosen + rejected
+        positions += [torch.arange(p + c), p + torch.arange(r)]
+        triples.append((p, c, r))
+        last_prompt = start + p - 1
+        scores.add(last_prompt + torch.arange(c), chosen, i)
+        rejected_positions = torch.cat([torch.tensor([last_prompt]), start + p + c + torch.arange(r - 1)])
+        scores.add(rejected_positions, rejected, b + i)
+        start += p + c + r
+    return ModelInputs(
+        torch.tensor([ids], device=device),
+        None,
+        torch.cat(positions).unsqueeze(0).to(device),
+        *scores.tensors(device),
+        2 * b,
+        AttentionSegments.for_shared_prefix(triples),
     )
 
 
 def _score(model: nn.Module, inputs: ModelInputs, with_logweights: bool) -> SequenceScores:
-    return model(
-        inputs.input_ids,
-        inputs.attention_mask,
-        inputs.position_ids,
-        inputs.next_ids,
-        inputs.sequence_index,
-        inputs.num_sequences,
-        with_logweights,
-    )
+    return model(**vars(inputs), with_logweights=with_logweights)
 
 
-ForwardMode = Callable[[nn.Module, PairBatch, int, torch.device, bool], PreferenceLogps]
-FORWARD_MODES: dict[str, ForwardMode] = {}
-
-
-def register(name: str) -> Callable[[ForwardMode], ForwardMode]:
-    def add(fn: ForwardMode) -> ForwardMode:
-        FORWARD_MODES[name] = fn
-        return fn
-
-    return add
-
-
-@register("concatenated")
-def concatenated_forward(
-    model: nn.Module, batch: PairBatch, pad_id: int, device: torch.device, with_logweights: bool
-) -> PreferenceLogps:
-    """Chosen and rejected stacked into one padded batch of 2B rows: one forward, one
-    all-gather per block under FSDP."""
-    sequences = list(zip(batch.prompts, batch.chosen)) + list(zip(batch.prompts, batch.rejected))
-    scores = _score(model, padded_rows(sequences, pad_id, device), with_logweights)
-    b = len(batch)
+def _pair_logps(scores: SequenceScores, b: int) -> PreferenceLogps:
+    """Split 2B sequence scores (chosen first, then rejected) into per-pair tensors."""
     lw = scores.logweights
     return PreferenceLogps(
         chosen_logps=scores.logps[:b],
@@ -186,25 +298,70 @@ def concatenated_forward(
     )
 
 
+def both_sequences(batch: PairBatch) -> list[tuple[list[int], list[int]]]:
+    """(prompt, chosen) of every pair, then (prompt, rejected) of every pair."""
+    return list(zip(batch.prompts, batch.chosen)) + list(zip(batch.prompts, batch.rejected))
+
+
+ForwardMode = Callable[[nn.Module, PairBatch, int, torch.device, bool], PreferenceLogps]
+Layout = Callable[[PairBatch, int, torch.device], list[ModelInputs]]
+FORWARD_MODES: dict[str, ForwardMode] = {}
+LAYOUTS: dict[str, Layout] = {}
+
+
+def register(name: str) -> Callable[[Layout], Layout]:
+    """Register a layout (pairs -> one or more model inputs whose sequences, in order, are the B
+    chosen then the B rejected completions) as the forward mode `name`."""
+
+    def add(layout: Layout) -> Layout:
+        def mode(
+            model: nn.Module, batch: PairBatch, pad_id: int, device: torch.device, with_logweights: bool
+        ) -> PreferenceLogps:
+            parts = [_score(model, inputs, with_logweights) for inputs in layout(batch, pad_id, device)]
+            if len(parts) == 1:
+                return _pair_logps(parts[0], len(batch))
+            lws = [p.logweights for p in parts]
+            merged = SequenceScores(
+                torch.cat([p.logps for p in parts]),
+                torch.cat([p.tokens for p in parts]),
+                None if lws[0] is None else torch.cat(lws),
+            )
+            return _pair_logps(merged, len(batch))
+
+        mode.__doc__ = layout.__doc__
+        LAYOUTS[name] = layout
+        FORWARD_MODES[name] = mode
+        return layout
+
+    return add
+
+
+@register("concatenated")
+def concatenated_layout(batch: PairBatch, pad_id: int, device: torch.device) -> list[ModelInputs]:
+    """Chosen and rejected stacked into one padded batch of 2B rows: one forward, one
+    all-gather per block under FSDP."""
+    return [padded_rows(both_sequences(batch), pad_id, device)]
+
+
 @register("separate")
-def separate_forward(
-    model: nn.Module, batch: PairBatch, pad_id: int, device: torch.device, with_logweights: bool
-) -> PreferenceLogps:
+def separate_layout(batch: PairBatch, pad_id: int, device: torch.device) -> list[ModelInputs]:
     """Two forwards of B rows (chosen, then rejected): lower peak activation memory."""
-    chosen = _score(
-        model, padded_rows(list(zip(batch.prompts, batch.chosen)), pad_id, device), with_logweights
-    )
-    rejected = _score(
-        model, padded_rows(list(zip(batch.prompts, batch.rejected)), pad_id, device), with_logweights
-    )
-    return PreferenceLogps(
-        chosen_logps=chosen.logps,
-        rejected_logps=rejected.logps,
-        chosen_tokens=chosen.tokens,
-        rejected_tokens=rejected.tokens,
-        chosen_logweights=chosen.logweights,
-        rejected_logweights=rejected.logweights,
-    )
+    return [
+        padded_rows(list(zip(batch.prompts, batch.chosen)), pad_id, device),
+        padded_rows(list(zip(batch.prompts, batch.rejected)), pad_id, device),
+    ]
+
+
+@register("packed")
+def packed_layout(batch: PairBatch, pad_id: int, device: torch.device) -> list[ModelInputs]:
+    """All 2B sequences in one row without padding, attention confined to each sequence."""
+    return [packed_row(both_sequences(batch), device)]
+
+
+@register("prefix_shared")
+def prefix_shared_layout(batch: PairBatch, pad_id: int, device: torch.device) -> list[ModelInputs]:
+    """One `[prompt | chosen | rejected]` sequence per pair, packed: each prompt computed once."""
+    return [shared_prefix_row(batch, device)]
 
 
 def policy_logps(

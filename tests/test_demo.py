@@ -58,11 +58,9 @@ def test_export_reproduces_the_trained_model_logits(
     ids = torch.tensor([trainer.train_data.pairs[0].prompt_ids + trainer.train_data.pairs[0].chosen_ids])
     length = ids.shape[1]
     # score every position as its own one-token sequence: log p(x_{t+1} | x_<=t) for all t
-    next_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
-    sequence_index = torch.arange(length).unsqueeze(0).clone()
-    sequence_index[0, -1] = -1
+    positions = torch.arange(length - 1)
     with torch.no_grad():
-        trained = trainer.model(ids, None, None, next_ids, sequence_index, length).logps[:-1]
+        trained = trainer.model(ids, None, None, positions, ids[0, 1:], positions, length - 1).logps
         reloaded = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
         logits = reloaded(ids, use_cache=False).logits[0, :-1]
         expected = torch.log_softmax(logits.float(), -1).gather(-1, ids[0, 1:, None])[:, 0]

@@ -1,4 +1,6 @@
-"""Per-sequence log-probs: forward modes agree, and the chunked head equals full-logit math."""
+"""Per-sequence log-probs: the four forward modes agree (values and gradients, plain, under FSDP2,
+with activation checkpointing), the chunked head equals full-logit math, and the packed layouts
+are what their docstrings say."""
 
 from __future__ import annotations
 
@@ -7,13 +9,30 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from engine.attention import AttentionSegments, segment_attention
 from engine.config import DataConfig, DataSource, ModelConfig, ParallelConfig
-from engine.data import build_dataset, collate
-from engine.forward import FORWARD_MODES, SequenceLogprobs, padded_rows, policy_logps
+from engine.data import PairBatch, build_dataset, collate
+from engine.forward import (
+    FORWARD_MODES,
+    SequenceLogprobs,
+    padded_rows,
+    policy_logps,
+    score_tokens,
+    shared_prefix_row,
+)
 from engine.model import build_tokenizer
 
 CPU = torch.device("cpu")
+FIELDS = (
+    "chosen_logps",
+    "rejected_logps",
+    "chosen_tokens",
+    "rejected_tokens",
+    "chosen_logweights",
+    "rejected_logweights",
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +45,21 @@ def setup(tiny_model_dir: Path, small_data: dict):
     return tokenizer, data, lm
 
 
-def _reference_scores(lm, sequences, pad_id):
+@pytest.fixture(scope="module")
+def varied_batch() -> PairBatch:
+    """6 random pairs: prompts 1-40 tokens, completions 1-60 tokens (one of each length 1)."""
+    g = torch.Generator().manual_seed(3)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, 400, (n,), generator=g).tolist()
+
+    prompts = [tokens(n) for n in (1, 40, 7, 23, 12, 31)]
+    chosen = [tokens(n) for n in (5, 1, 60, 17, 33, 9)]
+    rejected = [tokens(n) for n in (44, 12, 1, 29, 8, 50)]
+    return PairBatch(torch.arange(6), torch.ones(6, dtype=torch.bool), prompts, chosen, rejected)
+
+
+def _reference_scores(lm, sequences):
     """float64 per-sequence log-probs and WPO log-weights from full logits, one sequence at a time."""
     lm64 = copy.deepcopy(lm).double()
     logps, logweights = [], []
@@ -42,12 +75,37 @@ def _reference_scores(lm, sequences, pad_id):
     return torch.stack(logps), torch.stack(logweights)
 
 
-@pytest.mark.parametrize("chunk_tokens", [7, 4096])
+def _run(model, mode: str, batch: PairBatch, pad_id: int = 0):
+    """Log-probs (with WPO log-weights) and the gradients of a fixed function of them."""
+    model.zero_grad(set_to_none=True)
+    out = policy_logps(mode, model, batch, pad_id, CPU, True)
+    (out.chosen_logps.sum() - 0.7 * out.rejected_logps.sum()).backward()
+    grads = {
+        n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone() for n, p in model.named_parameters()
+    }
+    return out, grads
+
+
+def _assert_same(out, grads, base, base_grads, rtol: float, label: str) -> None:
+    for name in FIELDS:
+        torch.testing.assert_close(
+            getattr(out, name).detach(),
+            getattr(base, name).detach(),
+            rtol=rtol,
+            atol=rtol,
+            msg=f"{label}: {name}",
+        )
+    for name, g in base_grads.items():
+        scale = g.abs().max().clamp(min=1e-12)
+        assert (grads[name] - g).abs().max() <= rtol * scale, f"{label}: gradient of {name}"
+
+
+@pytest.mark.parametrize("chunk_tokens", [7, 0])
 def test_chunked_logps_and_logweights_match_float64_full_logits(setup, chunk_tokens: int) -> None:
     tokenizer, data, lm = setup
     batch = collate(data, list(range(6)))
     sequences = list(zip(batch.prompts, batch.chosen)) + list(zip(batch.prompts, batch.rejected))
-    expected_lp, expected_lw = _reference_scores(lm, sequences, tokenizer.pad_token_id)
+    expected_lp, expected_lw = _reference_scores(lm, sequences)
     model = SequenceLogprobs(lm, chunk_tokens=chunk_tokens)
     scores = model(**vars(padded_rows(sequences, tokenizer.pad_token_id, CPU)), with_logweights=True)
     torch.testing.assert_close(scores.logps.double(), expected_lp, rtol=1e-6, atol=1e-5)
@@ -57,48 +115,114 @@ def test_chunked_logps_and_logweights_match_float64_full_logits(setup, chunk_tok
     assert not scores.logweights.requires_grad
 
 
-def test_chunked_gradients_equal_unchunked(setup) -> None:
-    tokenizer, data, lm = setup
-    batch = collate(data, list(range(4)))
-    grads = []
-    for chunk in (5, 10_000):
-        model = SequenceLogprobs(copy.deepcopy(lm), chunk_tokens=chunk)
-        logps = policy_logps("concatenated", model, batch, tokenizer.pad_token_id, CPU)
-        (logps.chosen_logps.sum() - 0.5 * logps.rejected_logps.sum()).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-6, atol=1e-6)
+def test_chunked_logps_and_gradients_equal_unchunked() -> None:
+    """score_tokens in chunks of 5 (recomputed in backward) vs one chunk kept for backward."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 97, bias=False)
+    hidden = torch.randn(53, 16)
+    targets = torch.randint(0, 97, (53,))
+    results = []
+    for chunk in (5, 0):
+        head.zero_grad()
+        h = hidden.clone().requires_grad_()
+        logp, logweight = score_tokens(head, h, targets, chunk, with_logweights=True)
+        (logp * torch.linspace(-1, 1, 53)).sum().backward()
+        results.append((logp.detach(), logweight, h.grad, head.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_forward_modes_agree(setup) -> None:
-    tokenizer, data, lm = setup
-    batch = collate(data, list(range(8)))
+def test_forward_modes_agree_on_varied_lengths(setup, varied_batch) -> None:
+    """All modes give concatenated's log-probs, token counts, WPO log-weights and gradients."""
+    model = SequenceLogprobs(copy.deepcopy(setup[2]))
+    base, base_grads = _run(model, "concatenated", varied_batch)
+    for mode in FORWARD_MODES:
+        out, grads = _run(model, mode, varied_batch)
+        _assert_same(out, grads, base, base_grads, 1e-5, mode)
+
+
+def test_forward_modes_agree_with_eager_attention(setup, varied_batch) -> None:
+    """The segment attention falls back to (and agrees with) the model's own eager kernel."""
+    lm = copy.deepcopy(setup[2])
+    lm.set_attn_implementation("eager")
     model = SequenceLogprobs(lm)
+    assert lm.config._attn_implementation == "fsdpo_eager"
     with torch.no_grad():
-        results = {m: policy_logps(m, model, batch, tokenizer.pad_token_id, CPU, True) for m in FORWARD_MODES}
-    base = results["concatenated"]
-    for mode, other in results.items():
-        for field in ("chosen_logps", "rejected_logps", "chosen_tokens", "chosen_logweights"):
-            torch.testing.assert_close(
-                getattr(other, field), getattr(base, field), rtol=1e-6, atol=1e-6, msg=mode
-            )
+        base = policy_logps("concatenated", model, varied_batch, 0, CPU, True)
+        for mode in ("packed", "prefix_shared"):
+            out = policy_logps(mode, model, varied_batch, 0, CPU, True)
+            for name in FIELDS:
+                torch.testing.assert_close(getattr(out, name), getattr(base, name), rtol=1e-5, atol=1e-5)
 
 
-def test_fsdp_wrapped_forward_matches_plain(setup, world) -> None:
-    """One-rank FSDP2 (the real parallelize path) gives the plain model's log-probs."""
+def test_forward_modes_agree_under_fsdp_with_activation_checkpointing(setup, varied_batch, world) -> None:
+    """One-rank FSDP2 with every block checkpointed (the segments travel into recomputation)."""
     from engine.parallel import parallelize
 
-    tokenizer, data, lm = setup
-    batch = collate(data, list(range(4)))
-    with torch.no_grad():
-        plain = policy_logps(
-            "concatenated", SequenceLogprobs(copy.deepcopy(lm)), batch, tokenizer.pad_token_id, CPU
-        )
-        sharded = parallelize(
-            SequenceLogprobs(copy.deepcopy(lm)),
-            ParallelConfig(activation_checkpointing="full"),
-            world.mesh,
-            world.device,
-        )
-        fsdp = policy_logps("concatenated", sharded, batch, tokenizer.pad_token_id, CPU)
-    torch.testing.assert_close(fsdp.chosen_logps, plain.chosen_logps, rtol=1e-6, atol=1e-6)
+    plain = SequenceLogprobs(copy.deepcopy(setup[2]))
+    base, base_grads = _run(plain, "concatenated", varied_batch)
+    sharded = parallelize(
+        SequenceLogprobs(copy.deepcopy(setup[2])),
+        ParallelConfig(activation_checkpointing="full"),
+        world.mesh,
+        world.device,
+    )
+    for mode in FORWARD_MODES:
+        out, grads = _run(sharded, mode, varied_batch)
+        grads = {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in grads.items()}
+        _assert_same(out, grads, base, base_grads, 1e-5, f"fsdp+ac {mode}")
+
+
+def test_shared_prefix_layout() -> None:
+    """Pair 0: prompt [10, 11], chosen [20, 21, 22], rejected [30]; pair 1: prompt [12],
+    chosen [23], rejected [31, 32]. Row: 10 11 20 21 22 30 | 12 23 31 32, positions
+    0 1 2 3 4 2 | 0 1 1 2 (rejected continues from the prompt's end). Scored (position ->
+    target, sequence): 1->20, 2->21, 3->22 (chosen 0), 1->30 (rejected 0 = sequence 2);
+    6->23 (chosen 1), 6->31, 8->32 (rejected 1 = sequence 3)."""
+    batch = PairBatch(
+        torch.arange(2),
+        torch.ones(2, dtype=torch.bool),
+        [[10, 11], [12]],
+        [[20, 21, 22], [23]],
+        [[30], [31, 32]],
+    )
+    inputs = shared_prefix_row(batch, CPU)
+    assert inputs.input_ids.tolist() == [[10, 11, 20, 21, 22, 30, 12, 23, 31, 32]]
+    assert inputs.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 0, 1, 1, 2]]
+    scored = sorted(
+        zip(inputs.score_positions.tolist(), inputs.score_targets.tolist(), inputs.score_sequences.tolist())
+    )
+    assert scored == sorted(
+        [(1, 20, 0), (2, 21, 0), (3, 22, 0), (1, 30, 2), (6, 23, 1), (6, 31, 3), (8, 32, 3)]
+    )
+    assert inputs.num_sequences == 4
+    assert inputs.segments.blocks == [
+        (0, 5, ((0, 5),)),
+        (5, 6, ((0, 2), (5, 6))),
+        (6, 8, ((6, 8),)),
+        (8, 10, ((6, 7), (8, 10))),
+    ]
+
+
+def test_segment_attention_equals_a_dense_mask_with_gqa() -> None:
+    """Block attention (4 query heads, 2 kv heads) equals sdpa with the dense boolean mask of
+    the same pattern: per-sequence causal, and rejected seeing its prompt but not chosen."""
+    torch.manual_seed(0)
+    segments = AttentionSegments.for_shared_prefix([(3, 4, 2), (1, 2, 5)])
+    n = segments.length
+    q, k, v = torch.randn(1, 4, n, 8), torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    for start, stop, spans in segments.blocks:
+        keys = [i for a, b in spans for i in range(a, b)]
+        for j, query in enumerate(range(start, stop)):
+            for i, key in enumerate(keys):
+                allowed[query, key] = i <= len(keys) - (stop - start) + j
+    # spot checks of the pattern: rejected (row 7) sees prompt 0-2 and itself, not chosen 3-6
+    assert allowed[7].nonzero().flatten().tolist() == [0, 1, 2, 7]
+    assert allowed[6].nonzero().flatten().tolist() == list(range(7))
+    expected = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed
+    ).transpose(1, 2)
+    got = segment_attention(torch.nn.Module(), q, k, v, segments)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert segments.visible_pairs() == int(allowed.sum())

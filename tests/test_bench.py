@@ -1,0 +1,84 @@
+"""The forward-mode benchmark runs and reports what it documents; packed forward modes train the
+same curves as the concatenated one (2 ranks, one launch)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from engine import bench
+from engine.errors import UserError
+from tests.conftest import base_tables, run_sweep, write_recipe
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small_data: dict) -> Path:
+    tmp = tmp_path_factory.mktemp("bench")
+    tables = base_tables(tiny_model_dir, small_data, tmp / "unused")
+    tables["training"].update(global_batch_size=4, micro_batch_size=2)
+    return write_recipe(tmp / "bench.toml", tables)
+
+
+def test_bench_reports_every_mode(recipe: Path, tmp_path: Path, world) -> None:
+    out = tmp_path / "bench.json"
+    report = bench.main(
+        [str(recipe), "data.max_length=96", "--steps", "2", "--warmup", "1", "--synthetic-pairs", "8",
+         "--prompt-len", "20", "--completion-len", "5,40", "--matmul-size", "256", "--out", str(out)]
+    )  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert set(report["modes"]) == {"concatenated", "separate", "packed", "prefix_shared"}
+    for mode, row in report["modes"].items():
+        assert set(bench.RESULT_KEYS) <= set(row), mode
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_mem_gib"] > 0, mode
+        assert len(row["step_times_s"]) == 2
+        assert math.isclose(
+            row["pair_tokens_per_step"], report["modes"]["concatenated"]["pair_tokens_per_step"]
+        )
+    modes = report["modes"]
+    assert modes["packed"]["padding_fraction"] == 0 and modes["concatenated"]["padding_fraction"] > 0
+    # prefix sharing computes each prompt once: fewer positions than the pair tokens
+    assert modes["prefix_shared"]["computed_tokens_per_step"] < modes["packed"]["computed_tokens_per_step"]
+    assert modes["packed"]["computed_tokens_per_step"] == modes["packed"]["pair_tokens_per_step"]
+    assert "packed/concatenated" in report["ratios"] and "prefix_shared/packed" in report["ratios"]
+    assert report["setup"]["matmul_flops"] > 0
+
+
+def test_bench_against_trl_without_trl_is_a_clear_error(recipe: Path, world) -> None:
+    if importlib.util.find_spec("trl") is not None:
+        pytest.skip("trl is installed")
+    with pytest.raises(UserError, match="pip install trl"):
+        bench.main([str(recipe), "--modes", "packed", "--steps", "1", "--warmup", "0", "--against", "trl"])
+
+
+def test_logprob_step_memory_probe_runs() -> None:
+    for variant in ("full_logits", "unchunked", "chunked"):
+        result = bench.logprob_step(variant, vocab=64, hidden=8, rows=2, seq_len=16, chunk_tokens=8)
+        assert result["variant"] == variant and result["peak_delta_gib"] >= 0
+
+
+@pytest.mark.slow
+def test_packed_modes_train_the_concatenated_curve(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict
+) -> None:
+    """5 steps on 2 ranks (micro-batch 2, accumulation 2): losses equal to 1e-5."""
+    tables = base_tables(tiny_model_dir, small_data, tmp_path / "unused")
+    tables["data"]["eval"] = []
+    tables["training"].update(max_steps=5, micro_batch_size=2)
+    tables["export"] = {"enabled": False}
+    tables["optimizer"]["lr"] = 1e-4  # Adam amplifies reduction-order noise at larger rates
+    recipe = write_recipe(tmp_path / "curve.toml", tables)
+    runs = {
+        "concatenated": ["training.forward_mode=concatenated"],
+        "packed": ["training.forward_mode=packed"],
+        "prefix_shared": ["training.forward_mode=prefix_shared", "parallel.activation_checkpointing=full"],
+    }
+    results = run_sweep(recipe, tmp_path / "sweep", runs, nproc=2)
+    base = results["concatenated"]["losses"]
+    assert len(base) == 5
+    for mode in ("packed", "prefix_shared"):
+        for a, b in zip(results[mode]["losses"], base):
+            assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (mode, results[mode]["losses"], base)
