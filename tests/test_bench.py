@@ -57,7 +57,8 @@ def test_bench_against_trl_without_trl_is_a_clear_error(recipe: Path, world) -> 
 def test_logprob_step_memory_probe_runs() -> None:
     for variant in ("full_logits", "unchunked", "chunked"):
         result = bench.logprob_step(variant, vocab=64, hidden=8, rows=2, seq_len=16, chunk_tokens=8)
-        assert result["variant"] == variant and result["peak_delta_gib"] >= 0
+        # at these toy sizes the RSS delta is allocator noise and can be slightly negative
+        assert result["variant"] == variant and math.isfinite(result["peak_delta_gib"])
 
 
 @pytest.mark.slow
