@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import itertools
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -191,6 +192,7 @@ def _repeat_kv(x: Tensor, groups: int) -> Tensor:
     return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
 
 
+@functools.cache
 def _flash_varlen() -> Callable | None:
     try:
         from flash_attn import flash_attn_varlen_func
