@@ -402,23 +402,11 @@ def check_inputs(cfg: Config) -> list[str]:
     output_dir = Path(cfg.job.output_dir)
     checkpoints = CheckpointManager(output_dir, cfg.checkpoint, rank=0, world_size=1)
     resume = checkpoints.resume_path()
+    from engine.trainer import check_output_dir  # the very checks a real run makes
+
     check_output_dir(output_dir, cfg.job.overwrite, resuming=resume is not None)
     lines.append(f"job.output_dir: {output_dir}" + (f" (resumes from {resume})" if resume else ""))
     return lines
-
-
-def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
-    """The checks trainer.prepare_output_dir makes before it changes anything."""
-    from engine.trainer import RUN_FILES
-
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"job.output_dir: {output_dir} exists and is not a folder")
-    previous = [name for name in RUN_FILES if (output_dir / name).exists()]
-    if not resuming and previous and not overwrite:
-        raise UserError(
-            f"job.output_dir: {output_dir} already holds a run ({', '.join(previous)}); "
-            "resume it (checkpoint.resume=auto needs a checkpoint), choose another folder or set job.overwrite=true"
-        )
 
 
 def dry_run(cfg: Config, world_size: int | None = None, ranks_per_node: int | None = None) -> str:
