@@ -29,11 +29,12 @@ Per mode it reports:
 - `peak_mem_gib`: peak CUDA memory allocated, or on CPU the peak resident set size of the timed
   steps (the kernel's high-water mark, reset per mode after the allocator's free memory is
   trimmed, so earlier modes do not count), max over ranks;
-- `mfu`: model FLOPs / step time / (measured matmul FLOP/s x ranks) (median over steps), where model FLOPs are
-  6 x parameters x non-padding positions computed, plus attention: 12 x layers x heads x
-  head dim x (query, key) pairs attended (causal, forward + backward). The matmul rate is
-  measured on this device in this run (a 2048^3 matmul by default, the best of a measurement before
-  and one after the modes).
+- `mfu`: model FLOPs / step time / (measured matmul FLOP/s x ranks), median over steps, where
+  model FLOPs are 6 x parameters x non-padding positions computed, plus attention: 12 x layers
+  x heads x head dim x (query, key) pairs attended (causal, forward + backward). The matmul rate is
+  measured on this device in this run: a 2048^3 matmul by default, timed before every round
+  and at the end, the best of those (so that one measurement taken under other load does not
+  inflate the MFU).
 
 `ratios` are paired: the median over timed steps of one mode's speed-up over another on the
 same pairs (robust on a shared machine, where a mode's median alone moves with the load).
@@ -619,11 +620,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pairs = recipe_pairs(cfg, tokenizer)
     setup = Setup(cfg, pairs, tokenizer.pad_token_id, args.steps, args.warmup, args.rounds, overrides)
     dtype = compute_dtype(cfg.parallel, world.device)
-    peak_before = measure_matmul_flops(world.device, dtype, args.matmul_size)
 
     raw: dict[str, dict[str, Any]] = {}
     runners = [*modes, *(["trl"] if args.against == "trl" else [])]
+    matmul_rates = []
     for round_index in range(args.rounds):  # modes alternate, so load drift hits them alike
+        matmul_rates.append(measure_matmul_flops(world.device, dtype, args.matmul_size))
         timed = range(args.warmup + round_index * args.steps, args.warmup + (round_index + 1) * args.steps)
         for name in runners:
             log(
@@ -634,7 +636,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 result = run_mode(name, setup, world, timed)
             raw[name] = result if name not in raw else _merge(raw[name], result)
-    peak_flops = max(peak_before, measure_matmul_flops(world.device, dtype, args.matmul_size))
+    matmul_rates.append(measure_matmul_flops(world.device, dtype, args.matmul_size))
+    peak_flops = max(_reduce(matmul_rates, world.device, dist.ReduceOp.MIN))  # the slowest rank's
 
     results = {name: summarize(r, peak_flops, world.world_size) for name, r in raw.items()}
     for name, r in raw.items():

@@ -167,7 +167,8 @@ def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     names: set[str] = set()
     for module in model.modules():  # the HF model may sit inside wrappers (ours, peft's)
         names.update(getattr(module, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    # fully_shard renames classes to FSDP<Name>, so match over the class hierarchy
+    blocks = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not blocks:
         raise UserError(
             f"model.path: cannot find the decoder blocks of {type(model).__name__} "

@@ -139,7 +139,9 @@ class Trainer:
         self.trainable_params = sum(p.numel() for p in causal_lm.parameters() if p.requires_grad)
         ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
         mesh = build_mesh(cfg.parallel, world.world_size, ranks_per_node, world.device.type)
-        self.model = parallelize(SequenceLogprobs(causal_lm), cfg.parallel, mesh, world.device)
+        self.model = parallelize(
+            SequenceLogprobs(causal_lm, t.logprob_chunk_tokens), cfg.parallel, mesh, world.device
+        )
         if weights_dir is not None:
             rss_before = peak_memory_gib(torch.device("cpu"))
             tied = {"lm_head.weight": "model.embed_tokens.weight"}

@@ -226,3 +226,22 @@ def test_segment_attention_equals_a_dense_mask_with_gqa() -> None:
     got = segment_attention(torch.nn.Module(), q, k, v, segments)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     assert segments.visible_pairs() == int(allowed.sum())
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager(setup, world) -> None:
+    """parallel.compile: per-block torch.compile after fully_shard gives the eager log-probs."""
+    from engine.parallel import parallelize
+
+    tokenizer, data, lm = setup
+    batch = collate(data, list(range(4)))
+    with torch.no_grad():
+        eager = policy_logps(
+            "packed", SequenceLogprobs(copy.deepcopy(lm)), batch, tokenizer.pad_token_id, CPU
+        )
+        compiled_model = parallelize(
+            SequenceLogprobs(copy.deepcopy(lm)), ParallelConfig(compile=True), world.mesh, world.device
+        )
+        compiled = policy_logps("packed", compiled_model, batch, tokenizer.pad_token_id, CPU)
+    torch.testing.assert_close(compiled.chosen_logps, eager.chosen_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled.rejected_logps, eager.rejected_logps, rtol=1e-5, atol=1e-5)
