@@ -1,13 +1,16 @@
 """Forward-mode benchmark: timed training steps of each forward mode on the recipe's model.
 
     python -m engine.bench RECIPE.toml [table.key=value ...] \\
-        --modes concatenated,separate,packed,prefix_shared [--steps 5] [--warmup 1] [--rounds 1] \\
+        --modes concatenated,separate,packed,prefix_shared,packed@4096 [--steps 5] [--warmup 1] [--rounds 1] \\
         [--synthetic-pairs N] [--prompt-len 150] [--completion-len 50,500] \\
         [--model-config hidden_size=384,num_hidden_layers=6] [--out bench.json] [--against trl]
     torchrun --nproc_per_node 2 -m engine.bench RECIPE.toml ...
     python -m engine.bench --logprob-memory [--vocab 32000 --hidden 256 --rows 8 --seq-len 1024]
 
-Each mode gets a freshly built (same seed) model, sharded by the recipe's `[parallel]` table, and
+A mode is a forward mode, optionally with a token budget for its micro-batches (`packed@4096`:
+`training.micro_batch_tokens = 4096`; plain packed modes take the recipe's
+`training.micro_batch_tokens`, padded ones its `micro_batch_size`), so a fixed pair count and a
+token budget can be compared in one run. Each mode gets a freshly built (same seed) model, sharded by the recipe's `[parallel]` table, and
 its optimizer; `--warmup` steps, then `--steps` timed steps of forward + backward + clip +
 optimizer step over the recipe's global batch (micro-batches and accumulation as in training),
 with `--rounds` repeating the whole sequence of modes (alternating them, so that load drift
@@ -26,6 +29,9 @@ Per mode it reports:
 - `padding_fraction`: share of the positions run through the model that are padding;
 - `computed_tokens_per_step`: positions run through the model (prefix sharing computes fewer
   than the pair tokens);
+- `forwards_per_step` (mean, per rank), `micro_batch_tokens_mean`, `micro_batch_tokens_max` and
+  `micro_batch_tokens_cv` (std / mean): positions computed per forward, over all ranks' timed
+  micro-batches (how steady the work of a forward is);
 - `peak_mem_gib`: peak CUDA memory allocated, or on CPU the peak resident set size of the timed
   steps (the kernel's high-water mark, reset per mode after the allocator's free memory is
   trimmed, so earlier modes do not count), max over ranks;
@@ -71,7 +77,7 @@ import torch.distributed as dist
 
 from engine import losses
 from engine.config import Config, load_config
-from engine.data import PairBatch
+from engine.data import PairBatch, pair_token_counts, token_budget_micro_batches
 from engine.errors import UserError
 from engine.forward import FORWARD_MODES, LAYOUTS, ModelInputs, SequenceLogprobs, policy_logps, score_tokens
 
@@ -86,6 +92,10 @@ RESULT_KEYS = (
     "peak_mem_gib",
     "mfu",
     "model_flops_per_step",
+    "forwards_per_step",
+    "micro_batch_tokens_mean",
+    "micro_batch_tokens_max",
+    "micro_batch_tokens_cv",
 )
 
 Pair = tuple[list[int], list[int], list[int]]
@@ -123,9 +133,9 @@ def recipe_pairs(cfg: Config, tokenizer) -> list[Pair]:
     return [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
 
 
-def pair_batch(pairs: list[Pair], start: int) -> PairBatch:
+def pair_batch(pairs: list[Pair], ids: list[int]) -> PairBatch:
     return PairBatch(
-        pair_ids=torch.arange(start, start + len(pairs)),
+        pair_ids=torch.tensor(ids, dtype=torch.long),
         valid=torch.ones(len(pairs), dtype=torch.bool),
         prompts=[p for p, _, _ in pairs],
         chosen=[c for _, c, _ in pairs],
@@ -133,17 +143,42 @@ def pair_batch(pairs: list[Pair], start: int) -> PairBatch:
     )
 
 
-def step_batches(pairs: list[Pair], step: int, cfg: Config, rank: int, world: int) -> list[PairBatch]:
+def parse_mode(spec: str, cfg: Config) -> tuple[str, int]:
+    """`packed@4096` -> ("packed", 4096): a forward mode and its micro-batch token budget (0 =
+    `micro_batch_size` pairs). Plain packed modes take the recipe's `micro_batch_tokens`."""
+    layout, at, budget = spec.partition("@")
+    if layout not in FORWARD_MODES:
+        raise UserError(f"--modes: unknown forward mode {layout!r} (known: {', '.join(FORWARD_MODES)})")
+    packed = layout in ("packed", "prefix_shared")
+    if not at:
+        return layout, cfg.training.micro_batch_tokens if packed else 0
+    if not packed or not budget.isdigit() or int(budget) < 1:
+        raise UserError(
+            f"--modes: {spec!r}: a token budget is `packed@N` or `prefix_shared@N` with N a positive integer"
+        )
+    return layout, int(budget)
+
+
+def step_batches(
+    pairs: list[Pair], step: int, cfg: Config, rank: int, world: int, layout: str = "", budget: int = 0
+) -> list[PairBatch]:
     """This rank's micro-batches of step `step`: the step's global batch is the next
-    global_batch_size pairs (wrapping around), each rank its contiguous slice."""
+    global_batch_size pairs (wrapping around), each rank its contiguous slice, cut into
+    `micro_batch_size` pairs, or by a token `budget` as the trainer's sampler does."""
     t = cfg.training
     per_rank = t.global_batch_size // world
-    start = step * t.global_batch_size + rank * per_rank
-    mine = [pairs[(start + i) % len(pairs)] for i in range(per_rank)]
-    return [
-        pair_batch(mine[i : i + t.micro_batch_size], start + i)
-        for i in range(0, per_rank, t.micro_batch_size)
-    ]
+    first = step * t.global_batch_size
+    step_pairs = [pairs[(first + i) % len(pairs)] for i in range(t.global_batch_size)]
+    start = first + rank * per_rank
+    mine = step_pairs[rank * per_rank : (rank + 1) * per_rank]
+    if budget:
+        tokens = pair_token_counts([[len(x) for x in pair] for pair in step_pairs], layout).tolist()
+        slices = [tokens[r * per_rank : (r + 1) * per_rank] for r in range(world)]
+        groups = token_budget_micro_batches(slices, rank, budget)
+    else:
+        m = t.micro_batch_size
+        groups = [list(range(i, min(i + m, per_rank))) for i in range(0, per_rank, m)]
+    return [pair_batch([mine[i] for i in group], [start + i for i in group]) for group in groups]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +295,8 @@ def build_causal_lm(cfg: Config, overrides: dict[str, Any]) -> torch.nn.Module:
 
 
 def run_mode(mode: str, setup: Setup, world, timed: range) -> dict[str, Any]:
-    """Build a fresh model for `mode`, run the warm-up steps, then time the steps `timed`."""
+    """Build a fresh model for `mode` (`parse_mode`), run the warm-up steps, then time the steps
+    `timed`."""
     from engine.optim import build_optimizer
     from engine.parallel import build_mesh, parallelize
 
@@ -275,10 +311,11 @@ def run_mode(mode: str, setup: Setup, world, timed: range) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.optimizer)
     with_logweights = losses.needs_logweights(cfg.loss)
     gbs = cfg.training.global_batch_size
+    layout, budget = parse_mode(mode, cfg)
 
     def train_step(step: int) -> None:
-        for batch in step_batches(setup.pairs, step, cfg, world.rank, world.world_size):
-            logps = policy_logps(mode, model, batch, setup.pad_id, device, with_logweights)
+        for batch in step_batches(setup.pairs, step, cfg, world.rank, world.world_size, layout, budget):
+            logps = policy_logps(layout, model, batch, setup.pad_id, device, with_logweights)
             logps.ref_chosen_logps = logps.chosen_logps.detach()
             logps.ref_rejected_logps = logps.rejected_logps.detach()
             out = losses.compute_loss(logps, cfg.loss)
@@ -309,20 +346,25 @@ def run_mode(mode: str, setup: Setup, world, timed: range) -> dict[str, Any]:
 
 
 def step_records(
-    layout: str, setup: Setup, world, timed: range, times: list[float], peak: float, params: int, config
+    mode: str, setup: Setup, world, timed: range, times: list[float], peak: float, params: int, config
 ) -> dict[str, Any]:
-    """Per timed step: time (max over ranks) and the work of `layout` on that step's pairs
-    (summed over ranks)."""
+    """Per timed step: time (max over ranks) and the work of `mode` on that step's pairs
+    (summed over ranks); per forward: the positions it computes (count, sum, sum of squares and
+    max over all ranks' micro-batches)."""
     device = world.device
-    per_step = []
+    layout, budget = parse_mode(mode, setup.cfg)
+    per_step, forward_tokens = [], []
     for step in timed:
-        s = layout_stats(
-            layout, step_batches(setup.pairs, step, setup.cfg, world.rank, world.world_size), setup.pad_id
-        )
+        batches = step_batches(setup.pairs, step, setup.cfg, world.rank, world.world_size, layout, budget)
+        s = layout_stats(layout, batches, setup.pad_id)
         per_step.append([s.pair_tokens, s.computed_tokens, s.real_tokens, model_flops(params, config, s)])
+        forward_tokens += [layout_stats(layout, [b], setup.pad_id).computed_tokens for b in batches]
     flat = _reduce([x for row in per_step for x in row], device)
     columns = list(zip(*[flat[i : i + 4] for i in range(0, len(flat), 4)]))
+    moments = _reduce([len(forward_tokens), sum(forward_tokens), sum(x * x for x in forward_tokens)], device)
     return {
+        "forward_moments": moments,
+        "forward_tokens_max": _reduce([max(forward_tokens)], device, dist.ReduceOp.MAX)[0],
         "params": params,
         "step_times_s": _reduce(times, device, dist.ReduceOp.MAX),
         "pair_tokens": list(columns[0]),
@@ -354,6 +396,8 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for key in ("step_times_s", "pair_tokens", "computed_tokens", "real_tokens", "model_flops"):
         merged[key] = a[key] + b[key]
     merged["peak_mem_gib"] = max(a["peak_mem_gib"], b["peak_mem_gib"])
+    merged["forward_moments"] = [x + y for x, y in zip(a["forward_moments"], b["forward_moments"])]
+    merged["forward_tokens_max"] = max(a["forward_tokens_max"], b["forward_tokens_max"])
     return merged
 
 
@@ -362,6 +406,8 @@ def summarize(raw: dict[str, Any], peak_flops: float, world_size: int) -> dict[s
     times = raw["step_times_s"]
     computed = sum(raw["computed_tokens"])
     steps = len(times)
+    forwards, total, squares = raw["forward_moments"]
+    mean = total / forwards
     return {
         "tokens_per_s": statistics.median(n / t for n, t in zip(raw["pair_tokens"], times)),
         "step_time_s": statistics.median(times),
@@ -374,6 +420,10 @@ def summarize(raw: dict[str, Any], peak_flops: float, world_size: int) -> dict[s
         "mfu": statistics.median(f / t for f, t in zip(raw["model_flops"], times))
         / (peak_flops * world_size),
         "model_flops_per_step": sum(raw["model_flops"]) / steps,
+        "forwards_per_step": forwards / world_size / steps,
+        "micro_batch_tokens_mean": mean,
+        "micro_batch_tokens_max": raw["forward_tokens_max"],
+        "micro_batch_tokens_cv": math.sqrt(max(squares / forwards - mean * mean, 0.0)) / mean,
     }
 
 
@@ -566,13 +616,18 @@ def _parse_model_config(text: str) -> dict[str, Any]:
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    head = f"{'mode':14s} {'tokens/s':>9s} {'step s (min-max)':>20s} {'padding':>8s} {'computed/step':>13s} {'peak GiB':>9s} {'MFU':>6s}"
+    head = (
+        f"{'mode':19s} {'tokens/s':>9s} {'step s (min-max)':>20s} {'padding':>8s} {'computed/step':>13s} "
+        f"{'fwd/step':>8s} {'tokens/fwd mean, max, cv':>24s} {'peak GiB':>9s} {'MFU':>6s}"
+    )
     lines = [head, "-" * len(head)]
     for mode, r in results.items():
         spread = f"{r['step_time_s']:.3f} ({r['step_time_min_s']:.2f}-{r['step_time_max_s']:.2f})"
+        per_forward = f"{r['micro_batch_tokens_mean']:.0f}, {r['micro_batch_tokens_max']:.0f}, {r['micro_batch_tokens_cv']:.2f}"
         lines.append(
-            f"{mode:14s} {r['tokens_per_s']:9.0f} {spread:>20s} {r['padding_fraction']:8.1%} "
-            f"{r['computed_tokens_per_step']:13.0f} {r['peak_mem_gib']:9.2f} {r['mfu']:6.1%}"
+            f"{mode:19s} {r['tokens_per_s']:9.0f} {spread:>20s} {r['padding_fraction']:8.1%} "
+            f"{r['computed_tokens_per_step']:13.0f} {r['forwards_per_step']:8.1f} {per_forward:>24s} "
+            f"{r['peak_mem_gib']:9.2f} {r['mfu']:6.1%}"
         )
     return "\n".join(lines)
 
@@ -591,9 +646,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.recipe:
         raise UserError("usage: python -m engine.bench RECIPE.toml [overrides] [--modes ...]")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for m in modes:
-        if m not in FORWARD_MODES:
-            raise UserError(f"--modes: unknown forward mode {m!r} (known: {', '.join(FORWARD_MODES)})")
 
     from engine.distributed import init_distributed, log
     from engine.metrics import measure_matmul_flops
@@ -603,6 +655,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(args.recipe, args.overrides)
     world = init_distributed()
     t = cfg.training
+    layouts = {m: parse_mode(m, cfg) for m in modes}
     if t.global_batch_size % (t.micro_batch_size * world.world_size):
         raise UserError(
             f"training.global_batch_size={t.global_batch_size} must be a multiple of micro_batch_size x ranks "
@@ -618,6 +671,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     else:
         pairs = recipe_pairs(cfg, tokenizer)
+    for m, (layout, budget) in layouts.items():
+        longest = max(pair_token_counts([[len(x) for x in pair] for pair in pairs], layout)) if budget else 0
+        if longest > budget:
+            raise UserError(
+                f"--modes: {m}: the token budget {budget} is smaller than a pair of {longest} tokens"
+            )
     setup = Setup(cfg, pairs, tokenizer.pad_token_id, args.steps, args.warmup, args.rounds, overrides)
     dtype = compute_dtype(cfg.parallel, world.device)
 
@@ -644,6 +703,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[name]["step_times_s"] = r["step_times_s"]
     comparisons = [(m, "concatenated") for m in modes if m != "concatenated"]
     comparisons += [("prefix_shared", "packed")] + [(m, "trl") for m in modes]
+    comparisons += [(m, layouts[m][0]) for m in modes if "@" in m]  # token budget vs fixed pairs
     ratios = {
         f"{a}/{b}": paired_speedup(raw[a]["step_times_s"], raw[b]["step_times_s"])
         for a, b in comparisons
@@ -662,6 +722,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "dtype": str(dtype),
             "global_batch_size": t.global_batch_size,
             "micro_batch_size": t.micro_batch_size,
+            "micro_batch_tokens": {m: budget for m, (_, budget) in layouts.items() if budget},
             "steps": args.steps,
             "rounds": args.rounds,
             "warmup": args.warmup,

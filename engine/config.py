@@ -147,7 +147,14 @@ class TrainingConfig:
     global_batch_size: int = 8
     """Pairs per optimizer step, summed over ranks and accumulation steps."""
     micro_batch_size: int = 1
-    """Pairs per rank per forward; accumulation = global / (micro x ranks), which must divide."""
+    """Pairs per rank per forward; accumulation = global / (micro x ranks), which must divide.
+    Not used when `micro_batch_tokens` is set."""
+    micro_batch_tokens: int = 0
+    """Packed forward modes: fill each micro-batch with pairs up to this many tokens (positions
+    of the packed row) instead of `micro_batch_size` pairs, so every forward does a steady amount
+    of work. Each rank's share of the global batch is split into as few micro-batches as fit
+    (the same count on every rank, as FSDP needs); the loss stays the mean over the global
+    batch's pairs. Must hold the longest pair. 0 = off."""
     epochs: int = 1
     """Passes over the training pairs (ignored when `max_steps` > 0)."""
     max_steps: int = -1
@@ -611,6 +618,12 @@ def validate(cfg: Config) -> None:
     t = cfg.training
     _check(t.global_batch_size >= 1, "training.global_batch_size", ">= 1", t.global_batch_size)
     _check(t.micro_batch_size >= 1, "training.micro_batch_size", ">= 1", t.micro_batch_size)
+    _check(t.micro_batch_tokens >= 0, "training.micro_batch_tokens", "an integer >= 0", t.micro_batch_tokens)
+    if t.micro_batch_tokens and t.forward_mode not in ("packed", "prefix_shared"):
+        raise UserError(
+            f"training.micro_batch_tokens: token budgets need forward_mode packed or prefix_shared "
+            f"(a padded mode's cost is set by its longest row), got {t.forward_mode!r}"
+        )
     _check(t.epochs >= 1, "training.epochs", "an integer >= 1", t.epochs)
     _check(t.max_steps == -1 or t.max_steps >= 1, "training.max_steps", "-1 or >= 1", t.max_steps)
     _check(t.eval_interval_steps >= 0, "training.eval_interval_steps", ">= 0", t.eval_interval_steps)

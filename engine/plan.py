@@ -65,7 +65,8 @@ class BatchPlan:
     global_batch_size: int
     micro_batch_size: int
     pairs_per_rank: int
-    accumulation_steps: int
+    accumulation_steps: int  # 0: set by the token budget, step by step
+    micro_batch_tokens: int = 0
 
 
 def plan_batches(training: TrainingConfig, world_size: int) -> BatchPlan:
@@ -74,6 +75,10 @@ def plan_batches(training: TrainingConfig, world_size: int) -> BatchPlan:
         raise UserError(f"--world-size: expected an integer >= 1, got {world_size}")
     gbs, micro = training.global_batch_size, training.micro_batch_size
     per_rank, rem = divmod(gbs, world_size)
+    if training.micro_batch_tokens:
+        if rem:
+            raise UserError(f"training.global_batch_size={gbs} must be a multiple of the {world_size} ranks")
+        return BatchPlan(world_size, gbs, micro, per_rank, 0, training.micro_batch_tokens)
     if rem or per_rank % micro:
         raise UserError(
             f"training.global_batch_size={gbs} must be a multiple of "
@@ -219,7 +224,8 @@ def estimate_memory(
 
     params, trained = size.parameters, size.trainable
     state("parameters", 4 * params // shard, f"fp32 master, {_n(params)} / {shard}")
-    if defers_gradient_sync(p) and batches.accumulation_steps > 1 and shard > 1:
+    accumulates = batches.accumulation_steps != 1  # 0: a token budget, usually several
+    if defers_gradient_sync(p) and accumulates and shard > 1:
         state("gradients", 4 * trained, f"fp32, {_n(trained)} unsharded while accumulating (gradient_sync)")
     else:
         state("gradients", 4 * trained // shard, f"fp32, {_n(trained)} trained / {shard}")
@@ -237,7 +243,7 @@ def estimate_memory(
         how = f"{dtype}: all {_n(params)} stay gathered ({p.sharding}) + 1 block's gradients ({_n(block_grads)})"
     add(MemoryItem("gathered", gathered * dtype_bytes, how))
 
-    tokens = 2 * t.micro_batch_size * cfg.data.max_length
+    tokens = t.micro_batch_tokens or 2 * t.micro_batch_size * cfg.data.max_length
     per_block = activation_values_per_token(size)
     layers = size.num_layers
     if p.activation_checkpointing == "full":
@@ -299,10 +305,25 @@ def format_plan(cfg: Config, plan: Plan, inputs: list[str]) -> str:
     rows = [
         ("ranks", f"{b.world_size} ({plan.ranks_per_node} per node, {nodes} node{'s' * (nodes > 1)})"),
         ("global batch", f"{b.global_batch_size} pairs per optimizer step"),
-        ("micro batch", f"{b.micro_batch_size} pair{'s' * (b.micro_batch_size > 1)} per rank per forward"),
-        (
-            "accumulation steps",
-            f"{b.accumulation_steps} = {b.global_batch_size} / ({b.micro_batch_size} x {b.world_size} ranks)",
+        *(
+            [
+                ("micro batch", f"up to {b.micro_batch_tokens} tokens per rank per forward"),
+                (
+                    "accumulation steps",
+                    f"per step: as many as the fullest of {b.pairs_per_rank} pairs per rank need",
+                ),
+            ]
+            if b.micro_batch_tokens
+            else [
+                (
+                    "micro batch",
+                    f"{b.micro_batch_size} pair{'s' * (b.micro_batch_size > 1)} per rank per forward",
+                ),
+                (
+                    "accumulation steps",
+                    f"{b.accumulation_steps} = {b.global_batch_size} / ({b.micro_batch_size} x {b.world_size} ranks)",
+                ),
+            ]
         ),
         ("sharding", f"{cfg.parallel.sharding}: mesh {shape} ({' x '.join(names)})"),
     ]

@@ -30,6 +30,7 @@ from engine.data import (
     build_dataset,
     collate,
     padding_fraction,
+    pair_token_counts,
     resolve_chat_template,
     shard_for_inference,
     split_eval,
@@ -127,6 +128,8 @@ class Trainer:
             len(self.train_data), t.global_batch_size, t.micro_batch_size, world.rank, world.world_size, cfg.job.seed,
             lengths=self.train_data.sequence_lengths() if cfg.data.group_by_length else None,
             group_by_length=cfg.data.group_by_length,
+            micro_batch_tokens=t.micro_batch_tokens,
+            pair_tokens=pair_token_counts(self.train_data.lengths(), t.forward_mode) if t.micro_batch_tokens else None,
         )  # fmt: skip
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.sampler.steps_per_epoch
 
@@ -183,8 +186,13 @@ class Trainer:
             f"model: {self.num_params / 1e6:.2f}M parameters ({self.trainable_params / 1e6:.2f}M trained), "
             f"{world.world_size} ranks, "
             f"sharding {cfg.parallel.sharding} over mesh {tuple(mesh.shape)}, "
-            f"{self.sampler.accumulation_steps} accumulation steps of {t.micro_batch_size} pairs, "
-            f"{self.total_steps} steps, compute {self.dtype}, matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s"
+            + (
+                f"micro-batches of up to {t.micro_batch_tokens} tokens (as many per step as the "
+                "fullest rank needs), "
+                if t.micro_batch_tokens
+                else f"{self.sampler.accumulation_steps} accumulation steps of {t.micro_batch_size} pairs, "
+            )
+            + f"{self.total_steps} steps, compute {self.dtype}, matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s"
         )
 
     def _adapters_disabled(self) -> contextlib.AbstractContextManager:

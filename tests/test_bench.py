@@ -27,10 +27,11 @@ def test_bench_reports_every_mode(recipe: Path, tmp_path: Path, world) -> None:
     out = tmp_path / "bench.json"
     report = bench.main(
         [str(recipe), "data.max_length=96", "--steps", "2", "--warmup", "1", "--synthetic-pairs", "8",
-         "--prompt-len", "20", "--completion-len", "5,40", "--matmul-size", "256", "--out", str(out)]
+         "--prompt-len", "20", "--completion-len", "5,40", "--matmul-size", "256", "--out", str(out),
+         "--modes", "concatenated,separate,packed,prefix_shared,packed@192"]
     )  # fmt: skip
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    assert set(report["modes"]) == {"concatenated", "separate", "packed", "prefix_shared"}
+    assert set(report["modes"]) == {"concatenated", "separate", "packed", "prefix_shared", "packed@192"}
     for mode, row in report["modes"].items():
         assert set(bench.RESULT_KEYS) <= set(row), mode
         assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_mem_gib"] > 0, mode
@@ -45,6 +46,24 @@ def test_bench_reports_every_mode(recipe: Path, tmp_path: Path, world) -> None:
     assert modes["packed"]["computed_tokens_per_step"] == modes["packed"]["pair_tokens_per_step"]
     assert "packed/concatenated" in report["ratios"] and "prefix_shared/packed" in report["ratios"]
     assert report["setup"]["matmul_flops"] > 0
+    # 4 pairs per step in micro-batches of 2; a 192-token budget (two sequences of max_length)
+    # holds at least one pair and never more than 192 positions per forward
+    assert modes["packed"]["forwards_per_step"] == 2
+    budgeted = modes["packed@192"]
+    assert budgeted["micro_batch_tokens_max"] <= 192 and 1 <= budgeted["forwards_per_step"] <= 4
+    assert budgeted["pair_tokens_per_step"] == modes["packed"]["pair_tokens_per_step"]
+    assert "packed@192/packed" in report["ratios"] and report["setup"]["micro_batch_tokens"] == {
+        "packed@192": 192
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [("concatenated@512", "packed@N"), ("packed@x", "positive integer"), ("packed@8", "budget 8")],
+)
+def test_bench_rejects_bad_token_budgets(recipe: Path, world, spec: str, words: str) -> None:
+    with pytest.raises(UserError, match=words):
+        bench.main([str(recipe), "--modes", spec, "--synthetic-pairs", "8", "--prompt-len", "20"])
 
 
 def test_bench_against_trl_without_trl_is_a_clear_error(recipe: Path, world) -> None:
@@ -65,7 +84,10 @@ def test_logprob_step_memory_probe_runs() -> None:
 def test_packed_modes_train_the_concatenated_curve(
     tmp_path: Path, tiny_model_dir: Path, small_data: dict
 ) -> None:
-    """5 steps on 2 ranks (micro-batch 2, accumulation 2): losses equal to 1e-5."""
+    """5 steps on 2 ranks (micro-batch 2, accumulation 2): losses equal to 1e-5. Also with
+    token-budget micro-batches, whose budgets (just above the longest pair of this data) give
+    the two ranks different numbers of micro-batches of their own on most steps
+    (tests/test_data_sampler.py checks the split itself): the loss is still the global mean."""
     tables = base_tables(tiny_model_dir, small_data, tmp_path / "unused")
     tables["data"]["eval"] = []
     tables["training"].update(max_steps=5, micro_batch_size=2)
@@ -76,10 +98,13 @@ def test_packed_modes_train_the_concatenated_curve(
         "concatenated": ["training.forward_mode=concatenated"],
         "packed": ["training.forward_mode=packed"],
         "prefix_shared": ["training.forward_mode=prefix_shared", "parallel.activation_checkpointing=full"],
+        "packed_tokens": ["training.forward_mode=packed", "training.micro_batch_tokens=110"],
+        "prefix_shared_tokens": ["training.forward_mode=prefix_shared", "training.micro_batch_tokens=64"],
     }
     results = run_sweep(recipe, tmp_path / "sweep", runs, nproc=2)
     base = results["concatenated"]["losses"]
     assert len(base) == 5
-    for mode in ("packed", "prefix_shared"):
+    for mode in ("packed", "prefix_shared", "packed_tokens", "prefix_shared_tokens"):
+        assert len(results[mode]["losses"]) == 5
         for a, b in zip(results[mode]["losses"], base):
             assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (mode, results[mode]["losses"], base)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.data import GlobalBatchSampler, PreferenceDataset, TokenizedPair, padding_fraction
+from engine.data import (
+    GlobalBatchSampler,
+    PreferenceDataset,
+    TokenizedPair,
+    padding_fraction,
+    pair_token_counts,
+)
+from engine.data.sampler import fewest_micro_batches, split_by_tokens
+from engine.errors import UserError
 
 
 def synthetic(n: int, seed: int = 0) -> PreferenceDataset:
@@ -71,3 +79,71 @@ def test_length_grouping_cuts_padding() -> None:
         plain = padding_fraction(data, micro, global_batch_size=gbs, seed=1)
         grouped = padding_fraction(data, micro, global_batch_size=gbs, group_by_length=True, seed=1)
         assert grouped < plain / 2, (plain, grouped)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token-budget micro-batches
+
+
+def test_token_budget_split_by_hand() -> None:
+    """Six pairs of 100, 60, 50, 40, 30, 20 tokens (300) under a 150-token budget fit in two
+    micro-batches: first-fit-decreasing packs {100, 50} and {60, 40, 30, 20}. Balancing
+    longest-first onto the lighter micro-batch would overshoot (100+40+20 = 160), so the split
+    falls back to the bins that fit."""
+    tokens = [100, 60, 50, 40, 30, 20]
+    assert fewest_micro_batches(tokens, 150) == 2
+    assert split_by_tokens(tokens, 150, 2) == [[0, 2], [1, 3, 4, 5]]
+    # three balance longest-first onto the lightest (ties to the earlier): 100 | 60 | 50, then
+    # 40 -> {50}, 30 -> {60}, 20 -> {60, 30} (tied with {50, 40} at 90)
+    assert split_by_tokens(tokens, 150, 3) == [[0], [1, 4, 5], [2, 3]]
+
+
+def test_token_budget_split_fits_covers_and_takes_any_count() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        budget = int(rng.integers(50, 2000))
+        tokens = rng.integers(1, budget + 1, size=int(rng.integers(1, 24))).tolist()
+        fewest = fewest_micro_batches(tokens, budget)
+        assert fewest >= -(-sum(tokens) // budget)
+        for count in range(fewest, len(tokens) + 1):
+            batches = split_by_tokens(tokens, budget, count)
+            assert len(batches) == count and all(batches)
+            assert sorted(i for b in batches for i in b) == list(range(len(tokens)))
+            assert max(sum(tokens[i] for i in b) for b in batches) <= budget
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_token_budget_sampler_keeps_ranks_in_step_and_the_global_batch(world: int) -> None:
+    """Every rank runs the same number of forwards each step (FSDP's collectives need it), no
+    micro-batch exceeds the budget, and a step reads the same pairs as with micro_batch_size.
+    The lengths are chosen so that ranks often need different counts on their own."""
+    data = synthetic(512, seed=1)
+    tokens = pair_token_counts(data.lengths(), "packed")
+    budget, gbs = int(tokens.max()) + 100, 16
+    fixed = GlobalBatchSampler(len(data), gbs, 1, 0, 1, 5)
+    samplers = [
+        GlobalBatchSampler(len(data), gbs, 1, r, world, 5, micro_batch_tokens=budget, pair_tokens=tokens)
+        for r in range(world)
+    ]
+    uneven = 0
+    for step in range(fixed.steps_per_epoch):
+        per_rank = [s.micro_batches(step) for s in samplers]
+        assert len({len(batches) for batches in per_rank}) == 1
+        assert all(tokens[b].sum() <= budget for batches in per_rank for b in batches)
+        pairs = [i for batches in per_rank for b in batches for i in b]
+        assert sorted(pairs) == sorted(i for b in fixed.micro_batches(step) for i in b)
+        rank_slices = np.array([i for b in fixed.micro_batches(step) for i in b]).reshape(world, -1)
+        uneven += len({fewest_micro_batches(tokens[s].tolist(), budget) for s in rank_slices}) > 1
+    if world > 1:
+        assert uneven > 0
+    # prefix_shared counts the prompt once
+    assert (pair_token_counts(data.lengths(), "prefix_shared") == tokens - data.lengths()[:, 0]).all()
+
+
+def test_token_budget_rejects_a_pair_longer_than_the_budget() -> None:
+    data = synthetic(64)
+    tokens = pair_token_counts(data.lengths(), "packed")
+    with pytest.raises(
+        UserError, match=rf"micro_batch_tokens=10 .*pair {int(tokens.argmax())}: {tokens.max()} tokens"
+    ):
+        GlobalBatchSampler(64, 8, 1, 0, 2, 0, micro_batch_tokens=10, pair_tokens=tokens)

@@ -240,6 +240,13 @@ def test_sharding_strategies_divide_state_as_documented() -> None:
     # fp32 compute (CPU) doubles the gathered bytes
     cfg.parallel.mixed_precision = "fp32"
     assert estimate_memory(cfg, size, 8, 8).get("gathered") == 2 * by["full"].get("gathered")
+    # a token budget sets the activations' tokens per forward
+    cfg.parallel.mixed_precision, cfg.training.forward_mode, cfg.training.micro_batch_tokens = (
+        "bf16",
+        "packed",
+        16384,
+    )
+    assert estimate_memory(cfg, size, 8, 8).get("activations") == 2 * 16384 * 32 * 90_112
 
 
 def test_batch_arithmetic_and_mesh_errors() -> None:
@@ -252,6 +259,10 @@ def test_batch_arithmetic_and_mesh_errors() -> None:
         plan_batches(cfg.training, 3)
     with pytest.raises(UserError, match=r"global_batch_size=128 .* 256 ranks"):
         plan_batches(cfg.training, 256)
+    cfg.training.forward_mode, cfg.training.micro_batch_tokens = "packed", 8192
+    assert plan_batches(cfg.training, 8).accumulation_steps == 0  # varies by step
+    with pytest.raises(UserError, match=r"global_batch_size=128 must be a multiple of the 3 ranks"):
+        plan_batches(cfg.training, 3)
     cfg.parallel.sharding, cfg.parallel.replicate_degree = "hybrid", 3
     with pytest.raises(UserError, match="replicate_degree=3 must divide the 8 ranks"):
         mesh_shape(cfg.parallel, 8, 8)

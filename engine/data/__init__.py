@@ -23,7 +23,15 @@ from engine.data.dataset import (
     split_eval,
     token_stats,
 )
-from engine.data.sampler import GlobalBatchSampler, PairBatch, collate, padding_fraction, shard_for_inference
+from engine.data.sampler import (
+    GlobalBatchSampler,
+    PairBatch,
+    collate,
+    padding_fraction,
+    pair_token_counts,
+    shard_for_inference,
+    token_budget_micro_batches,
+)
 from engine.data.tokenize import resolve_chat_template
 
 __all__ = [
@@ -35,8 +43,10 @@ __all__ = [
     "build_dataset",
     "collate",
     "padding_fraction",
+    "pair_token_counts",
     "resolve_chat_template",
     "shard_for_inference",
     "split_eval",
+    "token_budget_micro_batches",
     "token_stats",
 ]

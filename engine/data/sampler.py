@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,96 @@ def collate(dataset: PreferenceDataset, indices: list[int], valid: list[bool] | 
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# Token-budget micro-batches
+
+
+def pair_token_counts(lengths: np.ndarray, mode: str) -> np.ndarray:
+    """[N] positions each pair takes in a packed forward, from `PreferenceDataset.lengths()`:
+    both sequences (2 x prompt + chosen + rejected) in `packed`, prompt + chosen + rejected in
+    `prefix_shared`."""
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1, 3)
+    if mode == "packed":
+        return 2 * lengths[:, 0] + lengths[:, 1] + lengths[:, 2]
+    if mode == "prefix_shared":
+        return lengths.sum(axis=1)
+    raise ValueError(f"token-budget micro-batches need a packed forward mode, not {mode!r}")
+
+
+def fewest_micro_batches(tokens: Sequence[int], budget: int) -> int:
+    """How many micro-batches of at most `budget` tokens first-fit-decreasing packs `tokens`
+    into (within 11/9 of the optimum; every single pair must fit)."""
+    loads: list[int] = []
+    for n in sorted(tokens, reverse=True):
+        for i, load in enumerate(loads):
+            if load + n <= budget:
+                loads[i] += n
+                break
+        else:
+            loads.append(n)
+    return len(loads)
+
+
+def split_by_tokens(tokens: Sequence[int], budget: int, count: int) -> list[list[int]]:
+    """Positions 0..n-1 of `tokens` split into exactly `count` micro-batches of at most `budget`
+    tokens each, as even as possible; `count` must be at least `fewest_micro_batches` and at
+    most n.
+
+    Longest-first onto the lightest micro-batch (LPT) balances them; where that overshoots the
+    budget, first-fit-decreasing bins (which fit) are split, heaviest first, until there are
+    `count`. Each micro-batch lists its positions in their original order; micro-batches are
+    ordered by their first position.
+    """
+    n = len(tokens)
+    if not 1 <= count <= n:
+        raise ValueError(f"cannot split {n} pairs into {count} micro-batches")
+    by_size = sorted(range(n), key=lambda i: (-tokens[i], i))
+    heap = [(0, b) for b in range(count)]
+    bins: list[list[int]] = [[] for _ in range(count)]
+    for i in by_size:
+        load, b = heapq.heappop(heap)
+        bins[b].append(i)
+        heapq.heappush(heap, (load + tokens[i], b))
+    if max(load for load, _ in heap) > budget:
+        bins, loads = [], []
+        for i in by_size:
+            for b, load in enumerate(loads):
+                if load + tokens[i] <= budget:
+                    bins[b].append(i)
+                    loads[b] += tokens[i]
+                    break
+            else:
+                bins.append([i])
+                loads.append(tokens[i])
+        while len(bins) < count:  # halve the heaviest splittable bin (both halves still fit)
+            b = max((b for b in range(len(bins)) if len(bins[b]) > 1), key=lambda b: loads[b])
+            members = bins.pop(b)
+            loads.pop(b)
+            halves: list[list[int]] = [[], []]
+            half_loads = [0, 0]
+            for i in members:  # already longest first
+                side = int(half_loads[1] < half_loads[0])
+                halves[side].append(i)
+                half_loads[side] += tokens[i]
+            bins += halves
+            loads += half_loads
+    return sorted((sorted(b) for b in bins), key=lambda b: b[0])
+
+
+def token_budget_micro_batches(
+    rank_tokens: Sequence[Sequence[int]], rank: int, budget: int
+) -> list[list[int]]:
+    """Rank `rank`'s micro-batches (positions into its own slice) when every rank's slice of
+    the step (`rank_tokens[r]`: tokens of each of rank r's pairs) is cut by a token budget.
+
+    FSDP's collectives need every rank to run the same number of forwards, so each rank
+    computes every rank's fewest micro-batches (the data order is known to all, no
+    communication) and splits its own slice into the largest of those counts.
+    """
+    count = max(fewest_micro_batches(tokens, budget) for tokens in rank_tokens)
+    return split_by_tokens(rank_tokens[rank], budget, count)
+
+
 class GlobalBatchSampler:
     """Which pairs each rank reads at each optimizer step.
 
@@ -56,6 +147,11 @@ class GlobalBatchSampler:
     of (seed, epoch), so the data position is just `step x global_batch_size` consumed pairs, the
     same for any world size, and the set of pairs in a step does not depend on how it is split.
     Pairs past the last whole global batch of an epoch wait for a later epoch's shuffle.
+
+    Micro-batches hold `micro_batch_size` pairs, or with `micro_batch_tokens` (packed forward
+    modes; `pair_tokens` gives each pair's positions) as many pairs as fit that many tokens:
+    the count of micro-batches then varies by step but is the same on every rank
+    (`token_budget_micro_batches`).
 
     `group_by_length`: the epoch's permutation is cut into chunks of `GROUP_BATCHES` global
     batches, each chunk sorted by `lengths` (longest first) and cut into global batches, and the
@@ -74,9 +170,25 @@ class GlobalBatchSampler:
         *,
         lengths: Sequence[int] | np.ndarray | None = None,
         group_by_length: bool = False,
+        micro_batch_tokens: int = 0,
+        pair_tokens: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         per_rank, rem = divmod(global_batch_size, world_size)
-        if rem or per_rank % micro_batch_size:
+        if micro_batch_tokens:
+            if rem:
+                raise UserError(
+                    f"training.global_batch_size={global_batch_size} must be a multiple of the {world_size} ranks"
+                )
+            if pair_tokens is None or len(pair_tokens) != num_pairs:
+                raise ValueError("micro_batch_tokens needs the tokens of every pair")
+            longest = int(np.argmax(pair_tokens)) if num_pairs else 0
+            if num_pairs and pair_tokens[longest] > micro_batch_tokens:
+                raise UserError(
+                    f"training.micro_batch_tokens={micro_batch_tokens} is smaller than the longest pair "
+                    f"(pair {longest}: {int(pair_tokens[longest])} tokens in this forward mode); raise it "
+                    "to at least that or lower data.max_length"
+                )
+        elif rem or per_rank % micro_batch_size:
             raise UserError(
                 f"training.global_batch_size={global_batch_size} must be a multiple of "
                 f"training.micro_batch_size={micro_batch_size} x {world_size} ranks"
@@ -90,8 +202,11 @@ class GlobalBatchSampler:
             raise ValueError("group_by_length needs one length per pair")
         self.num_pairs, self.global_batch_size = num_pairs, global_batch_size
         self.micro_batch_size, self.rank, self.seed = micro_batch_size, rank, seed
-        self.per_rank = per_rank
-        self.accumulation_steps = per_rank // micro_batch_size
+        self.world_size, self.per_rank = world_size, per_rank
+        self.micro_batch_tokens = micro_batch_tokens
+        self.pair_tokens = np.asarray(pair_tokens, dtype=np.int64) if micro_batch_tokens else None
+        # fixed with micro_batch_size; with a token budget it varies by step (0 here)
+        self.accumulation_steps = 0 if micro_batch_tokens else per_rank // micro_batch_size
         self.steps_per_epoch = num_pairs // global_batch_size
         self.lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.long) if group_by_length else None
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
@@ -121,8 +236,17 @@ class GlobalBatchSampler:
         return batches[torch.randperm(len(batches), generator=generator)].reshape(-1)
 
     def micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's pairs of optimizer step `step`, as a list of micro-batches."""
         order = self.epoch_order(self.epoch_of(step))
-        start = (step % self.steps_per_epoch) * self.global_batch_size + self.rank * self.per_rank
+        first = (step % self.steps_per_epoch) * self.global_batch_size
+        if self.micro_batch_tokens:
+            ranks = order[first : first + self.global_batch_size].view(self.world_size, self.per_rank).numpy()
+            batches = token_budget_micro_batches(
+                [self.pair_tokens[pairs] for pairs in ranks], self.rank, self.micro_batch_tokens
+            )
+            mine = ranks[self.rank]
+            return [[int(mine[i]) for i in batch] for batch in batches]
+        start = first + self.rank * self.per_rank
         mine = order[start : start + self.per_rank].tolist()
         m = self.micro_batch_size
         return [mine[i : i + m] for i in range(0, len(mine), m)]
