@@ -752,14 +752,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _entry() -> None:
+    from engine.distributed import exit_process
+
+    code = 0
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    exit_process(code)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -74,6 +75,21 @@ def _launcher_store(timeout: datetime.timedelta) -> dist.Store:
     )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"fsdpo/attempt-{attempt}", store)
+
+
+def exit_process(code: int) -> NoReturn:
+    """Leave now, skipping interpreter finalization (for command-line entry points, once the
+    process group is destroyed and every result is written).
+
+    gloo drops a finished collective on its own worker thread, which takes the GIL to release
+    the Python tensors it held, and the process group's threads outlive `destroy_process_group`.
+    If that happens while the interpreter finalizes, the thread cannot take the GIL and the
+    process aborts ("terminate called without an active exception", exit -6): 3 of 10 two-rank
+    bench runs that ended on an all_reduce, still 1 of 15 with a barrier before exiting.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def shutdown() -> None:

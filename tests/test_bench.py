@@ -6,13 +6,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from engine import bench
 from engine.errors import UserError
-from tests.conftest import base_tables, run_sweep, write_recipe
+from tests.conftest import REPO, base_tables, run_sweep, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +58,30 @@ def test_bench_reports_every_mode(recipe: Path, tmp_path: Path, world) -> None:
     assert "packed@192/packed" in report["ratios"] and report["setup"]["micro_batch_tokens"] == {
         "packed@192": 192
     }
+
+
+@pytest.mark.slow
+def test_bench_under_torchrun(recipe: Path, tmp_path: Path) -> None:
+    """2 ranks: the step's pairs are split over ranks (work summed), a token budget gives both
+    ranks the same number of forwards, and the processes exit cleanly."""
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.bench",
+        str(recipe), "data.max_length=96", "training.global_batch_size=8", "--steps", "2", "--warmup", "0",
+        "--synthetic-pairs", "16", "--prompt-len", "20", "--completion-len", "5,40", "--matmul-size", "256",
+        "--modes", "packed,packed@192", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["setup"]["world_size"] == 2
+    modes = report["modes"]
+    # 8 pairs per step, 4 per rank in micro-batches of 2
+    assert modes["packed"]["forwards_per_step"] == 2
+    assert modes["packed@192"]["pair_tokens_per_step"] == modes["packed"]["pair_tokens_per_step"]
+    assert modes["packed@192"]["micro_batch_tokens_max"] <= 192
+    assert "packed@192/packed" in report["ratios"]
 
 
 @pytest.mark.parametrize(

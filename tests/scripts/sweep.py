@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from engine.config import load_config
-from engine.distributed import init_distributed, shutdown
+from engine.distributed import exit_process, init_distributed, shutdown
 from engine.export import full_hf_state_dict
 from engine.trainer import Trainer
 
@@ -45,6 +45,7 @@ def main(recipe: str, out_dir: str, runs_file: str, common: list[str]) -> None:
     if world.is_main:
         (Path(out_dir) / "results.json").write_text(json.dumps(results))
     shutdown()
+    exit_process(0)
 
 
 if __name__ == "__main__":
