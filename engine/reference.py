@@ -5,6 +5,10 @@ model ever exists. Every rank scores a disjoint share of the pairs in eval mode 
 with a larger batch than training; the shares are summed across ranks (each pair is filled by
 exactly one rank, so the sum is exact) and a completeness check fails loudly if any pair is
 missing.
+
+The pairs are laid out by the training forward mode when it is padding-free (`packed`,
+`prefix_shared`), else as `concatenated` (one forward; `separate` gives the same numbers). All
+modes agree to fp32 rounding, so a cache built under one mode serves the others.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ class ReferenceLogps:
         return self.chosen[pair_ids].to(device), self.rejected[pair_ids].to(device)
 
 
+def reference_layout(training_mode: str) -> str:
+    """The forward mode reference log-probs are scored with (see the module docstring)."""
+    return training_mode if training_mode in ("packed", "prefix_shared") else "concatenated"
+
+
 @torch.no_grad()
 def compute_reference_logps(
     model: nn.Module,
@@ -41,6 +50,7 @@ def compute_reference_logps(
     rank: int,
     world_size: int,
     name: str = "train",
+    mode: str = "concatenated",
 ) -> ReferenceLogps:
     was_training = model.training
     model.eval()
@@ -51,7 +61,7 @@ def compute_reference_logps(
     progress = Progress(n, f"reference log-probs ({name})", "pair", enabled=rank == 0)
     for indices, valid in shards:
         batch = collate(dataset, indices, valid)
-        logps = policy_logps("concatenated", model, batch, pad_id, device)
+        logps = policy_logps(mode, model, batch, pad_id, device)
         ids = batch.pair_ids[batch.valid].to(device)
         keep = batch.valid.to(device)
         sums[0].index_add_(0, ids, logps.chosen_logps[keep].double())
@@ -65,6 +75,9 @@ def compute_reference_logps(
     missing = (sums[2] != 1).nonzero().flatten().tolist()
     if missing:
         raise RuntimeError(f"reference log-probs incomplete: pairs {missing[:10]} not filled exactly once")
-    log(f"reference log-probs ({name}): {n} pairs in {elapsed:.1f}s ({n / max(elapsed, 1e-9):.1f} pairs/s)")
+    log(
+        f"reference log-probs ({name}): {n} pairs in {elapsed:.1f}s ({n / max(elapsed, 1e-9):.1f} pairs/s, "
+        f"{mode} forward)"
+    )
     model.train(was_training)
     return ReferenceLogps(sums[0].float().cpu(), sums[1].float().cpu())

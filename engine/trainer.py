@@ -46,7 +46,7 @@ from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import build_mesh, compute_dtype, defers_gradient_sync, local_state_bytes, parallelize
 from engine.post_train import push_to_hub, run_post_train_command
 from engine.progress import Progress
-from engine.reference import ReferenceLogps, compute_reference_logps
+from engine.reference import ReferenceLogps, compute_reference_logps, reference_layout
 from engine.reference_cache import load_reference_cache, reference_cache_key, save_reference_cache
 
 RUN_FILES = ("metrics.jsonl", "recipe.toml", "data_stats.json", "final", "checkpoints", "post_train.json")
@@ -256,7 +256,7 @@ class Trainer:
         with self._adapters_disabled():  # the reference is the base model
             reference = compute_reference_logps(
                 self.model, dataset, self.pad_id, self.world.device, self.reference_batch,
-                self.world.rank, self.world.world_size, name,
+                self.world.rank, self.world.world_size, name, reference_layout(self.cfg.training.forward_mode),
             )  # fmt: skip
         if self.world.is_main:
             path = save_reference_cache(self.reference_dir, key, dataset, reference)

@@ -23,19 +23,21 @@ def _trainer(tmp_path: Path, name: str, model_dir: Path, data: dict, cache: Path
     return Trainer(cfg, world)
 
 
+@pytest.mark.parametrize("mode", ["concatenated", "packed", "prefix_shared"])
 def test_step0_policy_equals_cached_reference_exactly(
-    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world, mode: str
 ) -> None:
-    """Same batch composition (one pair per forward) gives bitwise-equal log-probs on CPU."""
+    """Same batch composition (one pair per forward) gives bitwise-equal log-probs on CPU: the
+    reference is scored with the training layout when that is padding-free."""
     trainer = _trainer(
         tmp_path, "run", tiny_model_dir, small_data, tmp_path / "cache",
-        ["training.micro_batch_size=1", "reference.batch_size=1"], world,
+        ["training.micro_batch_size=1", "reference.batch_size=1", f"training.forward_mode={mode}"], world,
     )  # fmt: skip
     ref = trainer.train_reference
     with torch.no_grad():
         for i in range(len(trainer.train_data)):
             logps = policy_logps(
-                "concatenated", trainer.model, collate(trainer.train_data, [i]), trainer.pad_id, world.device
+                mode, trainer.model, collate(trainer.train_data, [i]), trainer.pad_id, world.device
             )
             assert torch.equal(logps.chosen_logps, ref.chosen[i : i + 1])
             assert torch.equal(logps.rejected_logps, ref.rejected[i : i + 1])
