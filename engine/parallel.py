@@ -43,6 +43,7 @@ from engine.config import ParallelConfig
 from engine.distributed import log
 from engine.errors import UserError
 from engine.model import decoder_blocks
+from engine.plan import mesh_shape
 
 
 def compute_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
@@ -52,20 +53,10 @@ def compute_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
 
 
 def build_mesh(cfg: ParallelConfig, world_size: int, ranks_per_node: int, device_type: str) -> DeviceMesh:
-    """The data-parallel mesh for `cfg.sharding` (see the table in this module's docstring)."""
-    if cfg.sharding in ("full", "grad_op"):
-        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
-    if cfg.sharding == "none":
-        return init_device_mesh(device_type, (world_size, 1), mesh_dim_names=("replicate", "shard"))
-    replicas = cfg.replicate_degree or max(1, world_size // max(1, ranks_per_node))
-    if world_size % replicas:
-        raise UserError(
-            f"parallel.replicate_degree={replicas} must divide the {world_size} ranks "
-            '(parallel.sharding = "hybrid")'
-        )
-    return init_device_mesh(
-        device_type, (replicas, world_size // replicas), mesh_dim_names=("replicate", "shard")
-    )
+    """The data-parallel mesh for `cfg.sharding` (see the table in this module's docstring); its
+    shape is `plan.mesh_shape`'s, the rule the dry run prints."""
+    shape, names = mesh_shape(cfg, world_size, ranks_per_node)
+    return init_device_mesh(device_type, shape, mesh_dim_names=names)
 
 
 def reshard_after_forward(cfg: ParallelConfig) -> bool:
