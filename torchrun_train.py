@@ -104,4 +104,8 @@ def _report(error: Exception) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    distributed = sys.modules.get("engine.distributed")
+    if distributed is not None:  # a process group may have run: leave as exit_process explains
+        distributed.exit_process(status)
+    sys.exit(status)
