@@ -49,6 +49,7 @@ from transformers import PreTrainedTokenizerBase
 
 from engine.config import DataConfig, DataSource, ModelConfig
 from engine.data import PreferenceDataset
+from engine.data.tokenize import tokenizer_file_digests
 from engine.errors import UserError
 from engine.reference import ReferenceLogps
 
@@ -65,8 +66,6 @@ RACY_WINDOW_NS = 2_000_000_000
 MEMO_FILE = "file-hashes.json"
 _METADATA_KEY = "fsdpo_reference_cache"
 _TENSOR_NAMES = ("chosen_logps", "chosen_tokens", "pair_hashes", "rejected_logps", "rejected_tokens")
-# keys that tokenizer.save_pretrained writes about where the tokenizer was loaded from
-_TOKENIZER_LOAD_CONTEXT = ("name_or_path", "is_local", "local_files_only", "_commit_hash", "cache_dir")
 # keys of config.json that do not change the model
 _CONFIG_VOLATILE = ("_name_or_path", "transformers_version")
 
@@ -237,22 +236,8 @@ def _model_component(model_cfg: ModelConfig, seed: int, memo_dir: str | Path | N
 
 
 def _tokenizer_component(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """Hash of the files `save_pretrained` writes (vocabulary, merges, chat template, special
-    tokens, settings), which covers every tokenizer class; JSON settings files are canonicalised
-    and stripped of where-it-was-loaded-from keys so the same tokenizer in two places agrees."""
-    files: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="fsdpo-tokenizer-") as tmp:
-        tokenizer.save_pretrained(tmp)
-        for path in sorted(Path(tmp).rglob("*")):
-            if not path.is_file():
-                continue
-            data = path.read_bytes()
-            if path.name.endswith("config.json") or path.name == "special_tokens_map.json":
-                settings = json.loads(data)
-                for key in _TOKENIZER_LOAD_CONTEXT:
-                    settings.pop(key, None)
-                data = _canonical_json(settings).encode()
-            files[path.relative_to(tmp).as_posix()] = hashlib.sha256(data).hexdigest()
+    """The tokenizer's files (`tokenizer_file_digests`) and the facts a reader checks by eye."""
+    files = tokenizer_file_digests(tokenizer)
     template = tokenizer.chat_template
     template_text = template if isinstance(template, str) else _canonical_json(template)
     return {

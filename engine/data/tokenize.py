@@ -63,10 +63,12 @@ def resolve_chat_template(value: str) -> str | None:
     return template
 
 
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """sha256 over the files `save_pretrained` writes (vocabulary, merges, normaliser, special
-    tokens, chat template, settings): covers every tokenizer class, wherever it was loaded from."""
-    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+def tokenizer_file_digests(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    """sha256 of each file `save_pretrained` writes (vocabulary, merges, normaliser, special
+    tokens, chat template, settings), which covers every tokenizer class. JSON settings files are
+    canonicalised and stripped of where-it-was-loaded-from keys, so the same tokenizer loaded
+    from two places agrees."""
+    files: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="fsdpo-tokenizer-") as tmp:
         tokenizer.save_pretrained(tmp)
         for path in sorted(Path(tmp).rglob("*")):
@@ -76,7 +78,15 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
             if path.suffix == ".json" and path.name != "tokenizer.json":
                 settings = {k: v for k, v in json.loads(data).items() if k not in _LOAD_CONTEXT}
                 data = json.dumps(settings, sort_keys=True).encode()
-            digest.update(path.name.encode() + b"\0" + hashlib.sha256(data).digest())
+            files[path.relative_to(tmp).as_posix()] = hashlib.sha256(data).hexdigest()
+    return files
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """One sha256 over the tokenizer's class and `tokenizer_file_digests`."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    for name, file_digest in tokenizer_file_digests(tokenizer).items():
+        digest.update(name.encode() + b"\0" + bytes.fromhex(file_digest))
     return digest.hexdigest()
 
 
