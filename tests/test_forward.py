@@ -86,7 +86,9 @@ def _run(model, mode: str, batch: PairBatch, pad_id: int = 0):
     return out, grads
 
 
-def _assert_same(out, grads, base, base_grads, rtol: float, label: str) -> None:
+def _assert_same(
+    out, grads, base, base_grads, rtol: float, label: str, grad_rtol: float | None = None
+) -> None:
     for name in FIELDS:
         torch.testing.assert_close(
             getattr(out, name).detach(),
@@ -97,7 +99,7 @@ def _assert_same(out, grads, base, base_grads, rtol: float, label: str) -> None:
         )
     for name, g in base_grads.items():
         scale = g.abs().max().clamp(min=1e-12)
-        assert (grads[name] - g).abs().max() <= rtol * scale, f"{label}: gradient of {name}"
+        assert (grads[name] - g).abs().max() <= (grad_rtol or rtol) * scale, f"{label}: gradient of {name}"
 
 
 @pytest.mark.parametrize("chunk_tokens", [7, 0])
@@ -155,21 +157,23 @@ def test_forward_modes_agree_with_eager_attention(setup, varied_batch) -> None:
                 torch.testing.assert_close(getattr(out, name), getattr(base, name), rtol=1e-5, atol=1e-5)
 
 
-def test_forward_modes_agree_under_fsdp_with_activation_checkpointing(setup, varied_batch, world) -> None:
-    """One-rank FSDP2 with every block checkpointed (the segments travel into recomputation)."""
+def _fsdp_against_plain(setup, batch, world, parallel: ParallelConfig):
+    """fp32 unsharded concatenated log-probs and gradients, then for every mode those of a
+    one-rank FSDP2 copy built with `parallel` (gradients gathered to full tensors)."""
     from engine.parallel import parallelize
 
-    plain = SequenceLogprobs(copy.deepcopy(setup[2]))
-    base, base_grads = _run(plain, "concatenated", varied_batch)
-    sharded = parallelize(
-        SequenceLogprobs(copy.deepcopy(setup[2])),
-        ParallelConfig(activation_checkpointing="full"),
-        world.mesh,
-        world.device,
-    )
+    base, base_grads = _run(SequenceLogprobs(copy.deepcopy(setup[2])), "concatenated", batch)
+    sharded = parallelize(SequenceLogprobs(copy.deepcopy(setup[2])), parallel, world.mesh, world.device)
     for mode in FORWARD_MODES:
-        out, grads = _run(sharded, mode, varied_batch)
+        out, grads = _run(sharded, mode, batch)
         grads = {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in grads.items()}
+        yield mode, out, grads, base, base_grads
+
+
+def test_forward_modes_agree_under_fsdp_with_activation_checkpointing(setup, varied_batch, world) -> None:
+    """One-rank FSDP2 with every block checkpointed (the segments travel into recomputation)."""
+    parallel = ParallelConfig(activation_checkpointing="full")
+    for mode, out, grads, base, base_grads in _fsdp_against_plain(setup, varied_batch, world, parallel):
         _assert_same(out, grads, base, base_grads, 1e-5, f"fsdp+ac {mode}")
 
 
@@ -251,24 +255,8 @@ def test_forward_modes_in_bf16_under_fsdp(setup, varied_batch, world) -> None:
     """bf16 compute (as on GPUs; CPU runs it when asked): every mode runs, and its log-probs
     (fp32 out of an fp32 log-softmax; measured within 6e-4 relative) and gradients (within 3% of
     the largest) stay within bf16 rounding of the fp32 ones."""
-    from engine.parallel import parallelize
-
-    plain = SequenceLogprobs(copy.deepcopy(setup[2]))
-    base, base_grads = _run(plain, "concatenated", varied_batch)
-    sharded = parallelize(
-        SequenceLogprobs(copy.deepcopy(setup[2])),
-        ParallelConfig(mixed_precision="bf16"),
-        world.mesh,
-        world.device,
-    )
-    for mode in FORWARD_MODES:
-        out, grads = _run(sharded, mode, varied_batch)
+    parallel = ParallelConfig(mixed_precision="bf16")
+    for mode, out, grads, base, base_grads in _fsdp_against_plain(setup, varied_batch, world, parallel):
         assert out.chosen_logps.dtype == torch.float32
         assert (out.chosen_logps.detach() != base.chosen_logps).any(), "bf16 was not applied"
-        for name in FIELDS:
-            torch.testing.assert_close(
-                getattr(out, name).detach(), getattr(base, name), rtol=5e-3, atol=5e-3, msg=f"{mode}: {name}"
-            )
-        for name, g in base_grads.items():
-            full = grads[name].full_tensor() if hasattr(grads[name], "full_tensor") else grads[name]
-            assert (full - g).abs().max() <= 5e-2 * g.abs().max(), f"{mode}: gradient of {name}"
+        _assert_same(out, grads, base, base_grads, 5e-3, f"bf16 {mode}", grad_rtol=5e-2)
