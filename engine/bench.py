@@ -159,6 +159,11 @@ def parse_mode(spec: str, cfg: Config) -> tuple[str, int]:
     return layout, int(budget)
 
 
+def _pair_tokens(pairs: list[Pair], layout: str):
+    """Positions each pair takes in the packed `layout` (`pair_token_counts`)."""
+    return pair_token_counts([[len(x) for x in pair] for pair in pairs], layout)
+
+
 def step_batches(
     pairs: list[Pair], step: int, cfg: Config, rank: int, world: int, layout: str = "", budget: int = 0
 ) -> list[PairBatch]:
@@ -172,7 +177,7 @@ def step_batches(
     start = first + rank * per_rank
     mine = step_pairs[rank * per_rank : (rank + 1) * per_rank]
     if budget:
-        tokens = pair_token_counts([[len(x) for x in pair] for pair in step_pairs], layout).tolist()
+        tokens = _pair_tokens(step_pairs, layout).tolist()
         slices = [tokens[r * per_rank : (r + 1) * per_rank] for r in range(world)]
         groups = token_budget_micro_batches(slices, rank, budget)
     else:
@@ -193,6 +198,7 @@ class LayoutStats:
     computed_tokens: int = 0
     real_tokens: int = 0
     attention_pairs: int = 0
+    micro_batch_tokens: list[int] = field(default_factory=list)  # positions computed per micro-batch
 
     def add(self, inputs: ModelInputs) -> None:
         self.computed_tokens += inputs.computed_tokens
@@ -210,8 +216,10 @@ def layout_stats(mode: str, batches: list[PairBatch], pad_id: int) -> LayoutStat
     stats = LayoutStats()
     for batch in batches:
         stats.pair_tokens += batch.real_tokens
+        before = stats.computed_tokens
         for inputs in LAYOUTS[mode](batch, pad_id, torch.device("cpu")):
             stats.add(inputs)
+        stats.micro_batch_tokens.append(stats.computed_tokens - before)
     return stats
 
 
@@ -358,7 +366,7 @@ def step_records(
         batches = step_batches(setup.pairs, step, setup.cfg, world.rank, world.world_size, layout, budget)
         s = layout_stats(layout, batches, setup.pad_id)
         per_step.append([s.pair_tokens, s.computed_tokens, s.real_tokens, model_flops(params, config, s)])
-        forward_tokens += [layout_stats(layout, [b], setup.pad_id).computed_tokens for b in batches]
+        forward_tokens += s.micro_batch_tokens
     flat = _reduce([x for row in per_step for x in row], device)
     columns = list(zip(*[flat[i : i + 4] for i in range(0, len(flat), 4)]))
     moments = _reduce([len(forward_tokens), sum(forward_tokens), sum(x * x for x in forward_tokens)], device)
@@ -672,7 +680,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         pairs = recipe_pairs(cfg, tokenizer)
     for m, (layout, budget) in layouts.items():
-        longest = max(pair_token_counts([[len(x) for x in pair] for pair in pairs], layout)) if budget else 0
+        longest = max(_pair_tokens(pairs, layout)) if budget else 0
         if longest > budget:
             raise UserError(
                 f"--modes: {m}: the token budget {budget} is smaller than a pair of {longest} tokens"
