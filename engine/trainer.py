@@ -182,17 +182,15 @@ class Trainer:
             self._write_data_stats()
         self.peak_flops = measure_matmul_flops(world.device, self.dtype)
         self.metrics = MetricsLogger(self.output_dir, cfg.logging, world.is_main, dataclasses.asdict(cfg))
+        if t.micro_batch_tokens:
+            batching = f"micro-batches of up to {t.micro_batch_tokens} tokens (as many per step as the fullest rank needs)"
+        else:
+            batching = f"{self.sampler.accumulation_steps} accumulation steps of {t.micro_batch_size} pairs"
         log(
             f"model: {self.num_params / 1e6:.2f}M parameters ({self.trainable_params / 1e6:.2f}M trained), "
-            f"{world.world_size} ranks, "
-            f"sharding {cfg.parallel.sharding} over mesh {tuple(mesh.shape)}, "
-            + (
-                f"micro-batches of up to {t.micro_batch_tokens} tokens (as many per step as the "
-                "fullest rank needs), "
-                if t.micro_batch_tokens
-                else f"{self.sampler.accumulation_steps} accumulation steps of {t.micro_batch_size} pairs, "
-            )
-            + f"{self.total_steps} steps, compute {self.dtype}, matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s"
+            f"{world.world_size} ranks, sharding {cfg.parallel.sharding} over mesh {tuple(mesh.shape)}, "
+            f"{batching}, {self.total_steps} steps, compute {self.dtype}, "
+            f"matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s"
         )
 
     def _adapters_disabled(self) -> contextlib.AbstractContextManager:
