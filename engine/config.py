@@ -14,6 +14,7 @@ import difflib
 import inspect
 import itertools
 import math
+import os
 import sys
 import types
 import typing
@@ -27,6 +28,22 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
+
+
+def is_local_path(text: str) -> bool:
+    """Whether `text` (a `model.path` or data source) names a local file or folder rather than a
+    Hugging Face hub id. Relative paths are relative to the working directory.
+
+    Local: an existing file or folder; anything starting with `.`, `/` or `~`; more than one `/`;
+    or `a/b` where `a` is an existing local folder (a typo such as `models/qwen` fails at once
+    instead of being tried as a hub repository). Everything else (`gpt2`, `org/name`) is a hub id.
+    """
+    if not text:
+        return False
+    if text.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(text)):
+        return True
+    parts = text.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
 
 
 @dataclass

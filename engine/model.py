@@ -6,7 +6,6 @@ or a hub id both work; `trust_remote_code` is off unless the recipe asks for it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -14,18 +13,14 @@ import transformers
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from engine.config import LoraConfig, ModelConfig
+from engine.config import LoraConfig, ModelConfig, is_local_path
 from engine.errors import UserError
 from engine.loading import parameters_on_meta, safetensors_index
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or os.path.isdir(path)
-
-
 def check_model_folder(path: str) -> None:
     """A path that looks local must be an existing folder with a config.json (a hub id passes)."""
-    if not _looks_local(path):
+    if not is_local_path(path):
         return
     folder = Path(path).expanduser()
     if not folder.is_dir():

@@ -355,11 +355,12 @@ def load_model_config(cfg: Config) -> tuple[Any | None, str | None]:
     A local folder that is missing or holds no readable config is a UserError."""
     from transformers import AutoConfig
 
-    from engine.model import _looks_local, check_model_folder
+    from engine.config import is_local_path
+    from engine.model import check_model_folder
 
     path = cfg.model.path
     check_model_folder(path)
-    local = _looks_local(path)
+    local = is_local_path(path)
     note = (
         f"note: the memory estimate needs the model config; {path} is not in the Hugging Face "
         "cache and the hub cannot be reached from here (give model.path=<a folder with its config.json>)"
