@@ -31,13 +31,37 @@ def check_model_folder(path: str) -> None:
         raise UserError(f"model.path: {path} holds no config.json (expected a Hugging Face model folder)")
 
 
-def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+# a tokenizer's vocabulary: tokenizers' JSON, a sentencepiece or tiktoken model, BPE or WordPiece files
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+TOKENIZER_SUFFIXES = (".model", ".tiktoken")
+
+
+def build_tokenizer(cfg: ModelConfig, local_files_only: bool = False) -> PreTrainedTokenizerBase:
+    """The model's tokenizer (pad = eos when it has none). A local folder without vocabulary
+    files is an error here: transformers would build a near-empty tokenizer from config.json."""
     check_model_folder(cfg.path)
+    folder = Path(cfg.path).expanduser()
+    if (
+        is_local_path(cfg.path)
+        and not any((folder / name).is_file() for name in TOKENIZER_FILES)
+        and not any(f.suffix in TOKENIZER_SUFFIXES for f in folder.iterdir())
+    ):
+        raise UserError(
+            f"model.path: {cfg.path} holds no tokenizer files (expected tokenizer.json, or a "
+            "sentencepiece tokenizer.model, or vocab.json + merges.txt, or vocab.txt); copy the "
+            "tokenizer of the model into the folder"
+        )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.path, trust_remote_code=cfg.trust_remote_code, local_files_only=local_files_only
+        )
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.path: cannot load a tokenizer from {cfg.path} ({first})") from None
+    if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+        raise UserError(
+            f"model.path: the tokenizer in {cfg.path} turns text into no tokens (vocabulary missing)"
+        )
     if tokenizer.eos_token_id is None:
         raise UserError(f"model.path: the tokenizer in {cfg.path} has no eos_token")
     if tokenizer.pad_token_id is None:

@@ -70,20 +70,15 @@ class BatchPlan:
 
 
 def plan_batches(training: TrainingConfig, world_size: int) -> BatchPlan:
-    """Split the global batch over ranks and micro-batches, as the sampler will."""
+    """Split the global batch over ranks and micro-batches, as the sampler will (its rule)."""
+    from engine.data.sampler import split_global_batch
+
     if world_size < 1:
         raise UserError(f"--world-size: expected an integer >= 1, got {world_size}")
-    gbs, micro = training.global_batch_size, training.micro_batch_size
-    per_rank, rem = divmod(gbs, world_size)
-    if training.micro_batch_tokens:
-        if rem:
-            raise UserError(f"training.global_batch_size={gbs} must be a multiple of the {world_size} ranks")
-        return BatchPlan(world_size, gbs, micro, per_rank, 0, training.micro_batch_tokens)
-    if rem or per_rank % micro:
-        raise UserError(
-            f"training.global_batch_size={gbs} must be a multiple of "
-            f"training.micro_batch_size={micro} x {world_size} ranks"
-        )
+    gbs, micro, budget = training.global_batch_size, training.micro_batch_size, training.micro_batch_tokens
+    per_rank = split_global_batch(gbs, micro, world_size, budget)
+    if budget:
+        return BatchPlan(world_size, gbs, micro, per_rank, 0, budget)
     return BatchPlan(world_size, gbs, micro, per_rank, per_rank // micro)
 
 
@@ -393,26 +388,37 @@ def _hub_reachable() -> bool:
     return True
 
 
-def check_inputs(cfg: Config) -> list[str]:
-    """Check what the run will read and write, without reading data rows or weights. Returns one
-    line per input; raises UserError on the first problem."""
+def check_inputs(cfg: Config) -> tuple[list[str], list[str], Any | None]:
+    """Make the real run's input checks, in its order, without loading weights or tokenising
+    every row: the output folder, the model folder and its tokenizer, the chat template, and a
+    sample of each local data source (`check_data`). Returns (one line per input, notes, the
+    model's HF config or None: `load_model_config`); raises the real run's UserError on the
+    first problem."""
     from engine.checkpoint import CheckpointManager
-    from engine.data.sources import resolve_source
+    from engine.config import is_local_path
     from engine.data.tokenize import resolve_chat_template
+    from engine.model import build_tokenizer
+    from engine.trainer import check_output_dir  # the very checks a real run makes
 
-    lines = [f"model.path: {cfg.model.path}"]
-    for key, sources in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
-        for i, source in enumerate(sources):
-            resolved = resolve_source(source, f"{key}[{i}] ({source.path})")
-            if resolved.kind == "hub":
-                what = f"hub data set, split {source.split!r} (not checked offline)"
-            elif resolved.files:
-                total = sum(f.stat().st_size for f in resolved.files)
-                what = f"{len(resolved.files)} {resolved.kind} file(s), {total / 2**20:.1f} MiB"
-            else:
-                what = "saved data set folder"
-            lines.append(f"{key}[{i}]: {source.path}: {what}")
-    resolve_chat_template(cfg.data.chat_template)
+    output_dir = Path(cfg.job.output_dir)
+    checkpoints = CheckpointManager(output_dir, cfg.checkpoint, rank=0, world_size=1)
+    resume = checkpoints.resume_path()
+    check_output_dir(output_dir, cfg.job.overwrite, resuming=resume is not None)
+
+    hf_config, note = load_model_config(cfg)  # the model folder first, as build_tokenizer checks it
+    notes = [note] if note else []
+    tokenizer = None
+    if hf_config is not None:  # a local folder, or a hub model in the cache or reachable
+        offline = not is_local_path(cfg.model.path) and not _hub_reachable()
+        tokenizer = build_tokenizer(cfg.model, local_files_only=offline)
+    lines = [
+        f"model.path: {cfg.model.path}"
+        + (f" (tokenizer: {type(tokenizer).__name__}, {len(tokenizer)} tokens)" if tokenizer else "")
+    ]
+    template = resolve_chat_template(cfg.data.chat_template)
+    data_lines, data_notes = check_data(cfg, tokenizer, template)
+    lines += data_lines
+    notes += data_notes
     for key, value in (
         ("data.cache_dir", cfg.data.cache_dir),
         ("reference.cache_dir", cfg.reference.cache_dir),
@@ -420,15 +426,74 @@ def check_inputs(cfg: Config) -> list[str]:
         folder = Path(value).expanduser()
         if value and folder.exists() and not folder.is_dir():
             raise UserError(f"{key}: {value} is not a folder")
-
-    output_dir = Path(cfg.job.output_dir)
-    checkpoints = CheckpointManager(output_dir, cfg.checkpoint, rank=0, world_size=1)
-    resume = checkpoints.resume_path()
-    from engine.trainer import check_output_dir  # the very checks a real run makes
-
-    check_output_dir(output_dir, cfg.job.overwrite, resuming=resume is not None)
     lines.append(f"job.output_dir: {output_dir}" + (f" (resumes from {resume})" if resume else ""))
-    return lines
+    return lines, notes, hf_config
+
+
+SAMPLE_ROWS = 64
+"""Rows of each data source the dry run reads, tokenises and filters (the first ones)."""
+
+
+def check_data(cfg: Config, tokenizer: Any | None, template: str | None) -> tuple[list[str], list[str]]:
+    """Read the first `SAMPLE_ROWS` rows of each local data source and put them through the
+    real run's functions: the source's format and columns (`ResolvedSource.read_pairs`), the
+    tokenisation and chat template (`tokenize_rows`), the bad-row and template checks and the
+    filters (`filter_source`). Hub data sets are not read. Without a tokenizer (a hub model
+    offline) only the files are checked. Returns (one line per source, notes)."""
+    import pyarrow as pa
+
+    from engine.data.cache import FEATURES, TokenizedSource
+    from engine.data.dataset import check_kept, filter_source
+    from engine.data.sources import resolve_source
+    from engine.data.tokenize import tokenize_rows
+
+    d = cfg.data
+    lines, notes = [], []
+    for key, sources in (("data.train", d.train), ("data.eval", d.eval)):
+        for i, source in enumerate(sources):
+            name = f"{key}[{i}] ({source.path})"  # as build_dataset names it
+            resolved = resolve_source(source, name)
+            head = f"{key}[{i}]: {source.path}: "
+            if resolved.kind == "hub":
+                lines.append(head + f"hub data set, split {source.split!r} (not read by the dry run)")
+                continue
+            if resolved.files:
+                total = sum(f.stat().st_size for f in resolved.files)
+                head += f"{len(resolved.files)} {resolved.kind} file(s), {total / 2**20:.1f} MiB"
+            else:
+                head += "saved data set folder"
+            columns = source.columns or d.columns  # as ensure_tokenized
+            rows, offsets = resolved.read_pairs(d.format, columns, SAMPLE_ROWS)
+            if tokenizer is None:
+                lines.append(head + " (rows not tokenised: no tokenizer offline)")
+                continue
+            out = tokenize_rows(
+                rows.to_dict(), list(range(len(rows))),
+                tokenizer=tokenizer, chat_template=template, fmt=d.format, columns=columns,
+            )  # fmt: skip
+            sample = TokenizedSource(
+                name,
+                pa.Table.from_pydict(out, schema=FEATURES.arrow_schema),
+                resolved.file_names,
+                offsets,
+                Path(),
+            )
+            _, stats = filter_source(sample, d)  # raises as the real run would on a bad row
+            complete = len(rows) < SAMPLE_ROWS  # the sample is the whole source
+            if complete:
+                check_kept(stats, name)
+            dropped = ", ".join(f"{k} {v['dropped']}" for k, v in stats["filters"].items() if v["dropped"])
+            what = "all" if complete else "first"
+            lines.append(
+                head + f"; {what} {len(rows)} rows: {stats['kept']} kept (dropped: {dropped or 'none'})"
+            )
+            if not complete and stats["kept"] == 0:
+                first = (stats.get("bad_row_examples") or ["every row filtered out"])[0]
+                notes.append(
+                    f"note: {name}: none of the first {len(rows)} rows gives a pair ({first}); "
+                    "the run stops if no row does"
+                )
+    return lines, notes
 
 
 def dry_run(cfg: Config, world_size: int | None = None, ranks_per_node: int | None = None) -> str:
@@ -439,10 +504,10 @@ def dry_run(cfg: Config, world_size: int | None = None, ranks_per_node: int | No
     if world_size % ranks_per_node and ranks_per_node < world_size:
         raise UserError(f"--ranks-per-node={ranks_per_node} must divide --world-size={world_size}")
     ranks_per_node = min(ranks_per_node, world_size)
-    inputs = check_inputs(cfg)
-    plan_batches(cfg.training, world_size)  # arithmetic errors before the slower model config
-    hf_config, note = load_model_config(cfg)
+    inputs, notes, hf_config = check_inputs(cfg)
+    plan_batches(cfg.training, world_size)  # the sampler's rule, as the real run checks after the data
+    # model-specific limits on the recipe (e.g. the sliding-window attention limit) are checked
+    # here, with the function the real run calls, once `hf_config` is known
     plan = plan_run(cfg, hf_config, world_size, ranks_per_node)
-    if note:
-        plan.notes.append(note)
+    plan.notes += notes
     return format_plan(cfg, plan, inputs)

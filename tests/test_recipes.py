@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import torchrun_train
 from engine.config import load_config
 from engine.plan import estimate_memory, measure_model, mesh_shape, plan_batches, plan_run
-from tests.conftest import REPO
+from tests.conftest import ASSETS, REPO
 
 CONFIGS = REPO / "tests" / "data" / "configs"
 LLAMA3_8B = CONFIGS / "llama-3-8b"
@@ -45,11 +46,22 @@ L8_BLOCK, L8_ROOT, L8_TOTAL = 218_112_000, 1_050_677_248, 8_030_261_248
 L70_BLOCK, L70_TOTAL = 855_654_400, 70_553_706_496
 
 
+def _model_folder(config_dir: Path, tmp: Path) -> Path:
+    """The architecture's config.json with the demo tokenizer as a stand-in: a dry run loads the
+    model's tokenizer (and tokenises the first rows of the data), as the real run does."""
+    folder = tmp / config_dir.name
+    folder.mkdir(parents=True)
+    shutil.copy(config_dir / "config.json", folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(ASSETS / "tiny-llama" / name, folder)
+    return folder
+
+
 def _overrides(recipe: Path, tmp: Path, data: Path) -> list[str]:
     """Offline stand-ins: the architecture's config folder, local data, a fresh output folder."""
     if recipe.name in DEMOS:
         return [f"job.output_dir={tmp / 'out'}"]
-    model = LLAMA31_70B if "70b" in recipe.name else LLAMA3_8B
+    model = _model_folder(LLAMA31_70B if "70b" in recipe.name else LLAMA3_8B, tmp)
     return [f"model.path={model}", f'data.train=["{data}"]', "data.eval=[]", f"job.output_dir={tmp / 'out'}"]
 
 
@@ -284,12 +296,13 @@ def test_hub_model_offline_prints_a_note_and_still_plans(
     assert "# estimated memory" not in out
 
 
-def test_dry_run_from_the_command_line() -> None:
+def test_dry_run_from_the_command_line(tmp_path: Path) -> None:
     """The real entry point in a fresh process: 70B on 4 nodes x 8, the plan on stdout."""
     recipe = REPO / "recipes" / "multinode_70b_dpo.toml"
+    model = _model_folder(LLAMA31_70B, tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK")}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "torchrun_train.py"), str(recipe), f"model.path={LLAMA31_70B}",
+        [sys.executable, str(REPO / "torchrun_train.py"), str(recipe), f"model.path={model}",
          "--dry-run", "--world-size", "32", "--ranks-per-node", "8", "job.output_dir=/nonexistent/fsdpo-dry-run"],
         cwd=REPO, capture_output=True, text=True, timeout=180, env={**env, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip

@@ -132,21 +132,7 @@ def _build(
     num_proc: int,
 ) -> None:
     start = time.perf_counter()
-    rows, offsets = source.read()
-    if len(rows) == 0:
-        raise UserError(f"{source.name}: no rows")
-    if "__json" not in rows.column_names:
-        names = {c: columns.get(c, c) for c in ("prompt", "chosen", "rejected")}
-        needed = [names["chosen"], names["rejected"]] + (
-            [] if fmt == "implicit_prompt" else [names["prompt"]]
-        )
-        for column in needed:
-            if column not in rows.column_names and (column != names["prompt"] or fmt != "auto"):
-                raise UserError(
-                    f"{source.name}: no column {column!r} (columns: {', '.join(rows.column_names)}; "
-                    'name yours with data.columns, e.g. { chosen = "..." })'
-                )
-        rows = rows.select_columns([c for c in names.values() if c in rows.column_names])
+    rows, offsets = source.read_pairs(fmt, columns)
     staging = folder.parent / f".staging-{folder.name}-{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir(parents=True)

@@ -228,7 +228,7 @@ def _first_row_with(status: pa.ChunkedArray, value: str) -> int | None:
     return int(hits[0]) if len(hits) else None
 
 
-def _filter_source(source: TokenizedSource, cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def filter_source(source: TokenizedSource, cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Spans of the pairs this source keeps (rows local to the source), and its statistics."""
     table = source.table
     status = table.column("status")
@@ -354,9 +354,8 @@ def build_dataset(
 
     spans, per_source, offset = [], [], 0
     for source, config, source_name in zip(tokenized, sources, names):
-        kept, stats = _filter_source(source, cfg)
-        if stats["kept"] == 0:
-            raise UserError(f"{source_name}: no pair left after filtering ({_funnel(stats)})")
+        kept, stats = filter_source(source, cfg)
+        check_kept(stats, source_name)
         picked = _sample(stats["kept"], config, source_name, seed)
         examples = stats.pop("bad_row_examples", None)
         stats["sampled"] = len(picked)
@@ -383,6 +382,12 @@ def build_dataset(
         },
     }
     return dataset
+
+
+def check_kept(stats: dict[str, Any], name: str) -> None:
+    """A source must keep at least one pair after filtering (`filter_source`'s statistics)."""
+    if stats["kept"] == 0:
+        raise UserError(f"{name}: no pair left after filtering ({_funnel(stats)})")
 
 
 def _funnel(stats: dict[str, Any]) -> str:

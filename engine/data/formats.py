@@ -14,9 +14,11 @@ absent struct fields with nulls) are dropped so templates see the message as wri
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from engine.errors import UserError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 COLUMNS = ("prompt", "chosen", "rejected")
@@ -40,6 +42,21 @@ class Pair:
     def completion_text(self, side: str) -> str:
         value = getattr(self, side)
         return value if isinstance(value, str) else value[-1]["content"]
+
+
+def check_columns(name: str, column_names: Sequence[str], fmt: str, columns: Mapping[str, str]) -> list[str]:
+    """The columns of a typed (parquet, `datasets`) source that hold its pairs; a UserError
+    naming source `name` when one that `fmt` needs is missing. JSON rows have no schema and are
+    checked row by row (`normalise_row`)."""
+    names = {c: columns.get(c, c) for c in COLUMNS}
+    needed = [names["chosen"], names["rejected"]] + ([] if fmt == "implicit_prompt" else [names["prompt"]])
+    for column in needed:
+        if column not in column_names and (column != names["prompt"] or fmt != "auto"):
+            raise UserError(
+                f"{name}: no column {column!r} (columns: {', '.join(column_names)}; "
+                'name yours with data.columns, e.g. { chosen = "..." })'
+            )
+    return [c for c in names.values() if c in column_names]
 
 
 def _describe(value: Any) -> str:
@@ -116,6 +133,11 @@ def _split_implicit(chosen: Any, rejected: Any, names: Mapping[str, str]) -> Pai
     return Pair(chosen[:-1], chosen[-1:], rejected[-1:])
 
 
+def _missing(column: str, row: Mapping[str, Any]) -> BadRow:
+    keys = ", ".join(map(str, row)) or "none"
+    return BadRow(f"missing column {column!r} (the row's columns: {keys}; name yours with data.columns)")
+
+
 def normalise_row(row: Mapping[str, Any], fmt: str, columns: Mapping[str, str]) -> Pair:
     """The pair in `row` read as format `fmt` ("auto" decides per row), or raise BadRow.
 
@@ -124,7 +146,7 @@ def normalise_row(row: Mapping[str, Any], fmt: str, columns: Mapping[str, str]) 
     names = {c: columns.get(c, c) for c in COLUMNS}
     for side in ("chosen", "rejected"):
         if names[side] not in row:
-            raise BadRow(f"missing column {names[side]!r}")
+            raise _missing(names[side], row)
     prompt, chosen, rejected = (row.get(names[c]) for c in COLUMNS)
     if fmt == "auto":
         if isinstance(prompt, list):
@@ -146,7 +168,7 @@ def normalise_row(row: Mapping[str, Any], fmt: str, columns: Mapping[str, str]) 
     if fmt == "implicit_prompt":
         return _split_implicit(chosen, rejected, names)
     if names["prompt"] not in row:
-        raise BadRow(f"missing column {names['prompt']!r}")
+        raise _missing(names["prompt"], row)
     if fmt == "standard":
         for column, value in zip(COLUMNS, (prompt, chosen, rejected)):
             if not isinstance(value, str):

@@ -139,6 +139,24 @@ def token_budget_micro_batches(
     return split_by_tokens(rank_tokens[rank], budget, count)
 
 
+def split_global_batch(
+    global_batch_size: int, micro_batch_size: int, world_size: int, micro_batch_tokens: int = 0
+) -> int:
+    """Pairs per rank per step; a UserError unless the global batch splits evenly over the ranks
+    and, without a token budget, into micro-batches of `micro_batch_size` pairs."""
+    per_rank, rem = divmod(global_batch_size, world_size)
+    if micro_batch_tokens and rem:
+        raise UserError(
+            f"training.global_batch_size={global_batch_size} must be a multiple of the {world_size} ranks"
+        )
+    if not micro_batch_tokens and (rem or per_rank % micro_batch_size):
+        raise UserError(
+            f"training.global_batch_size={global_batch_size} must be a multiple of "
+            f"training.micro_batch_size={micro_batch_size} x {world_size} ranks"
+        )
+    return per_rank
+
+
 class GlobalBatchSampler:
     """Which pairs each rank reads at each optimizer step.
 
@@ -146,7 +164,8 @@ class GlobalBatchSampler:
     reads its contiguous slice of them, split into micro-batches. The order is a pure function
     of (seed, epoch), so the data position is just `step x global_batch_size` consumed pairs, the
     same for any world size, and the set of pairs in a step does not depend on how it is split.
-    Pairs past the last whole global batch of an epoch wait for a later epoch's shuffle.
+    Pairs past the last whole global batch of an epoch (`unused_per_epoch`, a different random set
+    each epoch) wait for a later epoch's shuffle.
 
     Micro-batches hold `micro_batch_size` pairs, or with `micro_batch_tokens` (packed forward
     modes; `pair_tokens` gives each pair's positions) as many pairs as fit that many tokens:
@@ -173,12 +192,8 @@ class GlobalBatchSampler:
         micro_batch_tokens: int = 0,
         pair_tokens: Sequence[int] | np.ndarray | None = None,
     ) -> None:
-        per_rank, rem = divmod(global_batch_size, world_size)
+        per_rank = split_global_batch(global_batch_size, micro_batch_size, world_size, micro_batch_tokens)
         if micro_batch_tokens:
-            if rem:
-                raise UserError(
-                    f"training.global_batch_size={global_batch_size} must be a multiple of the {world_size} ranks"
-                )
             if pair_tokens is None or len(pair_tokens) != num_pairs:
                 raise ValueError("micro_batch_tokens needs the tokens of every pair")
             longest = int(np.argmax(pair_tokens)) if num_pairs else 0
@@ -188,11 +203,6 @@ class GlobalBatchSampler:
                     f"(pair {longest}: {int(pair_tokens[longest])} tokens in this forward mode); raise it "
                     "to at least that or lower data.max_length"
                 )
-        elif rem or per_rank % micro_batch_size:
-            raise UserError(
-                f"training.global_batch_size={global_batch_size} must be a multiple of "
-                f"training.micro_batch_size={micro_batch_size} x {world_size} ranks"
-            )
         if num_pairs < global_batch_size:
             raise UserError(
                 f"training.global_batch_size={global_batch_size} is larger than the "
@@ -208,6 +218,8 @@ class GlobalBatchSampler:
         # fixed with micro_batch_size; with a token budget it varies by step (0 here)
         self.accumulation_steps = 0 if micro_batch_tokens else per_rank // micro_batch_size
         self.steps_per_epoch = num_pairs // global_batch_size
+        # pairs each epoch leaves out (a different random set each epoch)
+        self.unused_per_epoch = num_pairs - self.steps_per_epoch * global_batch_size
         self.lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.long) if group_by_length else None
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
 

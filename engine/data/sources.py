@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.config import DataSource
+from engine.data.formats import check_columns
 from engine.errors import UserError
 
 JSON_SUFFIXES = (".json", ".jsonl")
@@ -67,19 +68,38 @@ class ResolvedSource:
             "fingerprint": self._load_arrow()._fingerprint,
         }
 
-    def read(self) -> tuple[datasets.Dataset, list[int]]:
-        """(rows, first row of each file). JSON rows have columns `__json` and `__line`."""
+    def read(self, limit: int | None = None) -> tuple[datasets.Dataset, list[int]]:
+        """(rows, first row of each file); a UserError if there are none. JSON rows have columns
+        `__json` and `__line`. With `limit`, only the first `limit` rows (the dry run's sample;
+        every file's columns still count, as in the whole read)."""
+        rows, offsets = self._read(limit)
+        if len(rows) == 0:
+            raise UserError(f"{self.name}: no rows")
+        return rows, offsets
+
+    def read_pairs(
+        self, fmt: str, columns: dict[str, str], limit: int | None = None
+    ) -> tuple[datasets.Dataset, list[int]]:
+        """`read`, keeping of typed rows only the pair's columns (`check_columns`: a UserError
+        when one is missing)."""
+        rows, offsets = self.read(limit)
+        if "__json" not in rows.column_names:
+            rows = rows.select_columns(check_columns(self.name, rows.column_names, fmt, columns))
+        return rows, offsets
+
+    def _read(self, limit: int | None) -> tuple[datasets.Dataset, list[int]]:
+        left = float("inf") if limit is None else limit
         if self.kind == "json":
             texts, lines, offsets = [], [], []
             for path in self.files:
                 offsets.append(len(texts))
-                _read_json_file(path, texts, lines, self.name)
+                _read_json_file(path, texts, lines, self.name, left - len(texts))
             return datasets.Dataset.from_dict({"__json": texts, "__line": lines}), offsets
         if self.kind == "parquet":
             tables, offsets, total = [], [], 0
             for path in self.files:
                 try:
-                    table = pq.read_table(path)
+                    table = pq.read_table(path) if limit is None else _parquet_head(path, left - total)
                 except (OSError, pa.ArrowException) as e:
                     raise UserError(f"{self.name}: {path}: not a readable parquet file ({e})") from None
                 offsets.append(total)
@@ -90,7 +110,8 @@ class ResolvedSource:
             except pa.ArrowException as e:
                 raise UserError(f"{self.name}: the parquet files have incompatible columns ({e})") from None
             return datasets.Dataset(datasets.table.InMemoryTable(table)), offsets
-        return self._load_arrow(), [0]
+        rows = self._load_arrow()
+        return (rows if limit is None else rows.select(range(min(limit, len(rows))))), [0]
 
     def _load_arrow(self) -> datasets.Dataset:
         if self._loaded is None:
@@ -112,24 +133,63 @@ def _file_identity(path: Path) -> dict[str, Any]:
     return identity
 
 
-def _read_json_file(path: Path, texts: list[str], lines: list[int], name: str) -> None:
-    """Append each row of a .json/.jsonl file as JSON text (and its line number, or -1)."""
+def _parquet_head(path: Path, limit: float) -> pa.Table:
+    """The first `limit` rows of a parquet file (none: its schema alone), reading no more."""
+    file = pq.ParquetFile(path)
+    if limit < 1:
+        return file.schema_arrow.empty_table()
+    batch = next(file.iter_batches(batch_size=int(min(limit, 2**20))), None)
+    return pa.Table.from_batches([batch]) if batch is not None else file.schema_arrow.empty_table()
+
+
+def _read_json_file(path: Path, texts: list[str], lines: list[int], name: str, limit: float) -> None:
+    """Append each row of a .json/.jsonl file as JSON text (and its line number, or -1), up to
+    `limit` rows."""
+    if limit < 1:
+        return
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{name}: cannot read {path} ({e})") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            rows = json.loads(text) if limit == float("inf") else _json_array_head(text, int(limit))
         except json.JSONDecodeError as e:
             raise UserError(f"{name}: {path.name} is not a valid JSON array ({e})") from None
         texts.extend(json.dumps(row, ensure_ascii=False) for row in rows)
         lines.extend([-1] * len(rows))
         return
+    start = len(texts)
     for n, line in enumerate(text.splitlines()):
+        if len(texts) - start >= limit:
+            break
         if line.strip():
             texts.append(line)
             lines.append(n + 1)
+
+
+def _json_array_head(text: str, limit: int) -> list[Any]:
+    """The first `limit` elements of the JSON array `text`, parsing no further."""
+    decoder, rows = json.JSONDecoder(), []
+    i = text.index("[") + 1
+    while len(rows) < limit:
+        i = _skip_space(text, i)
+        if text.startswith("]", i):
+            break
+        row, i = decoder.raw_decode(text, i)
+        rows.append(row)
+        i = _skip_space(text, i)
+        if text.startswith(",", i):
+            i += 1
+        elif not text.startswith("]", i):
+            raise json.JSONDecodeError("expected ',' or ']'", text, i)
+    return rows
+
+
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
 
 
 def _is_saved_dataset(folder: Path) -> bool:
