@@ -29,9 +29,10 @@ Per mode it reports:
 - `padding_fraction`: share of the positions run through the model that are padding;
 - `computed_tokens_per_step`: positions run through the model (prefix sharing computes fewer
   than the pair tokens);
-- `forwards_per_step` (mean, per rank), `micro_batch_tokens_mean`, `micro_batch_tokens_max` and
-  `micro_batch_tokens_cv` (std / mean): positions computed per forward, over all ranks' timed
-  micro-batches (how steady the work of a forward is);
+- `forwards_per_step` (mean, per rank; a micro-batch is one forward, two in `separate`),
+  `micro_batch_tokens_mean`, `micro_batch_tokens_max` and `micro_batch_tokens_cv` (std / mean):
+  positions computed per forward, over all ranks' timed forwards (how steady the work of a
+  forward is);
 - `peak_mem_gib`: peak CUDA memory allocated, or on CPU the peak resident set size of the timed
   steps (the kernel's high-water mark, reset per mode after the allocator's free memory is
   trimmed, so earlier modes do not count), max over ranks;
@@ -78,6 +79,7 @@ import torch.distributed as dist
 from engine import losses
 from engine.config import Config, load_config
 from engine.data import PairBatch, pair_token_counts, token_budget_micro_batches
+from engine.data.sampler import split_global_batch
 from engine.errors import UserError
 from engine.forward import FORWARD_MODES, LAYOUTS, ModelInputs, SequenceLogprobs, policy_logps, score_tokens
 
@@ -198,10 +200,12 @@ class LayoutStats:
     computed_tokens: int = 0
     real_tokens: int = 0
     attention_pairs: int = 0
-    micro_batch_tokens: list[int] = field(default_factory=list)  # positions computed per micro-batch
+    forward_tokens: list[int] = field(default_factory=list)  # positions computed per forward
 
     def add(self, inputs: ModelInputs) -> None:
+        """One forward's inputs (a micro-batch takes one, or two in `separate`)."""
         self.computed_tokens += inputs.computed_tokens
+        self.forward_tokens.append(inputs.computed_tokens)
         self.real_tokens += inputs.real_tokens
         if inputs.segments is not None:
             self.attention_pairs += inputs.segments.visible_pairs()
@@ -216,10 +220,8 @@ def layout_stats(mode: str, batches: list[PairBatch], pad_id: int) -> LayoutStat
     stats = LayoutStats()
     for batch in batches:
         stats.pair_tokens += batch.real_tokens
-        before = stats.computed_tokens
         for inputs in LAYOUTS[mode](batch, pad_id, torch.device("cpu")):
             stats.add(inputs)
-        stats.micro_batch_tokens.append(stats.computed_tokens - before)
     return stats
 
 
@@ -366,7 +368,7 @@ def step_records(
         batches = step_batches(setup.pairs, step, setup.cfg, world.rank, world.world_size, layout, budget)
         s = layout_stats(layout, batches, setup.pad_id)
         per_step.append([s.pair_tokens, s.computed_tokens, s.real_tokens, model_flops(params, config, s)])
-        forward_tokens += s.micro_batch_tokens
+        forward_tokens += s.forward_tokens
     flat = _reduce([x for row in per_step for x in row], device)
     columns = list(zip(*[flat[i : i + 4] for i in range(0, len(flat), 4)]))
     moments = _reduce([len(forward_tokens), sum(forward_tokens), sum(x * x for x in forward_tokens)], device)
@@ -439,17 +441,22 @@ def summarize(raw: dict[str, Any], peak_flops: float, world_size: int) -> dict[s
 # TRL
 
 
+def import_trl():
+    """The trl module, or a UserError saying how to install it."""
+    try:
+        import trl
+    except ImportError:
+        raise UserError("--against trl: TRL is not installed (pip install trl)") from None
+    return trl
+
+
 def run_trl(setup: Setup, world, tokenizer, timed: range) -> dict[str, Any]:
     """TRL's DPOTrainer on the same weights, pairs (same order), batch and accumulation: the
     warm-up steps, then the steps `timed`."""
-    try:
-        import trl
-        from datasets import Dataset
-        from transformers import TrainerCallback
-    except ImportError:
-        raise UserError("--against trl: TRL is not installed (pip install trl)") from None
-    if world.world_size > 1:
-        raise UserError("--against trl: run it in one process (without torchrun)")
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    trl = import_trl()
     cfg, device = setup.cfg, world.device
     t = cfg.training
     accumulation = t.global_batch_size // t.micro_batch_size
@@ -660,15 +667,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from engine.model import build_tokenizer
     from engine.parallel import compute_dtype
 
+    if args.against == "trl":  # before any fsdpo mode runs
+        import_trl()
     cfg = load_config(args.recipe, args.overrides)
     world = init_distributed()
+    if args.against == "trl" and world.world_size > 1:
+        raise UserError("--against trl: run it in one process (without torchrun)")
     t = cfg.training
     layouts = {m: parse_mode(m, cfg) for m in modes}
-    if t.global_batch_size % (t.micro_batch_size * world.world_size):
-        raise UserError(
-            f"training.global_batch_size={t.global_batch_size} must be a multiple of micro_batch_size x ranks "
-            f"({t.micro_batch_size} x {world.world_size})"
-        )
+    split_global_batch(t.global_batch_size, t.micro_batch_size, world.world_size)
     tokenizer = build_tokenizer(cfg.model)
     overrides = _parse_model_config(args.model_config)
     if args.synthetic_pairs:

@@ -3,7 +3,6 @@ same curves as the concatenated one (2 ranks, one launch)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -51,7 +50,12 @@ def test_bench_reports_every_mode(recipe: Path, tmp_path: Path, world) -> None:
     assert report["setup"]["matmul_flops"] > 0
     # 4 pairs per step in micro-batches of 2; a 192-token budget (two sequences of max_length)
     # holds at least one pair and never more than 192 positions per forward
-    assert modes["packed"]["forwards_per_step"] == 2
+    assert modes["packed"]["forwards_per_step"] == modes["concatenated"]["forwards_per_step"] == 2
+    assert modes["separate"]["forwards_per_step"] == 4  # chosen and rejected: two forwards each
+    for mode, row in modes.items():  # positions per forward x forwards = positions per step
+        assert math.isclose(
+            row["micro_batch_tokens_mean"] * row["forwards_per_step"], row["computed_tokens_per_step"]
+        ), mode
     budgeted = modes["packed@192"]
     assert budgeted["micro_batch_tokens_max"] <= 192 and 1 <= budgeted["forwards_per_step"] <= 4
     assert budgeted["pair_tokens_per_step"] == modes["packed"]["pair_tokens_per_step"]
@@ -93,10 +97,16 @@ def test_bench_rejects_bad_token_budgets(recipe: Path, world, spec: str, words: 
         bench.main([str(recipe), "--modes", spec, "--synthetic-pairs", "8", "--prompt-len", "20"])
 
 
-def test_bench_against_trl_without_trl_is_a_clear_error(recipe: Path, world) -> None:
-    if importlib.util.find_spec("trl") is not None:
-        pytest.skip("trl is installed")
-    with pytest.raises(UserError, match="pip install trl"):
+def test_bench_against_trl_without_trl_stops_before_any_mode_runs(
+    recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def ran(*args, **kwargs):
+        raise AssertionError("an fsdpo mode ran before TRL was found missing")
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` raises ImportError
+    monkeypatch.setattr(bench, "run_mode", ran)
+    monkeypatch.setattr(bench, "load_config", ran)
+    with pytest.raises(UserError, match=r"--against trl: TRL is not installed \(pip install trl\)"):
         bench.main([str(recipe), "--modes", "packed", "--steps", "1", "--warmup", "0", "--against", "trl"])
 
 
