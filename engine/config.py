@@ -4,6 +4,15 @@ A recipe is a TOML file whose tables match the dataclasses below. Precedence is
 CLI override > recipe file > the file it `extends` > defaults. Every field carries a docstring
 directly under it; `python -m engine.config --doc` prints them as the recipe reference.
 Each component of the engine receives only its own table (`cfg.loss`, `cfg.data`, ...).
+
+Paths: `extends` is relative to the recipe that names it. Every other path in a recipe (model,
+data, chat template, caches, output folder, checkpoint to resume) is relative to the working
+directory the run starts in, as in TRL, open-instruct and torchtune, and is made absolute at load
+(`_absolute_paths`), so the recipe fsdpo stores with a run and in each checkpoint, and the
+model path written into an exported adapter, work from any directory. Hub ids stay as written.
+
+All problems in a recipe (unknown keys, wrong types, out-of-range or conflicting values) are
+reported together, one line each in the recipe's order, in one UserError.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from engine.errors import UserError
+from engine.peer_names import PEER_KEYS, PEER_LOSSES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,7 +59,8 @@ def is_local_path(text: str) -> bool:
 @dataclass
 class JobConfig:
     output_dir: str = "outputs/run"
-    """Folder for recipe.toml, metrics.jsonl and final/ (created if missing)."""
+    """Folder for recipe.toml, metrics.jsonl and final/ (created if missing); relative to the
+    working directory, stored absolute."""
     seed: int = 42
     """Seed for data order, random init and dropout; the same seed gives the same run."""
     overwrite: bool = False
@@ -60,7 +71,8 @@ class JobConfig:
 @dataclass
 class ModelConfig:
     path: str = ""
-    """Hugging Face model folder or hub id (required)."""
+    """Hugging Face model folder or hub id (required). A local path (`is_local_path`) is relative
+    to the working directory and stored absolute; a hub id is kept as written."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: `sdpa`, `eager`, `flash_attention_2`, ..."""
     trust_remote_code: bool = False
@@ -75,7 +87,8 @@ class DataSource:
     path: str = ""
     """A local .json (array or JSON lines), .jsonl or .parquet file; a folder of such files (read
     in sorted order); a folder written by `datasets`' `save_to_disk`; or a Hugging Face hub
-    data set id (loaded with `datasets.load_dataset`, so it works offline from the local cache)."""
+    data set id (loaded with `datasets.load_dataset`, so it works offline from the local cache).
+    Local paths are relative to the working directory and stored absolute."""
     split: str = "train"
     """Split to read from a hub id or a saved DatasetDict (e.g. "train_prefs"); ignored for files."""
     subset: str = ""
@@ -113,8 +126,9 @@ class DataConfig:
     """Column names in the data for `prompt`, `chosen` and `rejected`, where they differ (e.g.
     { chosen = "response_a", rejected = "response_b" })."""
     chat_template: str = ""
-    """Jinja chat template (the template text, or the path of a .jinja file) used instead of the
-    tokenizer's own for conversational rows; empty = the tokenizer's template."""
+    """Jinja chat template (the template text, or the path of a .jinja file, relative to the working
+    directory) used instead of the tokenizer's own for conversational rows; empty = the
+    tokenizer's template."""
     max_length: int = 1024
     """Maximum prompt + completion tokens per sequence (see `truncation`)."""
     max_prompt_length: int = 0
@@ -135,7 +149,8 @@ class DataConfig:
     most the CPU count."""
     cache_dir: str = ""
     """Folder of tokenised data sets, reused when sources, tokenizer, template and format are
-    unchanged; empty = $XDG_CACHE_HOME/fsdpo/tokenized (default ~/.cache/fsdpo/tokenized)."""
+    unchanged (relative to the working directory); empty = $XDG_CACHE_HOME/fsdpo/tokenized
+    (default ~/.cache/fsdpo/tokenized)."""
 
 
 @dataclass
@@ -252,8 +267,9 @@ class ParallelConfig:
 @dataclass
 class ReferenceConfig:
     cache_dir: str = ""
-    """Folder of the reference log-prob cache files; empty = output_dir/reference. Point several
-    runs at one folder to share caches (files are keyed by model, tokenizer, data and settings)."""
+    """Folder of the reference log-prob cache files (relative to the working directory); empty =
+    output_dir/reference. Point several runs at one folder to share caches (files are keyed by
+    model, tokenizer, data and settings)."""
     batch_size: int = 0
     """Pairs per rank per reference forward (no grad, so larger than training); 0 = 4 x
     `training.micro_batch_size`."""
@@ -269,7 +285,7 @@ class CheckpointConfig:
     """Keep only the newest this many complete checkpoints (0 = keep all)."""
     resume: str = "auto"
     """`auto`: continue from the newest complete checkpoint in output_dir if any; `never`: start
-    fresh; or the path of a `step-N` checkpoint folder."""
+    fresh; or the path of a `step-N` checkpoint folder (relative to the working directory)."""
     async_save: bool = False
     """Write checkpoints in a background thread (dcp.async_save on its own gloo group) while
     training continues; waited on before the next save and at exit."""
@@ -390,6 +406,99 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Problems: every mistake in a recipe is reported in one go
+
+
+def _related(a: str, b: str) -> bool:
+    """Whether dotted keys `a` and `b` name the same value or one holds the other."""
+    return a == b or b.startswith((f"{a}.", f"{a}[")) or a.startswith((f"{b}.", f"{b}["))
+
+
+def _position(raw: dict[str, Any], key: str) -> tuple[int, int]:
+    """Where `key` ("table.name...", or a top-level name) stands in the recipe: (table, key) in file
+    order; a key the recipe does not set comes after those it does; "" (the command line) first."""
+    if not key:
+        return (-1, -1)
+    table, _, rest = key.partition(".")
+    tables = list(raw)
+    inner = raw.get(table)
+    names = list(inner) if isinstance(inner, dict) else []
+    name = rest.split(".")[0].split("[")[0]
+    return (
+        tables.index(table) if table in raw else len(tables),
+        names.index(name) if name in names else len(names),
+    )
+
+
+class _Problems:
+    """The recipe's problems found so far, each with the key it is about, and the keys whose values
+    failed to type-check: those fields hold defaults, so checks involving them are skipped."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[str, str]] = []
+        self.failed: list[str] = []
+
+    def add(self, key: str, *lines: str, failed: bool = False) -> None:
+        self.found += [(key, line) for line in lines]
+        if failed:
+            self.failed.append(key)
+
+    def require(self, ok: bool, message: str, key: str, *also: str) -> None:
+        """Record `message` (about `key`) if not `ok`, unless `key` or a key in `also` failed."""
+        if not ok and not any(_related(f, k) for f in self.failed for k in (key, *also)):
+            self.found.append((key, message))
+
+    def expect(self, ok: bool, key: str, expected: str, value: Any, *also: str) -> None:
+        self.require(ok, f"{key}: expected {expected}, got {value!r}", key, *also)
+
+    def raise_if_any(self, raw: dict[str, Any]) -> None:
+        """One UserError with every problem, in the recipe's order (command-line ones first)."""
+        if self.found:
+            order = sorted(range(len(self.found)), key=lambda i: (_position(raw, self.found[i][0]), i))
+            raise UserError(*(self.found[i][1] for i in order))
+
+
+def _did_you_mean(*keys: str) -> str:
+    return " (did you mean " + " or ".join(f'"{k}"' for k in keys) + "?)"
+
+
+def _unknown_key_hint(prefix: str, name: str, cls: type) -> str:
+    """The hint for the unknown key `name` in table `prefix` of schema `cls` ("" and Config at the
+    top level): another tool's name for an fsdpo key (engine/peer_names.py), else the same name
+    in another table (`beta` -> `loss.beta`), else a close spelling in this table; "" if none."""
+    peer = PEER_KEYS.get(f"{prefix}.{name}") or PEER_KEYS.get(name)
+    if peer:
+        key, note = peer
+        if not key:
+            return f" ({note})"
+        return f' (did you mean "{key}"?{" " + note if note else ""})'
+    tables = typing.get_type_hints(Config)
+    elsewhere = [
+        f"{table}.{name}"
+        for table, table_cls in tables.items()
+        if table_cls is not cls and name in typing.get_type_hints(table_cls)
+    ]
+    if elsewhere:
+        return _did_you_mean(*elsewhere)
+    close = difflib.get_close_matches(name, list(typing.get_type_hints(cls)), n=1)
+    return _did_you_mean(f"{prefix}.{close[0]}" if prefix else close[0]) if close else ""
+
+
+def _unknown_loss_hint(name: str) -> str:
+    """The hint for an unknown `loss.type` name: another tool's name for it, else a close spelling."""
+    from engine import losses  # the registry of loss names lives with the losses
+
+    short = name.rsplit(".", 1)[-1]  # torchtune's `torchtune.rlhf.loss.DPOLoss`
+    if short in PEER_LOSSES:
+        peer, ours = PEER_LOSSES[short]
+        if ours:
+            return f' ({peer}\'s "{short}" is fsdpo\'s "{ours}")'
+        return f' ({peer}\'s "{short}" is not in fsdpo, which has {", ".join(sorted(losses.LOSSES))})'
+    close = difflib.get_close_matches(name, list(losses.LOSSES), n=1)
+    return _did_you_mean(close[0]) if close else ""
+
+
+# ----------------------------------------------------------------------------------------------
 # Typing of TOML values against the schema
 
 
@@ -409,20 +518,21 @@ def _type_name(tp: Any) -> str:
     return {str: "string", int: "integer", float: "number", bool: "true/false"}.get(tp, str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return `value` converted to schema type `tp`, or raise UserError naming `key`."""
+def _coerce(value: Any, tp: Any, key: str, problems: _Problems) -> Any:
+    """Return `value` converted to schema type `tp`, or raise UserError naming `key`. Tables are
+    built by `_build_table`, which records their keys' problems in `problems` instead."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
             hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            extra = f' (did you mean "{hint[0]}"?)' if hint else ""
+            extra = _did_you_mean(hint[0]) if hint else ""
             raise UserError(f"{key}: expected one of {_type_name(tp)}, got {value!r}{extra}")
         return value
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
-                return _coerce(value, option, key)
+                return _coerce(value, option, key, problems)
             except UserError:
                 continue
         raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -432,18 +542,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = [value]
         if not isinstance(value, list):
             raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
     if origin is dict:
         _, value_tp = typing.get_args(tp)  # keys are TOML keys, so always strings
         if not isinstance(value, dict):
             raise UserError(f"{key}: expected a {_type_name(tp)}, e.g. {{ name = ... }}, got {value!r}")
-        return {k: _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
+        return {k: _coerce(v, value_tp, f"{key}.{k}", problems) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, str) and tp is DataSource:
             value = {"path": value}
         if not isinstance(value, dict):
-            raise UserError(f"{key}: expected a table or a path, got {value!r}")
-        return _build_table(tp, value, key)
+            expected = "a table or a path" if tp is DataSource else f"a [{key}] table"
+            raise UserError(f"{key}: expected {expected}, got {value!r}")
+        return _build_table(tp, value, key, problems)
     if tp is bool:
         if not isinstance(value, bool):
             raise UserError(f"{key}: expected true/false, got {value!r}")
@@ -465,22 +576,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported schema type {tp!r} for {key}")
 
 
-def _build_table(cls: type, values: dict[str, Any], prefix: str) -> Any:
+def _build_table(cls: type, values: dict[str, Any], prefix: str, problems: _Problems) -> Any:
+    """`cls` from a TOML table; an unknown key or a value of the wrong type is recorded in
+    `problems` (and that field keeps its default) so that the other keys are still checked."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
         if name not in hints:
-            hint = difflib.get_close_matches(name, list(hints), n=1)
-            extra = f' (did you mean "{hint[0]}"?)' if hint else ""
             where = f"[{prefix}]" if prefix else "the recipe"
-            raise UserError(f"{key}: unknown key in {where}{extra}")
-        kwargs[name] = _coerce(value, hints[name], key)
+            problems.add(key, f"{key}: unknown key in {where}{_unknown_key_hint(prefix, name, cls)}")
+            continue
+        try:
+            kwargs[name] = _coerce(value, hints[name], key, problems)
+        except UserError as e:
+            problems.add(key, *e.lines, failed=True)
     return cls(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading: extends, overrides, validation
+# Loading: extends, overrides, validation, paths
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -532,100 +647,128 @@ def _field_type(dotted: str) -> Any:
     table, _, name = dotted.partition(".")
     tables = typing.get_type_hints(Config)
     if table not in tables or not name:
-        hint = difflib.get_close_matches(table, list(tables), n=1)
-        extra = f' (did you mean "{hint[0]}"?)' if hint else ""
+        extra = "" if table in tables else _unknown_key_hint("", table, Config)
         raise UserError(f"{dotted}: overrides look like table.key=value{extra}")
     hints = typing.get_type_hints(tables[table])
     if name not in hints:
-        hint = difflib.get_close_matches(name, list(hints), n=1)
-        extra = f' (did you mean "{table}.{hint[0]}"?)' if hint else ""
-        raise UserError(f"{dotted}: unknown key in [{table}]{extra}")
+        raise UserError(f"{dotted}: unknown key in [{table}]{_unknown_key_hint(table, name, tables[table])}")
     return hints[name]
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str], problems: _Problems) -> dict[str, Any]:
+    """`raw` with each `table.key=value` set; a malformed or unknown override is recorded, skipped."""
     raw = _merge(raw, {})
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep:
-            raise UserError(f"{item}: overrides look like table.key=value")
         key = key.strip()
-        tp = _field_type(key)
-        value: Any = text if tp is str else _parse_override(text, tp)
+        try:
+            if not sep:
+                raise UserError(f"{item}: overrides look like table.key=value")
+            tp = _field_type(key)
+        except UserError as e:
+            problems.add("", *e.lines)
+            continue
         table, _, name = key.partition(".")
-        raw.setdefault(table, {})
-        if not isinstance(raw[table], dict):
-            raise UserError(f"{table}: expected a table")
-        raw[table] = {**raw[table], name: value}
+        if not isinstance(raw.setdefault(table, {}), dict):
+            continue  # reported when the table is typed
+        raw[table] = {**raw[table], name: text if tp is str else _parse_override(text, tp)}
     return raw
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a recipe (following `extends`), apply `table.key=value` overrides and validate."""
-    raw = apply_overrides(_resolve_extends(Path(path)), list(overrides))
-    for table, value in raw.items():
-        if table in typing.get_type_hints(Config) and not isinstance(value, dict):
-            raise UserError(f"{table}: expected a [{table}] table, got {value!r}")
-    cfg = _build_table(Config, raw, "")
-    validate(cfg)
+    """Read a recipe (following `extends`), apply `table.key=value` overrides, type and validate
+    it, and make its local paths absolute (`_absolute_paths`). Every problem found is reported
+    in one UserError, a line each; a recipe that cannot be read stops at once."""
+    raw = _resolve_extends(Path(path))
+    problems = _Problems()
+    raw = apply_overrides(raw, list(overrides), problems)
+    cfg = _build_table(Config, raw, "", problems)
+    validate(cfg, problems)
+    problems.raise_if_any(raw)
+    return _absolute_paths(cfg)
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """`cfg` with its relative local paths (relative to the working directory) made absolute, in
+    place, so the recipe fsdpo stores means the same from any directory: `model.path` and data
+    sources when `is_local_path`, `data.chat_template` when it names a file, the cache and output
+    folders, and `checkpoint.resume` when it is a path. Hub ids and absolute paths are kept."""
+    if is_local_path(cfg.model.path):
+        cfg.model.path = _absolute(cfg.model.path)
+    for source in (*cfg.data.train, *cfg.data.eval):
+        if is_local_path(source.path):
+            source.path = _absolute(source.path)
+    if cfg.data.chat_template and os.path.isfile(os.path.expanduser(cfg.data.chat_template)):
+        cfg.data.chat_template = _absolute(cfg.data.chat_template)
+    for table, name in (("job", "output_dir"), ("data", "cache_dir"), ("reference", "cache_dir")):
+        if getattr(getattr(cfg, table), name):
+            setattr(getattr(cfg, table), name, _absolute(getattr(getattr(cfg, table), name)))
+    if cfg.checkpoint.resume not in ("auto", "never"):
+        cfg.checkpoint.resume = _absolute(cfg.checkpoint.resume)
     return cfg
 
 
-def _check(ok: bool, key: str, expected: str, value: Any) -> None:
-    if not ok:
-        raise UserError(f"{key}: expected {expected}, got {value!r}")
-
-
-def validate(cfg: Config) -> None:
-    """Range and consistency checks the types alone cannot express."""
+def validate(cfg: Config, problems: _Problems) -> None:
+    """Range and consistency checks the types alone cannot express, recorded in `problems`;
+    checks on a key whose value already failed its type check are skipped."""
     from engine import losses  # the registry of loss names lives with the losses
 
-    _check(bool(cfg.model.path), "model.path", "a model folder or hub id", cfg.model.path)
-    _check(bool(cfg.data.train), "data.train", "at least one training source", cfg.data.train)
+    p = problems
+    p.expect(bool(cfg.model.path), "model.path", "a model folder or hub id", cfg.model.path)
+    p.expect(bool(cfg.data.train), "data.train", "at least one training source", cfg.data.train)
     d = cfg.data
     column_tables = [("data.columns", d.columns)]
     for key, sources in (("data.train", d.train), ("data.eval", d.eval)):
         for i, src in enumerate(sources):
-            _check(bool(src.path), f"{key}[{i}].path", "a file, folder or hub id", src.path)
-            _check(bool(src.split), f"{key}[{i}].split", "a split name", src.split)
-            _check(src.fraction > 0, f"{key}[{i}].fraction", "a number > 0", src.fraction)
-            _check(src.count == -1 or src.count > 0, f"{key}[{i}].count", "-1 or > 0", src.count)
+            p.expect(bool(src.path), f"{key}[{i}].path", "a file, folder or hub id", src.path)
+            p.expect(bool(src.split), f"{key}[{i}].split", "a split name", src.split)
+            p.expect(src.fraction > 0, f"{key}[{i}].fraction", "a number > 0", src.fraction)
+            p.expect(src.count == -1 or src.count > 0, f"{key}[{i}].count", "-1 or > 0", src.count)
             column_tables.append((f"{key}[{i}].columns", src.columns))
     for key, columns in column_tables:
         for name, column in columns.items():
-            if name not in ("prompt", "chosen", "rejected"):
-                hint = difflib.get_close_matches(name, ["prompt", "chosen", "rejected"], n=1)
-                extra = f' (did you mean "{hint[0]}"?)' if hint else ""
-                raise UserError(f"{key}.{name}: expected keys prompt, chosen or rejected{extra}")
-            _check(bool(column), f"{key}.{name}", "a column name", column)
-    _check(0 <= d.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)", d.eval_fraction)
-    if d.eval and d.eval_fraction:
-        raise UserError("data.eval and data.eval_fraction: set one of them, not both")
-    _check(d.max_length >= 2, "data.max_length", "an integer >= 2", d.max_length)
-    _check(
+            known = ["prompt", "chosen", "rejected"]
+            hint = difflib.get_close_matches(name, known, n=1)
+            extra = _did_you_mean(hint[0]) if hint else ""
+            message = f"{key}.{name}: expected keys prompt, chosen or rejected{extra}"
+            p.require(name in known, message, f"{key}.{name}")
+            p.expect(bool(column), f"{key}.{name}", "a column name", column)
+    p.expect(0 <= d.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)", d.eval_fraction)
+    p.require(
+        not (d.eval and d.eval_fraction),
+        "data.eval and data.eval_fraction: set one of them, not both",
+        "data.eval",
+        "data.eval_fraction",
+    )
+    p.expect(d.max_length >= 2, "data.max_length", "an integer >= 2", d.max_length)
+    p.expect(
         0 <= d.max_prompt_length < d.max_length,
         "data.max_prompt_length",
         f"0 (off) or an integer below data.max_length={d.max_length}",
         d.max_prompt_length,
+        "data.max_length",
     )
-    _check(d.num_proc >= 0, "data.num_proc", "0 (auto) or a number of processes", d.num_proc)
+    p.expect(d.num_proc >= 0, "data.num_proc", "0 (auto) or a number of processes", d.num_proc)
 
     names = [cfg.loss.type] if isinstance(cfg.loss.type, str) else cfg.loss.type
-    _check(bool(names), "loss.type", "a loss name or a non-empty list", cfg.loss.type)
+    p.expect(bool(names), "loss.type", "a loss name or a non-empty list", cfg.loss.type)
     for name in names:
-        if name not in losses.LOSSES:
-            hint = difflib.get_close_matches(name, list(losses.LOSSES), n=1)
-            extra = f' (did you mean "{hint[0]}"?)' if hint else ""
-            raise UserError(f"loss.type: unknown loss {name!r}{extra}")
-    if cfg.loss.weights:
-        _check(
-            len(cfg.loss.weights) == len(names),
-            "loss.weights",
-            f"{len(names)} weights (one per loss.type)",
-            cfg.loss.weights,
+        p.require(
+            name in losses.LOSSES, f"loss.type: unknown loss {name!r}{_unknown_loss_hint(name)}", "loss.type"
         )
-    _check(cfg.loss.beta > 0, "loss.beta", "a number > 0", cfg.loss.beta)
-    _check(
+    p.expect(
+        not cfg.loss.weights or len(cfg.loss.weights) == len(names),
+        "loss.weights",
+        f"{len(names)} weights (one per loss.type)",
+        cfg.loss.weights,
+        "loss.type",
+    )
+    p.expect(cfg.loss.beta > 0, "loss.beta", "a number > 0", cfg.loss.beta)
+    p.expect(
         0 <= cfg.loss.label_smoothing < 0.5,
         "loss.label_smoothing",
         "a number in [0, 0.5)",
@@ -633,84 +776,103 @@ def validate(cfg: Config) -> None:
     )
 
     t = cfg.training
-    _check(t.global_batch_size >= 1, "training.global_batch_size", ">= 1", t.global_batch_size)
-    _check(t.micro_batch_size >= 1, "training.micro_batch_size", ">= 1", t.micro_batch_size)
-    _check(t.micro_batch_tokens >= 0, "training.micro_batch_tokens", "an integer >= 0", t.micro_batch_tokens)
-    if t.micro_batch_tokens and t.forward_mode not in ("packed", "prefix_shared"):
-        raise UserError(
-            f"training.micro_batch_tokens: token budgets need forward_mode packed or prefix_shared "
-            f"(a padded mode's cost is set by its longest row), got {t.forward_mode!r}"
-        )
-    _check(t.epochs >= 1, "training.epochs", "an integer >= 1", t.epochs)
-    _check(t.max_steps == -1 or t.max_steps >= 1, "training.max_steps", "-1 or >= 1", t.max_steps)
-    _check(t.eval_interval_steps >= 0, "training.eval_interval_steps", ">= 0", t.eval_interval_steps)
-    _check(t.max_skipped_steps >= 1, "training.max_skipped_steps", ">= 1", t.max_skipped_steps)
+    p.expect(t.global_batch_size >= 1, "training.global_batch_size", ">= 1", t.global_batch_size)
+    p.expect(t.micro_batch_size >= 1, "training.micro_batch_size", ">= 1", t.micro_batch_size)
+    p.expect(
+        t.micro_batch_tokens >= 0, "training.micro_batch_tokens", "an integer >= 0", t.micro_batch_tokens
+    )
+    p.require(
+        not t.micro_batch_tokens or t.forward_mode in ("packed", "prefix_shared"),
+        f"training.micro_batch_tokens: token budgets need forward_mode packed or prefix_shared "
+        f"(a padded mode's cost is set by its longest row), got {t.forward_mode!r}",
+        "training.micro_batch_tokens",
+        "training.forward_mode",
+    )
+    p.expect(t.epochs >= 1, "training.epochs", "an integer >= 1", t.epochs)
+    p.expect(t.max_steps == -1 or t.max_steps >= 1, "training.max_steps", "-1 or >= 1", t.max_steps)
+    p.expect(t.eval_interval_steps >= 0, "training.eval_interval_steps", ">= 0", t.eval_interval_steps)
+    p.expect(t.max_skipped_steps >= 1, "training.max_skipped_steps", ">= 1", t.max_skipped_steps)
 
     o = cfg.optimizer
-    _check(o.lr > 0, "optimizer.lr", "a number > 0", o.lr)
-    _check(o.weight_decay >= 0, "optimizer.weight_decay", "a number >= 0", o.weight_decay)
-    _check(
+    p.expect(o.lr > 0, "optimizer.lr", "a number > 0", o.lr)
+    p.expect(o.weight_decay >= 0, "optimizer.weight_decay", "a number >= 0", o.weight_decay)
+    p.expect(
         len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
         "optimizer.betas",
         "two numbers in [0, 1)",
         o.betas,
     )
-    _check(o.eps > 0, "optimizer.eps", "a number > 0", o.eps)
-    _check(o.max_grad_norm >= 0, "optimizer.max_grad_norm", "a number >= 0", o.max_grad_norm)
+    p.expect(o.eps > 0, "optimizer.eps", "a number > 0", o.eps)
+    p.expect(o.max_grad_norm >= 0, "optimizer.max_grad_norm", "a number >= 0", o.max_grad_norm)
 
     s = cfg.scheduler
-    _check(s.warmup_steps >= 0, "scheduler.warmup_steps", "an integer >= 0", s.warmup_steps)
-    _check(0 <= s.warmup_ratio < 1, "scheduler.warmup_ratio", "a number in [0, 1)", s.warmup_ratio)
-    if s.warmup_steps and s.warmup_ratio:
-        raise UserError("scheduler.warmup_steps and scheduler.warmup_ratio: set one of them, not both")
-    _check(0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", "a number in [0, 1]", s.min_lr_ratio)
+    p.expect(s.warmup_steps >= 0, "scheduler.warmup_steps", "an integer >= 0", s.warmup_steps)
+    p.expect(0 <= s.warmup_ratio < 1, "scheduler.warmup_ratio", "a number in [0, 1)", s.warmup_ratio)
+    p.require(
+        not (s.warmup_steps and s.warmup_ratio),
+        "scheduler.warmup_steps and scheduler.warmup_ratio: set one of them, not both",
+        "scheduler.warmup_steps",
+        "scheduler.warmup_ratio",
+    )
+    p.expect(0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", "a number in [0, 1]", s.min_lr_ratio)
 
-    _check(cfg.reference.batch_size >= 0, "reference.batch_size", ">= 0", cfg.reference.batch_size)
+    p.expect(cfg.reference.batch_size >= 0, "reference.batch_size", ">= 0", cfg.reference.batch_size)
+    from engine.export import parse_size
+
     try:
-        from engine.export import parse_size
-
         parse_size(cfg.export.max_shard_size)
     except ValueError:
-        raise UserError(
-            f'export.max_shard_size: expected a size like "5GB" or "500MiB", got {cfg.export.max_shard_size!r}'
-        ) from None
-    if cfg.hub.push and not cfg.hub.repo_id:
-        raise UserError("hub.repo_id: required when hub.push = true")
-    if cfg.hub.push and not cfg.export.enabled:
-        raise UserError("hub.push: needs export.enabled = true (it uploads final/)")
+        p.expect(False, "export.max_shard_size", 'a size like "5GB" or "500MiB"', cfg.export.max_shard_size)
+    h = cfg.hub
+    p.require(
+        not h.push or bool(h.repo_id), "hub.repo_id: required when hub.push = true", "hub.repo_id", "hub.push"
+    )
+    p.require(
+        not h.push or cfg.export.enabled,
+        "hub.push: needs export.enabled = true (it uploads final/)",
+        "hub.push",
+        "export.enabled",
+    )
     lo = cfg.lora
-    _check(lo.r >= 1, "lora.r", "an integer >= 1", lo.r)
-    _check(lo.alpha > 0, "lora.alpha", "a number > 0", lo.alpha)
-    _check(0 <= lo.dropout < 1, "lora.dropout", "a number in [0, 1)", lo.dropout)
-    _check(
+    p.expect(lo.r >= 1, "lora.r", "an integer >= 1", lo.r)
+    p.expect(lo.alpha > 0, "lora.alpha", "a number > 0", lo.alpha)
+    p.expect(0 <= lo.dropout < 1, "lora.dropout", "a number in [0, 1)", lo.dropout)
+    p.expect(
         bool(lo.target_modules),
         "lora.target_modules",
         '"all-linear" or a list of module names',
         lo.target_modules,
     )
-    p = cfg.parallel
-    _check(p.replicate_degree >= 0, "parallel.replicate_degree", "an integer >= 0", p.replicate_degree)
-    _check(
-        p.activation_checkpointing_every >= 1,
+    pa = cfg.parallel
+    p.expect(pa.replicate_degree >= 0, "parallel.replicate_degree", "an integer >= 0", pa.replicate_degree)
+    p.expect(
+        pa.activation_checkpointing_every >= 1,
         "parallel.activation_checkpointing_every",
         "an integer >= 1",
-        p.activation_checkpointing_every,
+        pa.activation_checkpointing_every,
     )
-    if p.replicate_degree and p.sharding != "hybrid":
-        raise UserError('parallel.replicate_degree: only used with parallel.sharding = "hybrid"')
-    if (p.sharding == "grad_op" and p.reshard_after_forward is True) or (
-        p.sharding in ("full", "hybrid") and p.reshard_after_forward is False
-    ):
-        raise UserError(
-            f"parallel.reshard_after_forward={str(p.reshard_after_forward).lower()} conflicts with "
-            f'parallel.sharding="{p.sharding}" (leave it "auto")'
-        )
+    p.require(
+        not pa.replicate_degree or pa.sharding == "hybrid",
+        'parallel.replicate_degree: only used with parallel.sharding = "hybrid"',
+        "parallel.replicate_degree",
+        "parallel.sharding",
+    )
+    conflict = (pa.sharding == "grad_op" and pa.reshard_after_forward is True) or (
+        pa.sharding in ("full", "hybrid") and pa.reshard_after_forward is False
+    )
+    p.require(
+        not conflict,
+        f"parallel.reshard_after_forward={str(pa.reshard_after_forward).lower()} conflicts with "
+        f'parallel.sharding="{pa.sharding}" (leave it "auto")',
+        "parallel.reshard_after_forward",
+        "parallel.sharding",
+    )
     c = cfg.checkpoint
-    _check(c.interval_steps >= 0, "checkpoint.interval_steps", "an integer >= 0", c.interval_steps)
-    _check(c.interval_epochs >= 0, "checkpoint.interval_epochs", "an integer >= 0", c.interval_epochs)
-    _check(c.keep_last >= 0, "checkpoint.keep_last", "an integer >= 0", c.keep_last)
-    _check(bool(c.resume), "checkpoint.resume", '"auto", "never" or a checkpoint path', c.resume)
-    _check(cfg.logging.interval_steps >= 1, "logging.interval_steps", ">= 1", cfg.logging.interval_steps)
+    p.expect(c.interval_steps >= 0, "checkpoint.interval_steps", "an integer >= 0", c.interval_steps)
+    p.expect(c.interval_epochs >= 0, "checkpoint.interval_epochs", "an integer >= 0", c.interval_epochs)
+    p.expect(c.keep_last >= 0, "checkpoint.keep_last", "an integer >= 0", c.keep_last)
+    p.expect(bool(c.resume), "checkpoint.resume", '"auto", "never" or a checkpoint path', c.resume)
+    p.expect(cfg.logging.interval_steps >= 1, "logging.interval_steps", ">= 1", cfg.logging.interval_steps)
 
 
 # ----------------------------------------------------------------------------------------------

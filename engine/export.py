@@ -246,7 +246,8 @@ def main(argv: list[str]) -> int:
     try:
         export_checkpoint(Path(argv[0]), Path(argv[1]))
     except UserError as e:
-        print(f"fsdpo: error: {e}", file=sys.stderr)
+        for line in e.lines:
+            print(f"fsdpo: error: {line}", file=sys.stderr)
         return 2
     print(f"exported {argv[1]}")
     return 0

@@ -52,3 +52,42 @@ def test_sharded_export_reloads_with_the_trained_logits(
     with safe_open(str(final / "model.safetensors"), framework="pt") as f:
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())  # noqa: SIM118 (safe_open is not a dict)
     assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_relative_paths_are_stored_absolute_so_exports_work_from_another_directory(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recipe's paths are relative to the working directory; the recipe fsdpo stores (in the run
+    and its checkpoints) and the adapter's base model are absolute, so `python -m engine.export`
+    and `AutoPeftModelForCausalLM` work from anywhere."""
+    import os
+
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+
+    from engine.export import main as export_main
+
+    work, elsewhere = tmp_path.resolve() / "work", tmp_path.resolve() / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    model = tiny_model_dir.resolve()
+    data = {k: Path(os.path.relpath(v.resolve(), work)) for k, v in small_data.items()}
+    tables = base_tables(Path(os.path.relpath(model, work)), data, Path("run"))
+    tables["checkpoint"] = {"interval_steps": 1}
+    recipe = write_recipe(work / "r.toml", tables)
+    monkeypatch.chdir(work)
+    lora = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "export.lora=both"]
+    cfg = load_config(recipe, ["training.max_steps=1", *lora])
+    assert cfg.model.path == str(model) and cfg.job.output_dir == str(work / "run")
+    Trainer(cfg, world).train()
+
+    run = work / "run"
+    monkeypatch.chdir(elsewhere)
+    assert load_config(run / "recipe.toml") == cfg
+    adapter = run / "final" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model)
+    AutoPeftModelForCausalLM.from_pretrained(adapter)  # finds its base model from here
+    assert export_main([str(run / "checkpoints" / "step-1"), "exported"]) == 0
+    exported = load_file(elsewhere / "exported" / "model.safetensors")
+    final = load_file(run / "final" / "model.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
