@@ -38,7 +38,7 @@ PEER_KEYS: dict[str, tuple[str, str]] = {
     "enable_activation_checkpointing": ("parallel.activation_checkpointing", 'set it to "full"'),
     "bf16": ("parallel.mixed_precision", '"bf16" ("auto" is bf16 on CUDA)'),
     "fp16": ("parallel.mixed_precision", 'fsdpo trains in "bf16" or "fp32", not fp16'),
-    "dtype": ("parallel.mixed_precision", "the compute dtype; export.dtype sets the saved weights'"),
+    "dtype": ("parallel.mixed_precision", "the compute dtype (export.dtype is the saved weights' dtype)"),
     "torch_dtype": ("parallel.mixed_precision", "master weights stay fp32; this is the compute dtype"),
     "torch_compile": ("parallel.compile", ""),
     "fsdp": ("parallel.sharding", '"full", "grad_op", "hybrid" or "none"'),
