@@ -41,7 +41,8 @@ Per mode it reports:
   x heads x head dim x (query, key) pairs attended (causal, forward + backward). The matmul rate is
   measured on this device in this run: a 2048^3 matmul by default, timed before every round
   and at the end, the best of those (so that one measurement taken under other load does not
-  inflate the MFU).
+  inflate the MFU), in the compute dtype, on CPU the faster of it and fp32
+  (`engine.metrics.matmul_peak`; `setup.matmul_dtype` says which).
 
 `ratios` are paired: the median over timed steps of one mode's speed-up over another on the
 same pairs (robust on a shared machine, where a mode's median alone moves with the load).
@@ -663,7 +664,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
 
     from engine.distributed import init_distributed, log
-    from engine.metrics import measure_matmul_flops
+    from engine.metrics import matmul_peak
     from engine.model import build_tokenizer
     from engine.parallel import compute_dtype
 
@@ -697,9 +698,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     raw: dict[str, dict[str, Any]] = {}
     runners = [*modes, *(["trl"] if args.against == "trl" else [])]
-    matmul_rates = []
+    peaks = []  # (FLOP/s, the dtype measured): `matmul_peak`
     for round_index in range(args.rounds):  # modes alternate, so load drift hits them alike
-        matmul_rates.append(measure_matmul_flops(world.device, dtype, args.matmul_size))
+        peaks.append(matmul_peak(world.device, dtype, args.matmul_size))
         timed = range(args.warmup + round_index * args.steps, args.warmup + (round_index + 1) * args.steps)
         for name in runners:
             log(
@@ -710,8 +711,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 result = run_mode(name, setup, world, timed)
             raw[name] = result if name not in raw else _merge(raw[name], result)
-    matmul_rates.append(measure_matmul_flops(world.device, dtype, args.matmul_size))
-    peak_flops = max(_reduce(matmul_rates, world.device, dist.ReduceOp.MIN))  # the slowest rank's
+    peaks.append(matmul_peak(world.device, dtype, args.matmul_size))
+    rates = _reduce([rate for rate, _ in peaks], world.device, dist.ReduceOp.MIN)  # the slowest rank's
+    peak_flops = max(rates)
+    peak_dtype = max(peaks)[1]
 
     results = {name: summarize(r, peak_flops, world.world_size) for name, r in raw.items()}
     for name, r in raw.items():
@@ -745,6 +748,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "mean_pair_tokens": sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs) / len(pairs),
             "prompt_share": prompt_tokens / unique_tokens,
             "matmul_flops": peak_flops,
+            "matmul_dtype": peak_dtype,
             "torch_threads": torch.get_num_threads(),
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         },
@@ -756,7 +760,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             f"\n{s['params'] / 1e6:.1f}M params, {world.world_size} rank(s) on {world.device}, {dtype}, "
             f"batch {t.global_batch_size} pairs (micro {t.micro_batch_size}), {s['mean_pair_tokens']:.0f} "
-            f"pair tokens/pair, prompt share {s['prompt_share']:.0%}, matmul peak {peak_flops / 1e9:.0f} GFLOP/s, "
+            f"pair tokens/pair, prompt share {s['prompt_share']:.0%}, matmul peak {peak_flops / 1e9:.0f} GFLOP/s ({peak_dtype}), "
             f"malloc env {s['malloc_env'] or 'default'}"
         )
         print(format_table(results))

@@ -53,6 +53,7 @@ class TrainerState:
     skipped_steps: int = 0
     skipped_in_row: int = 0
     scheduler: dict[str, Any] | None = None
+    total_steps: int = 0  # the steps the schedule was planned for (0: a checkpoint from before it was saved)
 
 
 def read_trainer_state(path: Path) -> TrainerState:

@@ -91,6 +91,19 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048) -> tuple[float, str]:
+    """The MFU denominator and the dtype it was measured in: the matmul rate of the compute
+    dtype; on CPU the faster of it and fp32. A CPU without bf16 units can run a bf16 matmul far
+    below its fp32 rate, and a bf16 peak there gave MFUs above 100%: the faster of the two bounds
+    what the CPU's matmuls reach."""
+    rate, name = measure_matmul_flops(device, dtype, size), str(dtype).removeprefix("torch.")
+    if device.type == "cpu" and dtype != torch.float32:
+        fp32 = measure_matmul_flops(device, torch.float32, size)
+        if fp32 > rate:
+            return fp32, f"float32, faster than {name} on this CPU"
+    return rate, name
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -146,15 +159,25 @@ def format_row(row: dict[str, Any]) -> str:
     return (prefix.rstrip("/") + " " if prefix else "") + " | ".join(parts)
 
 
+def wandb_mode(cfg: LoggingConfig) -> tuple[str, str]:
+    """(wandb mode, the reason): `logging.mode` when set; under "auto" the WANDB_MODE
+    environment variable when set, else online when an API key is configured."""
+    if cfg.mode != "auto":
+        return cfg.mode, f'logging.mode = "{cfg.mode}"'
+    env = os.environ.get("WANDB_MODE", "")
+    if env:
+        return ("offline" if env == "dryrun" else env), f"WANDB_MODE={env}"
+    if os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").exists():
+        return "online", "an API key is configured"
+    return "offline", "no API key found"
+
+
 def _start_wandb(output_dir: Path, cfg: LoggingConfig, run_config: dict[str, Any]):
     import wandb
 
-    mode = cfg.mode
-    if mode == "auto":
-        has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").exists()
-        mode = "online" if has_key else "offline"
-        if mode == "offline":
-            print("wandb: no API key found, logging offline (sync later with `wandb sync`)", file=sys.stderr)
+    mode, why = wandb_mode(cfg)
+    if mode == "offline":
+        print(f"wandb: logging offline ({why}); sync later with `wandb sync`", file=sys.stderr)
     id_file = output_dir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)

@@ -199,9 +199,23 @@ def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 def save_tokenizer_and_generation_config(
     tokenizer: PreTrainedTokenizerBase, model_path: str, out_dir: Path
 ) -> None:
+    """The tokenizer, and the base model's generation config (or one from its model config) with
+    `eos_token_id` = the tokenizer's EOS, which closed every trained completion, then the model
+    config's declared EOS ids. Ids the base generation config adds (often its pad or bos) are
+    not kept, so generation stops where training taught the model to stop."""
     tokenizer.save_pretrained(out_dir)
+    try:
+        config, _ = transformers.PretrainedConfig.get_config_dict(model_path)
+    except OSError:
+        return
     try:
         generation = transformers.GenerationConfig.from_pretrained(model_path)
     except OSError:
-        return
+        generation = transformers.GenerationConfig.from_dict(
+            {k: config[k] for k in ("bos_token_id", "pad_token_id") if config.get(k) is not None}
+        )
+    declared = config.get("eos_token_id", config.get("text_config", {}).get("eos_token_id"))
+    declared = declared if isinstance(declared, list) else [] if declared is None else [declared]
+    eos = list(dict.fromkeys([tokenizer.eos_token_id, *declared]))
+    generation.eos_token_id = eos[0] if len(eos) == 1 else eos
     generation.save_pretrained(out_dir)

@@ -29,9 +29,14 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW
     )
 
 
+def warmup_steps(total_steps: int, cfg: SchedulerConfig) -> int:
+    """Steps of linear warmup: `warmup_steps`, or `warmup_ratio` of the total, rounded up."""
+    return cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+
+
 def lr_factor(step: int, total_steps: int, cfg: SchedulerConfig) -> float:
     """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    warmup = warmup_steps(total_steps, cfg)
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if cfg.type == "constant":

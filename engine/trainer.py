@@ -40,9 +40,9 @@ from engine.errors import UserError
 from engine.export import export_hf
 from engine.forward import SequenceLogprobs, policy_logps
 from engine.loading import materialize_and_load
-from engine.metrics import MetricsLogger, PairMetrics, format_row, measure_matmul_flops, peak_memory_gib
+from engine.metrics import MetricsLogger, PairMetrics, format_row, matmul_peak, peak_memory_gib
 from engine.model import adapter_description, build_policy, build_tokenizer, sharded_weights_dir
-from engine.optim import build_optimizer, build_scheduler
+from engine.optim import build_optimizer, build_scheduler, lr_factor, warmup_steps
 from engine.parallel import build_mesh, compute_dtype, defers_gradient_sync, local_state_bytes, parallelize
 from engine.post_train import push_to_hub, run_post_train_command
 from engine.progress import Progress
@@ -91,6 +91,31 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resume_step: int | Non
         dist.barrier()
 
 
+def startup_warnings(cfg: Config, total_steps: int, sampler: GlobalBatchSampler) -> list[str]:
+    """Start-up lines about a recipe that runs but likely not as meant: a warmup as long as the
+    run, and pairs that fill no whole global batch (each epoch leaves them out)."""
+    lines = []
+    s, lr = cfg.scheduler, cfg.optimizer.lr
+    warmup = warmup_steps(total_steps, s)
+    if warmup >= total_steps:
+        key = (
+            f"warmup_steps={warmup}" if s.warmup_steps else f"warmup_ratio={s.warmup_ratio} ({warmup} steps)"
+        )
+        top = lr * lr_factor(total_steps - 1, total_steps, s)
+        lines.append(
+            f"warning: scheduler.{key} is not below the {total_steps} training steps: the learning rate "
+            f"only warms up, to {top:.4g} at the last step, and never reaches optimizer.lr={lr:g}"
+        )
+    if sampler.unused_per_epoch:
+        gbs, pairs = sampler.global_batch_size, sampler.num_pairs
+        lines.append(
+            f"data: {sampler.unused_per_epoch} of the {pairs} training pairs are left out of each epoch "
+            f"({sampler.steps_per_epoch} whole global batches of training.global_batch_size={gbs}; "
+            "a different random set each epoch)"
+        )
+    return lines
+
+
 class Trainer:
     """Builds every component from its own recipe table, then `train()` runs the loop.
 
@@ -132,6 +157,8 @@ class Trainer:
             pair_tokens=pair_token_counts(self.train_data.lengths(), t.forward_mode) if t.micro_batch_tokens else None,
         )  # fmt: skip
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.sampler.steps_per_epoch
+        for line in startup_warnings(cfg, self.total_steps, self.sampler):
+            log(line)
 
         # model, sharded
         # pretrained safetensors: parameters start on the meta device and every rank reads only
@@ -171,7 +198,9 @@ class Trainer:
         if reference_only:
             return
 
-        self.state = TrainerState(global_batch_size=t.global_batch_size, world_size=world.world_size)
+        self.state = TrainerState(
+            global_batch_size=t.global_batch_size, world_size=world.world_size, total_steps=self.total_steps
+        )
         if resume_from is not None:
             self._resume(resume_from)
         prepare_output_dir(
@@ -180,7 +209,7 @@ class Trainer:
         if world.is_main:
             (self.output_dir / "recipe.toml").write_text(to_toml(cfg))
             self._write_data_stats()
-        self.peak_flops = measure_matmul_flops(world.device, self.dtype)
+        self.peak_flops, peak_dtype = matmul_peak(world.device, self.dtype)
         self.metrics = MetricsLogger(self.output_dir, cfg.logging, world.is_main, dataclasses.asdict(cfg))
         if t.micro_batch_tokens:
             batching = f"micro-batches of up to {t.micro_batch_tokens} tokens (as many per step as the fullest rank needs)"
@@ -190,7 +219,7 @@ class Trainer:
             f"model: {self.num_params / 1e6:.2f}M parameters ({self.trainable_params / 1e6:.2f}M trained), "
             f"{world.world_size} ranks, sharding {cfg.parallel.sharding} over mesh {tuple(mesh.shape)}, "
             f"{batching}, {self.total_steps} steps, compute {self.dtype}, "
-            f"matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s"
+            f"matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s ({peak_dtype})"
         )
 
     def _adapters_disabled(self) -> contextlib.AbstractContextManager:
@@ -217,6 +246,11 @@ class Trainer:
             "train": self.train_data.stats,
             "eval": self.eval_data.stats if self.eval_data is not None else None,
             "padding_fraction": padding,
+            "batches": {
+                "global_batch_size": t.global_batch_size,
+                "steps_per_epoch": self.sampler.steps_per_epoch,
+                "unused_pairs_per_epoch": self.sampler.unused_per_epoch,
+            },
         }
         (self.output_dir / "data_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
 
@@ -229,7 +263,20 @@ class Trainer:
                 f"{saved.global_batch_size} pairs per step, this run asks for {gbs}"
             )
         self.scheduler.load_state_dict(saved.scheduler)
-        self.state = dataclasses.replace(saved, world_size=self.world.world_size)
+        if saved.total_steps and saved.total_steps != self.total_steps:
+            before = self.scheduler.get_last_lr()[0]
+            self.scheduler.last_epoch -= 1
+            self.scheduler.step()  # the new schedule's learning rate, from the next step on
+            log(
+                f"warning: resuming {path}: its schedule was planned for {saved.total_steps} steps, this run "
+                f"has {self.total_steps} (training.max_steps, epochs or the data changed); the learning rate "
+                f"follows the new schedule from step {saved.step + 1}: {self.scheduler.get_last_lr()[0]:.4g} "
+                f"instead of {before:.4g}"
+            )
+        self.state = dataclasses.replace(
+            saved, world_size=self.world.world_size, total_steps=self.total_steps
+        )
+
 
     def _reference(
         self, dataset: PreferenceDataset | None, name: str, sources: list[DataSource]

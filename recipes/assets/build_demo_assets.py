@@ -222,9 +222,9 @@ def main() -> None:
         use_cache=True,
     )
     config.architectures = ["LlamaForCausalLM"]
-    generation = GenerationConfig(
+    generation = GenerationConfig(  # EOS is the tokenizer's (<|im_end|>), not its pad/bos (<|endoftext|>)
         bos_token_id=ids[EOT],
-        eos_token_id=[ids[IM_END], ids[EOT]],
+        eos_token_id=ids[IM_END],
         pad_token_id=ids[EOT],
         do_sample=False,
         max_new_tokens=32,
