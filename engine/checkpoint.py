@@ -16,11 +16,11 @@ mid-save never leaves a half checkpoint that looks complete. Retention deletes o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from engine.config import CheckpointConfig
 from engine.distributed import log
 from engine.errors import UserError
+from engine.run_dir import RunDir
 
 # Frozen parameters (LoRA's base weights) are not saved: they come from model.path on resume.
 STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
@@ -125,9 +126,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class CheckpointManager:
     """Saves, publishes, prunes and loads checkpoints of one run. Collective methods are marked."""
 
-    def __init__(self, output_dir: Path, cfg: CheckpointConfig, rank: int, world_size: int) -> None:
+    def __init__(self, run_dir: RunDir, cfg: CheckpointConfig, rank: int, world_size: int) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.dir = output_dir / "checkpoints"
+        self.run_dir = run_dir  # saving, publishing and pruning touch only fsdpo's own files
+        self.dir = run_dir.path / "checkpoints"
         self._pending: tuple[Any, Path, Path] | None = None  # (future, staging, final) of an async save
         self._async_group = None
 
@@ -190,8 +192,9 @@ class CheckpointManager:
         staging = self.dir / f".step-{step}.incomplete"
         error: OSError | None = None
         if self.rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)  # a previous crash's leftovers, ours by name
             try:
+                self.run_dir.remove(staging)  # a previous crash's leftovers, if the manifest has them
+                self.run_dir.claim(staging)
                 (staging / "rng").mkdir(parents=True)
                 (staging / "trainer_state.json").write_text(json.dumps(state.__dict__))
                 (staging / "recipe.toml").write_text(recipe)
@@ -239,7 +242,8 @@ class CheckpointManager:
         if not isinstance(cause, OSError):
             raise error
         if self.rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.run_dir.remove(staging)
         raise UserError(
             f"checkpoint: cannot write {staging.parent / staging.name.removeprefix('.').removesuffix('.incomplete')} "
             f"({description}); earlier checkpoints are untouched"
@@ -251,7 +255,7 @@ class CheckpointManager:
         if self.rank == 0:
             _fault_kill_in_save(final)
             (staging / COMPLETE).write_text("")
-            os.replace(staging, final)
+            self.run_dir.publish(staging, final)
             log(f"checkpoint saved: {final}")
             self._prune()
         if dist.is_initialized():
@@ -261,7 +265,7 @@ class CheckpointManager:
         if self.cfg.keep_last <= 0:
             return
         for _, path in complete_checkpoints(self.dir)[: -self.cfg.keep_last]:
-            shutil.rmtree(path)
+            self.run_dir.remove(path)  # a checkpoint of an older fsdpo (not in the manifest) stays
 
     def close(self) -> None:
         """Collective: wait for pending saves and release the async process group."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,12 +28,14 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.config import ExportConfig, LoraConfig
+from engine.errors import UserError
+from engine.loading import WRAPPER_PREFIX, hf_name, pretrained_model, saved_weights
 from engine.model import save_tokenizer_and_generation_config
+from engine.run_dir import RunDir
 
-WRAPPER_PREFIX = "causal_lm."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -60,16 +61,13 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def _hf_name(name: str) -> str:
-    name = name.removeprefix(WRAPPER_PREFIX).replace("base_model.model.", "", 1)
-    return name.replace(".base_layer", "").replace(".modules_to_save.default", "")
-
-
 def _merged_weights(
-    state: dict[str, torch.Tensor], lora_cfg: LoraConfig, tied: bool
+    state: dict[str, torch.Tensor], lora_cfg: LoraConfig, hf_model: PreTrainedModel
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, full tensor) for every weight of the exported model, in a fixed order
-    (the same on every rank, since each gather is collective), adapters merged in."""
+    """(file key, full tensor) for every weight of the exported model, keyed as `save_pretrained`
+    keys `hf_model`'s, in a fixed order (the same on every rank, since each gather is
+    collective), adapters merged in."""
+    tied = hf_model.all_tied_weights_keys  # target -> source, as transformers ties them
     scale = lora_cfg.alpha / lora_cfg.r
     for name, tensor in state.items():
         if ".lora_A." in name or ".lora_B." in name:
@@ -79,9 +77,9 @@ def _merged_weights(
             and name.replace(".original_module.", ".modules_to_save.default.") in state
         ):
             continue  # the trained copy in modules_to_save replaces it
-        hf_name = _hf_name(name)
-        if tied and hf_name == "lm_head.weight":
-            continue  # tied to the embeddings; transformers re-ties on load
+        name_in_model = hf_name(name)
+        if name_in_model in tied:
+            continue  # the weight it is tied to is written; transformers re-ties on load
         value = _full(tensor)
         if ".base_layer.weight" in name and lora_cfg.enabled:
             prefix = name.removesuffix(".base_layer.weight")
@@ -90,7 +88,7 @@ def _merged_weights(
                 _full(state[f"{prefix}.lora_B.default.weight"]),
             )
             value = value + scale * (b.to(value.dtype) @ a.to(value.dtype))
-        yield hf_name, value
+        yield from saved_weights(hf_model, name_in_model, value).items()
 
 
 class ShardedSafetensorsWriter:
@@ -174,15 +172,36 @@ def export_hf(
     export_cfg: ExportConfig,
     lora_cfg: LoraConfig,
     is_main: bool,
+    run_dir: RunDir | None = None,
 ) -> None:
     """Write `out_dir` as a from_pretrained-loadable folder (or a PEFT adapter folder with
-    `export.lora = "adapter"`). Collective under torch.distributed: call on every rank."""
+    `export.lora = "adapter"`). Collective under torch.distributed: call on every rank.
+
+    Inside a run's output folder (`run_dir`), the previous `out_dir` is replaced only if fsdpo wrote
+    every file in it; standalone, `out_dir` and its staging folder must not exist."""
     state = get_model_state_dict(model)  # sharded: DTensors, nothing gathered yet
     config = model.causal_lm.config
     staging = out_dir.with_name(out_dir.name + ".incomplete")
+    error: UserError | None = None
     if is_main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        try:
+            if run_dir is not None:
+                run_dir.check_replaceable(out_dir, "the export")
+                run_dir.remove(staging)  # a crashed export's leftovers, if the manifest has them
+                run_dir.claim(staging)
+            elif staging.exists():
+                raise UserError(
+                    f"{staging}: exists (an interrupted export?); remove it or choose another folder"
+                )
+            staging.mkdir(parents=True)
+        except UserError as e:
+            error = e
+    if dist.is_initialized():  # every rank stops alike, before the first collective gather
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise error
     adapter_only = lora_cfg.enabled and export_cfg.lora == "adapter"
     if lora_cfg.enabled and export_cfg.lora in ("adapter", "both"):
         _write_adapter(model, state, staging if adapter_only else staging / "adapter", model_path, is_main)
@@ -193,8 +212,7 @@ def export_hf(
             if is_main
             else None
         )
-        tied = bool(getattr(config, "tie_word_embeddings", False))
-        for name, tensor in _merged_weights(state, lora_cfg, tied):
+        for name, tensor in _merged_weights(state, lora_cfg, pretrained_model(model)):
             if writer is not None:
                 writer.add(name, tensor)
         if writer is not None:
@@ -207,9 +225,10 @@ def export_hf(
             type(config).from_dict(base_config).save_pretrained(staging)
     if is_main:
         save_tokenizer_and_generation_config(tokenizer, model_path, staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        if run_dir is not None:
+            run_dir.publish(staging, out_dir)
+        else:
+            staging.rename(out_dir)
     if dist.is_initialized():
         dist.barrier()
 
@@ -220,7 +239,6 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
 
     from engine.checkpoint import COMPLETE, STATE_OPTIONS
     from engine.config import load_config
-    from engine.errors import UserError
     from engine.forward import SequenceLogprobs
     from engine.model import build_policy, build_tokenizer
 
@@ -238,8 +256,6 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from engine.errors import UserError
-
     if len(argv) != 2:
         print("usage: python -m engine.export CHECKPOINT_DIR OUT_DIR", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from engine.config import LoggingConfig
 from engine.losses import LossOutput, PreferenceLogps
+from engine.run_dir import RunDir
 
 PAIR_METRICS = (
     "loss",
@@ -121,13 +122,13 @@ class MetricsLogger:
     """Rank 0 writes metrics.jsonl (flushed per line), a console line, and optionally wandb."""
 
     def __init__(
-        self, output_dir: Path, cfg: LoggingConfig, is_main: bool, run_config: dict[str, Any]
+        self, run_dir: RunDir, cfg: LoggingConfig, is_main: bool, run_config: dict[str, Any]
     ) -> None:
         self.is_main = is_main
-        self.file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8") if is_main else None  # noqa: SIM115 (closed in close())
+        self.file = open(run_dir.path / "metrics.jsonl", "a", encoding="utf-8") if is_main else None  # noqa: SIM115 (closed in close())
         self.wandb_run = None
         if is_main and cfg.wandb:
-            self.wandb_run = _start_wandb(output_dir, cfg, run_config)
+            self.wandb_run = _start_wandb(run_dir, cfg, run_config)
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.is_main:
@@ -172,15 +173,17 @@ def wandb_mode(cfg: LoggingConfig) -> tuple[str, str]:
     return "offline", "no API key found"
 
 
-def _start_wandb(output_dir: Path, cfg: LoggingConfig, run_config: dict[str, Any]):
+def _start_wandb(run_dir: RunDir, cfg: LoggingConfig, run_config: dict[str, Any]):
     import wandb
 
+    output_dir = run_dir.path
     mode, why = wandb_mode(cfg)
     if mode == "offline":
         print(f"wandb: logging offline ({why}); sync later with `wandb sync`", file=sys.stderr)
     id_file = output_dir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
+    run_dir.record(id_file)
     return wandb.init(
         project=cfg.project,
         entity=cfg.entity or None,

@@ -1,8 +1,13 @@
 """Dry-run planning: what a recipe will do on N ranks, without loading weights or starting
 torch.distributed.
 
-`python torchrun_train.py RECIPE --dry-run [--world-size N] [--ranks-per-node M]` prints:
-- the resolved recipe;
+`python torchrun_train.py RECIPE --dry-run [--world-size N] [--ranks-per-node M]` makes the real
+run's input checks with the real run's functions, and stops on the first problem with the line
+the real run would print (`check_inputs`): the output folder, the model folder and its
+tokenizer, the chat template, and the first `SAMPLE_ROWS` rows of each local data source read,
+tokenised and filtered (its format, columns, bad rows, template problems; hub data sets are not
+read). Then it prints:
+- the resolved recipe, and one line per input (with the sample's filter counts);
 - the world-size arithmetic: ranks x micro-batch x accumulation steps = global batch (an error
   when it does not divide, as the real run would raise);
 - the device mesh of `parallel.sharding` (the same shapes parallel.build_mesh makes);
@@ -10,7 +15,9 @@ torch.distributed.
 
 The arithmetic and the estimate are pure functions of the `Config` and the Hugging Face model
 config (`plan_run`), so tests check them against hand-computed numbers. `check_inputs` is the
-part that looks at the file system (model folder, data files, checkpoint, output folder).
+part that looks at the file system. What needs every row or the weights (a global batch larger
+than the data after filtering, a token budget below the longest pair, unreadable weights) is
+found by the real run only.
 
 How the memory estimate counts, per rank (P = parameters, T = trained parameters, S = the shard
 size: ranks for `full`/`grad_op`, ranks per shard group for `hybrid`, 1 for `none`):
@@ -398,10 +405,10 @@ def check_inputs(cfg: Config) -> tuple[list[str], list[str], Any | None]:
     from engine.config import is_local_path
     from engine.data.tokenize import resolve_chat_template
     from engine.model import build_tokenizer
-    from engine.trainer import check_output_dir  # the very checks a real run makes
+    from engine.run_dir import RunDir, check_output_dir  # the very checks a real run makes
 
     output_dir = Path(cfg.job.output_dir)
-    checkpoints = CheckpointManager(output_dir, cfg.checkpoint, rank=0, world_size=1)
+    checkpoints = CheckpointManager(RunDir(output_dir, is_main=False), cfg.checkpoint, rank=0, world_size=1)
     resume = checkpoints.resume_path()
     check_output_dir(output_dir, cfg.job.overwrite, resuming=resume is not None)
 
@@ -506,8 +513,8 @@ def dry_run(cfg: Config, world_size: int | None = None, ranks_per_node: int | No
     ranks_per_node = min(ranks_per_node, world_size)
     inputs, notes, hf_config = check_inputs(cfg)
     plan_batches(cfg.training, world_size)  # the sampler's rule, as the real run checks after the data
-    # model-specific limits on the recipe (e.g. the sliding-window attention limit) are checked
-    # here, with the function the real run calls, once `hf_config` is known
+    # Model-specific limits on the recipe (the sliding-window attention limit) go here, calling
+    # the function the real run calls, with `hf_config` (None: a hub model not reachable offline).
     plan = plan_run(cfg, hf_config, world_size, ranks_per_node)
     plan.notes += notes
     return format_plan(cfg, plan, inputs)

@@ -15,6 +15,7 @@ from pathlib import Path
 from engine.config import HubConfig, PostTrainConfig
 from engine.distributed import log, log_error
 from engine.errors import UserError
+from engine.run_dir import RunDir
 
 
 def push_to_hub(model_dir: Path, cfg: HubConfig) -> str:
@@ -40,12 +41,13 @@ def push_to_hub(model_dir: Path, cfg: HubConfig) -> str:
     return url
 
 
-def run_post_train_command(cfg: PostTrainConfig, model_dir: Path, output_dir: Path) -> int:
+def run_post_train_command(cfg: PostTrainConfig, model_dir: Path, run_dir: RunDir) -> int:
     """Run the command with {model_dir} and {output_dir} substituted (shell-quoted).
 
     Its output goes to output_dir/post_train.log and its exit status, duration and command to
     output_dir/post_train.json. A failing command is reported, not fatal: the model is saved.
     """
+    output_dir = run_dir.path
     command = cfg.command.format(
         model_dir=shlex.quote(str(model_dir)), output_dir=shlex.quote(str(output_dir))
     )
@@ -57,6 +59,7 @@ def run_post_train_command(cfg: PostTrainConfig, model_dir: Path, output_dir: Pa
         ).returncode
     record = {"command": command, "exit_code": code, "seconds": round(time.perf_counter() - start, 3)}
     (output_dir / "post_train.json").write_text(json.dumps(record, indent=2) + "\n")
+    run_dir.record(output_dir / "post_train.log", output_dir / "post_train.json")
     if code != 0:
         log_error(
             f"fsdpo: warning: post-train command exited with {code}; see {output_dir / 'post_train.log'}"

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from engine import losses
-from engine.checkpoint import CheckpointManager, TrainerState, complete_checkpoints
+from engine.checkpoint import CheckpointManager, TrainerState
 from engine.config import Config, DataSource, to_toml
 from engine.data import (
     GlobalBatchSampler,
@@ -35,7 +34,7 @@ from engine.data import (
     shard_for_inference,
     split_eval,
 )
-from engine.distributed import World, log
+from engine.distributed import Interrupted, World, log, stop_signal, stopping_at
 from engine.errors import UserError
 from engine.export import export_hf
 from engine.forward import SequenceLogprobs, policy_logps
@@ -48,47 +47,7 @@ from engine.post_train import push_to_hub, run_post_train_command
 from engine.progress import Progress
 from engine.reference import ReferenceLogps, compute_reference_logps, reference_layout
 from engine.reference_cache import load_reference_cache, reference_cache_key, save_reference_cache
-
-RUN_FILES = ("metrics.jsonl", "recipe.toml", "data_stats.json", "final", "checkpoints", "post_train.json")
-
-
-def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
-    """Refuse to clobber a previous run unless asked. Changes nothing (prepare_output_dir does)."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"job.output_dir: {output_dir} exists and is not a folder")
-    previous = [name for name in RUN_FILES if (output_dir / name).exists()]
-    if not resuming and previous and not overwrite:
-        raise UserError(
-            f"job.output_dir: {output_dir} already holds a run ({', '.join(previous)}); "
-            "resume it (checkpoint.resume=auto needs a checkpoint), choose another folder or set job.overwrite=true"
-        )
-
-
-def prepare_output_dir(output_dir: Path, overwrite: bool, resume_step: int | None, world: World) -> None:
-    """Make the output folder ready, once every input has loaded; never touch files fsdpo did
-    not write.
-
-    Resuming keeps the folder and drops the metrics rows logged after the checkpoint (the
-    resumed run logs those steps again). Starting fresh over a previous run (`job.overwrite`)
-    removes only that run's own files.
-    """
-    check_output_dir(output_dir, overwrite, resume_step is not None)
-    if dist.is_initialized():
-        dist.barrier()  # every rank has looked before rank 0 changes anything
-    if world.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        metrics = output_dir / "metrics.jsonl"
-        if resume_step is None:
-            for _, path in complete_checkpoints(output_dir / "checkpoints"):
-                shutil.rmtree(path)
-            metrics.write_text("")
-        elif metrics.exists():
-            kept = [
-                line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= resume_step
-            ]
-            metrics.write_text("".join(line + "\n" for line in kept))
-    if dist.is_initialized():
-        dist.barrier()
+from engine.run_dir import RunDir, check_output_dir, prepare_output_dir
 
 
 def startup_warnings(cfg: Config, total_steps: int, sampler: GlobalBatchSampler) -> list[str]:
@@ -126,7 +85,8 @@ class Trainer:
     def __init__(self, cfg: Config, world: World, reference_only: bool = False) -> None:
         self.cfg, self.world = cfg, world
         self.output_dir = Path(cfg.job.output_dir)
-        self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint, world.rank, world.world_size)
+        self.run_dir = RunDir(self.output_dir, world.is_main)  # the files fsdpo wrote there
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, world.rank, world.world_size)
         resume_from = None if reference_only else self.checkpoints.resume_path()
         self.resuming = resume_from is not None
         if not reference_only:  # look now; change the folder only once every input has loaded
@@ -174,8 +134,7 @@ class Trainer:
         )
         if weights_dir is not None:
             rss_before = peak_memory_gib(torch.device("cpu"))
-            tied = {"lm_head.weight": "model.embed_tokens.weight"}
-            materialize_and_load(self.model, weights_dir, world.device, tied)
+            materialize_and_load(self.model, weights_dir, world.device)
             print(
                 f"[rank {world.rank}] loaded {weights_dir} shard by shard: peak RSS "
                 f"{peak_memory_gib(torch.device('cpu')):.2f} GiB (before loading {rss_before:.2f} GiB)",
@@ -203,14 +162,13 @@ class Trainer:
         )
         if resume_from is not None:
             self._resume(resume_from)
-        prepare_output_dir(
-            self.output_dir, cfg.job.overwrite, self.state.step if self.resuming else None, world
-        )
+        prepare_output_dir(self.run_dir, cfg.job.overwrite, self.state.step if self.resuming else None)
         if world.is_main:
             (self.output_dir / "recipe.toml").write_text(to_toml(cfg))
             self._write_data_stats()
+            self.run_dir.record(self.output_dir / "recipe.toml", self.output_dir / "data_stats.json")
         self.peak_flops, peak_dtype = matmul_peak(world.device, self.dtype)
-        self.metrics = MetricsLogger(self.output_dir, cfg.logging, world.is_main, dataclasses.asdict(cfg))
+        self.metrics = MetricsLogger(self.run_dir, cfg.logging, world.is_main, dataclasses.asdict(cfg))
         if t.micro_batch_tokens:
             batching = f"micro-batches of up to {t.micro_batch_tokens} tokens (as many per step as the fullest rank needs)"
         else:
@@ -277,7 +235,6 @@ class Trainer:
             saved, world_size=self.world.world_size, total_steps=self.total_steps
         )
 
-
     def _reference(
         self, dataset: PreferenceDataset | None, name: str, sources: list[DataSource]
     ) -> ReferenceLogps | None:
@@ -328,8 +285,9 @@ class Trainer:
         out = losses.compute_loss(logps, self.cfg.loss)
         return logps, out, out.losses * batch.valid.to(out.losses.device)
 
-    def train_step(self, step: int, window: PairMetrics) -> tuple[float, float, bool]:
-        """One optimizer step over this rank's micro-batches. Returns (lr, grad norm, skipped)."""
+    def train_step(self, step: int, window: PairMetrics) -> tuple[float, float, bool, int]:
+        """One optimizer step over this rank's micro-batches. Returns (lr, grad norm, skipped,
+        stop): `stop` is the stop signal some rank received (0: none), the same on every rank."""
         t = self.cfg.training
         lr = self.scheduler.get_last_lr()[0]
         local_finite = True
@@ -347,13 +305,16 @@ class Trainer:
             window.add(pair_losses, out, logps, batch.valid)
             window.tokens += batch.real_tokens
 
-        finite = torch.tensor(float(local_finite), device=self.world.device)
+        # one collective decides both: skip the update (a non-finite loss on some rank) and stop
+        # after this step (a stop signal on some rank; SIGTERM's number wins over SIGINT's)
+        flags = torch.tensor([float(not local_finite), float(stop_signal())], device=self.world.device)
         if dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, stop = (int(v) for v in flags.tolist())
+        if nonfinite:
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-            return lr, float("nan"), True
+            return lr, float("nan"), True, stop
 
         max_norm = self.cfg.optimizer.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -372,7 +333,7 @@ class Trainer:
             )
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return lr, grad_norm.item(), False
+        return lr, grad_norm.item(), False, stop
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, Any] | None:
@@ -401,19 +362,22 @@ class Trainer:
         t, lg, ck = self.cfg.training, self.cfg.logging, self.cfg.checkpoint
         state = self.state
         self.model.train()
+        stopping_at("during the evaluation at step 0")
         before = self.evaluate(0) if state.step == 0 else None
         window = PairMetrics()
         last_time = time.perf_counter()
         row: dict[str, Any] = {}
         progress = Progress(self.total_steps, "training", "step", enabled=self.world.is_main)
         progress.update(state.step)
+        stopping_at(f"at step {state.step}", deferred=True)  # a stop signal waits for the step's end
         for step in range(state.step, self.total_steps):
-            lr, grad_norm, skipped = self.train_step(step, window)
+            lr, grad_norm, skipped, stop = self.train_step(step, window)
             progress.update(
                 1, loss=f"{row.get('loss', float('nan')):.4f}", acc=f"{row.get('rewards/accuracies', 0):.3f}"
             )
             _fault_kill_at_step(step + 1)
             state.step, state.consumed_pairs = step + 1, (step + 1) * t.global_batch_size
+            stopping_at(f"at step {state.step}", deferred=True)
             state.skipped_steps += skipped
             state.skipped_in_row = state.skipped_in_row + 1 if skipped else 0
             if skipped:
@@ -429,6 +393,10 @@ class Trainer:
                 row = self._log_row(done, lr, grad_norm, state.skipped_steps, window, elapsed)
                 window = PairMetrics()
                 last_time = time.perf_counter()
+            if stop:  # every rank is here, after the same step: no collective is left half-done
+                progress.close()
+                self.checkpoints.wait()  # an async save in flight is finished and published
+                raise Interrupted(stop)
             if t.eval_interval_steps and done % t.eval_interval_steps == 0 and done != self.total_steps:
                 self.evaluate(done)
             epoch_end = done % self.sampler.steps_per_epoch == 0
@@ -441,6 +409,7 @@ class Trainer:
                 self.checkpoints.save(done, self.model, self.optimizer, state, to_toml(self.cfg))
         progress.close()
         self.checkpoints.close()
+        stopping_at("during the final evaluation and export")
         after = self.evaluate(self.total_steps)
         if before and after:
             log(
@@ -456,13 +425,14 @@ class Trainer:
                 self.cfg.export,
                 self.cfg.lora,
                 self.world.is_main,
+                self.run_dir,
             )
             log(f"exported {self.output_dir / 'final'}")
         if self.world.is_main:
             if self.cfg.hub.push:
                 push_to_hub(self.output_dir / "final", self.cfg.hub)
             if self.cfg.post_train.command:
-                run_post_train_command(self.cfg.post_train, self.output_dir / "final", self.output_dir)
+                run_post_train_command(self.cfg.post_train, self.output_dir / "final", self.run_dir)
         if dist.is_initialized():
             dist.barrier()
         self.metrics.close()

@@ -177,7 +177,7 @@ CASES = [
     Case("output-is-a-file", "job.output_dir is a file", ["job.output_dir", "not a folder"],
          lambda e, t: [], output="file"),
     Case("output-foreign-checkpoints", "the user's own file named `checkpoints` in job.output_dir",
-         ["job.output_dir", "already holds a run (checkpoints)"], lambda e, t: [], output="foreign"),
+         ["job.output_dir", "checkpoints was not written by fsdpo"], lambda e, t: [], output="foreign"),
     Case("resume-missing", "checkpoint.resume names no folder", ["checkpoint.resume", "not found"],
          lambda e, t: [f"checkpoint.resume={t / 'step-9'}"]),
     Case("resume-not-checkpoint", "checkpoint.resume names a folder that is no checkpoint",
