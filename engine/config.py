@@ -80,6 +80,10 @@ class ModelConfig:
     random_init: bool = False
     """Build the model from `path`'s config.json with random weights (seeded by `job.seed`)
     instead of loading weights. For demos and tests."""
+    disable_dropout: bool = True
+    """Train with every dropout probability of the model at 0 (its config's and its dropout
+    layers'), as TRL does by default: the policy then starts equal to the reference (a DPO loss of
+    ln 2 at step 0) and every forward mode computes the same log-probs. `lora.dropout` is apart."""
 
 
 @dataclass
@@ -253,13 +257,20 @@ class ParallelConfig:
     collective on all but the last micro-batch (less communication, but unsharded gradients are
     held between micro-batches); `auto` is last_micro_batch for `none` (where gradients are
     unsharded anyway) and every_micro_batch otherwise."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the gradient reduce-scatter / all-reduce: fp32 (exact sums; the default) or bf16
+    (half the gradient traffic, rounded sums)."""
     cpu_offload: bool = False
     """Keep parameters, gradients and the optimizer step on the host (FSDP2 CPUOffloadPolicy) for
     models that do not fit on the GPUs. A no-op on CPU-only runs."""
-    activation_checkpointing: Literal["none", "full"] = "none"
-    """Recompute decoder blocks' activations in backward instead of storing them."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward instead of storing them: `full` recomputes whole decoder
+    blocks (least memory, ~1/3 more compute); `selective` keeps each block's matmul and attention
+    outputs and recomputes only the cheap element-wise ops between them (norms, activations,
+    rotary, residual adds: torchtitan's op-level policy), for most of full's saving at a few
+    percent of compute."""
     activation_checkpointing_every: int = 1
-    """With `full`: checkpoint every n-th block only (1 = all blocks; 2 = half of them)."""
+    """With `full` or `selective`: checkpoint every n-th block only (1 = all blocks; 2 = half)."""
     compile: bool = False
     """torch.compile each decoder block (needs a C++ compiler on CPU)."""
 

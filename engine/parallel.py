@@ -22,6 +22,7 @@ for forward and backward and reduces gradients in fp32.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 
 import torch
@@ -38,6 +39,7 @@ from torch.distributed.fsdp import (
     OffloadPolicy,
     fully_shard,
 )
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from engine.config import ParallelConfig
 from engine.distributed import log
@@ -81,15 +83,45 @@ def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
     raise ValueError("module not found under root")
 
 
-def apply_activation_checkpointing(model: nn.Module, every: int) -> None:
+# Op outputs selective recompute keeps (torchtitan's policy): the matmuls and attention, whose
+# recomputation is the expensive part; everything else in a block is recomputed in backward.
+SAVED_OPS = {
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "mm",
+        "addmm",
+        "bmm",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    )
+    if hasattr(torch.ops.aten, name)
+}
+
+
+def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_save_matmuls)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int) -> None:
+    """Wrap every `every`-th decoder block: `full` recomputes the whole block in backward,
+    `selective` only the ops outside `SAVED_OPS`."""
+    extra = {"context_fn": _selective_context} if mode == "selective" else {}
     for index, block in enumerate(decoder_blocks(model)):
         if index % every == 0:
-            wrapped = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            wrapped = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, **extra)
             _replace_module(model, block, wrapped)
 
 
-def _fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """The blocks, or their activation-checkpoint wrappers when present."""
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks, or their activation-checkpoint wrappers when present."""
     blocks = decoder_blocks(model)
     wrappers = {
         id(m._checkpoint_wrapped_module): m
@@ -99,10 +131,42 @@ def _fsdp_units(model: nn.Module) -> list[nn.Module]:
     return [wrappers.get(id(b), b) for b in blocks]
 
 
+def edge_units(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(input side, output side) of the decoder, each sharded as one FSDP unit, as torchtitan does:
+    the input side is the input embedding and the decoder's other parameter-holding children
+    registered before the blocks (GPT-2's position embedding); the output side is those registered
+    after the blocks (the final norm) plus the LM head. Both empty when the head shares its weight
+    with the input embedding (tied), which one unit must then hold: the root."""
+    causal_lm = model.causal_lm if hasattr(model, "causal_lm") else model
+    embedding, head = causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()
+    if head is None or head.weight is embedding.weight:
+        return [], []
+    decoder = causal_lm.get_decoder()
+    first_block = decoder_blocks(decoder)[0]
+    before: list[nn.Module] = []
+    after: list[nn.Module] = []
+    side = before
+    for child in decoder.children():
+        if any(m is first_block for m in child.modules()):
+            side = after  # the container of the blocks: what follows runs after them
+            continue
+        if any(True for _ in child.parameters()):
+            side.append(child)
+    if not any(m is embedding for m in before):
+        before.insert(0, embedding)
+    return before, [*after, head]
+
+
 def apply_fsdp(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, device: torch.device) -> None:
+    """FSDP units as torchtitan lays them out: the input embedding, each decoder block, and the
+    final norm with the LM head each all-gather and reduce-scatter on their own; the root keeps
+    what is left (nothing, or tied embeddings). The output unit stays gathered from forward to
+    backward (backward needs it first, and the chunked head calls it once per chunk), and each
+    block prefetches the next one's parameters (the previous one's in backward)."""
     dtype = compute_dtype(cfg, device)
     policy = MixedPrecisionPolicy(
-        param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32
+        param_dtype=None if dtype == torch.float32 else dtype,
+        reduce_dtype=torch.bfloat16 if cfg.reduce_dtype == "bf16" else torch.float32,
     )
     offload: OffloadPolicy = OffloadPolicy()
     if cfg.cpu_offload:
@@ -111,9 +175,24 @@ def apply_fsdp(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, device: 
         else:
             log("parallel.cpu_offload: this run is on the CPU already; nothing to offload")
     reshard = reshard_after_forward(cfg)
-    for block in _fsdp_units(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard)
+
+    def shard(module: nn.Module | list[nn.Module], reshard_after: bool) -> None:
+        fully_shard(
+            module, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard_after
+        )
+
+    input_side, output_side = edge_units(model)
+    blocks = _blocks(model)
+    if input_side:
+        shard(input_side, reshard)
+    for block in blocks:
+        shard(block, reshard)
+    if output_side:
+        shard(output_side, False)
+    shard(model, reshard)
+    for previous, block in itertools.pairwise(blocks):
+        previous.set_modules_to_forward_prefetch([block])
+        block.set_modules_to_backward_prefetch([previous])
     # The loss is already normalised by the pairs of the whole global batch, so gradients are
     # summed across ranks, not averaged (averaging would tie results to the world size), with
     # plain SUM collectives (gloo has no PREMUL_SUM) and no pre/post scaling.
@@ -129,14 +208,16 @@ def apply_compile(model: nn.Module) -> None:
             "parallel.compile: torch.compile on CPU needs a C++ compiler (g++); install one or "
             "set parallel.compile=false"
         )
-    for block in _fsdp_units(model):
+    for block in _blocks(model):
         block.compile()
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, device: torch.device) -> FSDPModule:
     """Shard `model` in place over `mesh`; FSDP moves each rank's shards to `device`."""
-    if cfg.activation_checkpointing == "full":
-        apply_activation_checkpointing(model, cfg.activation_checkpointing_every)
+    if cfg.activation_checkpointing != "none":
+        apply_activation_checkpointing(
+            model, cfg.activation_checkpointing, cfg.activation_checkpointing_every
+        )
     apply_fsdp(model, cfg, mesh, device)
     if cfg.compile:
         apply_compile(model)
