@@ -6,6 +6,10 @@ completion. `AttentionSegments` says which keys each query sees, as a list of bl
 queries are the row positions `query_start:query_end`, its keys the concatenation of its key
 spans, and query j of the block sees keys 0 .. len(keys) - len(queries) + j (causal, aligned to
 the end, as flash-attn's varlen kernel aligns it). The query blocks tile the row in order.
+Each block's keys are one sequence's positions in order (a sequence, or a prompt followed by a
+completion), so a sliding window (the `sliding_window` transformers passes to attention, per
+layer: Mistral's every layer, Gemma 2/3's sliding ones) is the same distance in keys: query j
+sees only the last `sliding_window` of its keys, itself included, as transformers' own masks.
 
 `enable_segment_attention(model)` switches a Hugging Face model to the attention implementation
 "fsdpo_<base>" (base = the model's configured one: sdpa, eager, flash_attention_2, ...). Without
@@ -18,9 +22,11 @@ checkpointing's recomputation sees it too.
 Kernels, chosen by device, never by configuration:
 - CUDA, bf16/fp16, flash-attn installed: one `flash_attn_varlen_func` call for the whole row;
 - otherwise (CPU, or CUDA without flash-attn): one sdpa call per block, `is_causal=True` when
-  queries and keys coincide and a small [queries, keys] mask otherwise. On a 2-core CPU this was
-  about 6x faster than sdpa with the dense block mask (which also computes every cross-sequence
-  score), and it has a backward, which flex_attention lacks on CPU.
+  queries and keys coincide and no window cuts in, and a small [queries, keys] mask otherwise.
+  On a 2-core CPU this was about 6x faster than sdpa with the dense block mask (which also
+  computes every cross-sequence score), and it has a backward, which flex_attention lacks on CPU.
+  Attention logit softcapping (Gemma 2), which sdpa lacks, runs the model's own eager attention
+  per block with the block's mask instead.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ class AttentionSegments:
         self.blocks = [b for b in blocks if b[1] > b[0]]
         self.length = length
         self.calls = 0  # attention calls served: a model that ignores the keyword is caught
-        self._masks: dict[tuple[int, int], Tensor] = {}
+        self._masks: dict[tuple[int, int, int | None], Tensor] = {}
         self._varlen: dict[torch.device, tuple[Tensor | None, Tensor, Tensor, int, int]] = {}
         end = 0
         for start, stop, _ in self.blocks:
@@ -102,12 +108,21 @@ class AttentionSegments:
             total += q * (k - q) + q * (q + 1) // 2
         return total
 
-    def causal_mask(self, queries: int, keys: int, device: torch.device) -> Tensor:
-        """[queries, keys] bool, query j sees keys up to keys - queries + j (cached)."""
-        mask = self._masks.get((queries, keys))
+    def causal_mask(
+        self, queries: int, keys: int, device: torch.device, window: int | None = None
+    ) -> Tensor | None:
+        """[queries, keys] bool, query j sees keys up to keys - queries + j, and with a `window`
+        only the last `window` of those; None where that is plain causal attention (queries and
+        keys coincide and the window, if any, covers them). Cached."""
+        if queries == keys and (window is None or window >= keys):
+            return None
+        mask = self._masks.get((queries, keys, window))
         if mask is None or mask.device != device:
-            mask = torch.ones(queries, keys, dtype=torch.bool, device=device).tril(keys - queries)
-            self._masks[(queries, keys)] = mask
+            ones = torch.ones(queries, keys, dtype=torch.bool, device=device)
+            mask = ones.tril(keys - queries)
+            if window is not None:
+                mask &= ~ones.tril(keys - queries - window)
+            self._masks[(queries, keys, window)] = mask
         return mask
 
     def varlen_arguments(self, device: torch.device) -> tuple[Tensor | None, Tensor, Tensor, int, int]:
@@ -147,19 +162,10 @@ def segment_attention(
         raise ValueError(
             f"segment attention expects one packed row of {segments.length} tokens, got {tuple(query.shape)}"
         )
-    if softcap:
-        raise NotImplementedError("packed forward modes do not support attention logit softcapping")
-    if sliding_window is not None:
-        longest = max(sum(b - a for a, b in spans) for _, _, spans in segments.blocks)
-        if longest > sliding_window:
-            raise NotImplementedError(
-                f"packed forward modes do not support sliding-window attention over sequences longer "
-                f"than the window ({longest} > {sliding_window} tokens)"
-            )
     segments.calls += 1
     groups = query.shape[1] // key.shape[1]
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None:
-        return _flash_varlen_attention(query, key, value, segments, dropout, scaling)
+        return _flash_varlen_attention(query, key, value, segments, dropout, scaling, sliding_window, softcap)
     # Split once rather than slice per block: a slice's backward writes into a zero-filled
     # tensor of the whole row, once per block; a split's backward is one concatenation.
     queries = query.split(segments.query_lengths, dim=2)
@@ -173,18 +179,42 @@ def segment_attention(
             if len(pieces) == 1
             else torch.cat([value_pieces[i] for i in pieces], dim=2)
         )
-        same = k.shape[2] == q.shape[2]
-        mask = None if same else segments.causal_mask(q.shape[2], k.shape[2], q.device)
+        mask = segments.causal_mask(q.shape[2], k.shape[2], q.device, sliding_window)
+        if softcap:
+            outputs.append(_eager_block(module, q, k, v, mask, dropout, scaling, softcap))
+            continue
         gqa = groups > 1
         if gqa and q.is_cuda and mask is not None:  # CUDA's fused kernels take GQA only unmasked
             k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
             gqa = False
+        causal = mask is None
         outputs.append(
             F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=same, scale=scaling, enable_gqa=gqa
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scaling, enable_gqa=gqa
             )
         )
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+
+def _eager_block(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    softcap: float,
+) -> Tensor:
+    """One block through the model's own eager attention (which softcaps the logits) -> [1, H, Q, D]."""
+    if mask is None:
+        mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+    additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+    additive = additive.masked_fill(~mask, torch.finfo(query.dtype).min)[None, None]
+    out, _ = _base_attention("eager", module)(
+        module, query, key, value, additive, dropout=dropout, scaling=scaling, softcap=softcap
+    )
+    return out.transpose(1, 2)
 
 
 def _repeat_kv(x: Tensor, groups: int) -> Tensor:
@@ -208,15 +238,22 @@ def _flash_varlen_attention(
     segments: AttentionSegments,
     dropout: float,
     scaling: float | None,
+    sliding_window: int | None,
+    softcap: float | None,
 ) -> Tensor:
     index, cu_q, cu_k, max_q, max_k = segments.varlen_arguments(query.device)
     q = query[0].transpose(0, 1)  # [T, H, D]
     k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
     if index is not None:
         k, v = k.index_select(0, index), v.index_select(0, index)
+    extra = {}  # only when used: older flash-attn releases lack the arguments
+    if sliding_window is not None:  # as transformers: the last `sliding_window` keys (right side moot)
+        extra["window_size"] = (sliding_window - 1, sliding_window - 1)
+    if softcap:
+        extra["softcap"] = softcap
     out = _flash_varlen()(
-        q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scaling, causal=True
-    )  # causal is aligned to the end of each block's keys (flash-attn >= 2.1)
+        q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scaling, causal=True, **extra
+    )  # causal (and the window) are aligned to the end of each block's keys (flash-attn >= 2.1)
     return out.unsqueeze(0)
 
 

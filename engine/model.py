@@ -11,7 +11,14 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from engine.config import LoraConfig, ModelConfig, is_local_path
 from engine.errors import UserError
@@ -101,6 +108,8 @@ def build_model(cfg: ModelConfig, seed: int, defer_weights: bool = False) -> tor
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.path: cannot load a model config from {cfg.path} ({first})") from None
+    if cfg.disable_dropout:  # before the model is built: modules copy these at init
+        disable_config_dropout(config)
     kwargs = dict(
         attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code,
@@ -117,9 +126,38 @@ def build_model(cfg: ModelConfig, seed: int, defer_weights: bool = False) -> tor
             model = AutoModelForCausalLM.from_pretrained(cfg.path, config=config, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "attention implementation" in first:  # e.g. Gemma 2 has no sdpa attention
+            hint = '; set model.attn_implementation = "eager"' if cfg.attn_implementation != "eager" else ""
+            raise UserError(f"model.attn_implementation: {first.split('. ')[0]}{hint}") from None
         raise UserError(f"model.path: cannot load model weights from {cfg.path} ({first})") from None
     model.config.use_cache = False
+    if cfg.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, DROPOUT_LAYERS):
+                module.p = 0.0
     return model
+
+
+DROPOUT_LAYERS = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def disable_config_dropout(config: PretrainedConfig) -> None:
+    """Set every dropout probability of a transformers config (and of its sub-configs) to 0: the
+    numeric fields named like `attention_dropout`, `resid_pdrop` or `layerdrop`. Some models copy
+    them into their modules at init, some read the config in every forward."""
+    for key, value in list(vars(config).items()):
+        named = "dropout" in key or key.endswith("pdrop") or "layerdrop" in key
+        if isinstance(value, PretrainedConfig):
+            disable_config_dropout(value)
+        elif named and isinstance(value, int | float) and not isinstance(value, bool):
+            setattr(config, key, 0.0)
 
 
 def apply_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int) -> torch.nn.Module:

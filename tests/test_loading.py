@@ -33,7 +33,7 @@ def test_meta_built_sharded_model_equals_from_pretrained(tiny_model_dir: Path, w
     model = parallelize(
         SequenceLogprobs(lm), ParallelConfig(activation_checkpointing="full"), world.mesh, world.device
     )
-    materialize_and_load(model, weights, world.device, {})
+    materialize_and_load(model, weights, world.device)
     plain = SequenceLogprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))
     tokenizer = build_tokenizer(cfg)
     data = build_dataset(
