@@ -84,10 +84,6 @@ class ModelConfig:
     """Train with every dropout probability of the model at 0 (its config's and its dropout
     layers'), as TRL does by default: the policy then starts equal to the reference (a DPO loss of
     ln 2 at step 0) and every forward mode computes the same log-probs. `lora.dropout` is apart."""
-    disable_dropout: bool = True
-    """Train with every dropout probability of the model at 0 (its config's and its dropout
-    layers'), as TRL does by default: the policy then starts equal to the reference (a DPO loss of
-    ln 2 at step 0) and every forward mode computes the same log-probs. `lora.dropout` is apart."""
 
 
 @dataclass
