@@ -44,6 +44,7 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
+import torch.distributed as dist
 import transformers
 from transformers import PreTrainedTokenizerBase
 
@@ -157,6 +158,24 @@ def hash_files(paths: list[Path], memo_dir: str | Path | None = None) -> list[st
     return digests  # type: ignore[return-value]
 
 
+def hash_files_on_rank_zero(paths: list[Path], memo_dir: str | Path | None = None) -> list[str]:
+    """`hash_files` on rank 0 only, the digests (or its error) broadcast: collective under a process
+    group. Every rank of a job keys the same weights, so one read of 16-140 GB of files per job is
+    enough, not one per rank (8 ranks x 8 threads over the same files)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return hash_files(paths, memo_dir)
+    result: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            result[0] = hash_files(paths, memo_dir)
+        except OSError as e:  # an unreadable weight file: every rank raises it, none waits forever
+            result[0] = e
+    dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], OSError):
+        raise result[0]
+    return result[0]
+
+
 def pair_hashes(dataset: PreferenceDataset) -> list[bytes]:
     """A 16-byte content hash per pair, in `dataset.pairs` order.
 
@@ -228,7 +247,7 @@ def _model_component(model_cfg: ModelConfig, seed: int, memo_dir: str | Path | N
         else:
             patterns = WEIGHT_PATTERNS + (REMOTE_CODE_PATTERNS if model_cfg.trust_remote_code else ())
             files = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
-            digests = hash_files(files, memo_dir)
+            digests = hash_files_on_rank_zero(files, memo_dir)
             identity["files"] = [
                 {"name": p.name, "size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)
             ]

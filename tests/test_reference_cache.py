@@ -6,6 +6,7 @@ key) changes, that the others do not, and that the file saved under the old key 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -462,3 +463,28 @@ def test_keying_2000_pairs_is_fast(tokenizer, tiny_model_dir):
     key = rc.reference_cache_key(ModelConfig(path=str(tiny_model_dir)), 0, tokenizer, dataset, data_cfg)
     assert time.perf_counter() - start < 0.5
     assert key.metadata["components"]["data"]["pairs"] == 2000
+
+
+def _hash_on_two_ranks(rank: int, store_path: str, files: list[str], out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    if rank == 1:  # rank 1 must not read a byte of the weights
+        rc._hash_file = lambda path: (_ for _ in ()).throw(AssertionError(f"rank 1 hashed {path}"))
+    digests = rc.hash_files_on_rank_zero([Path(f) for f in files])
+    Path(out, f"rank-{rank}.json").write_text(json.dumps(digests))
+    dist.destroy_process_group()
+
+
+def test_weight_files_are_hashed_by_rank_zero_only_and_broadcast(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    files = []
+    for i in range(3):
+        files.append(str(tmp_path / f"w{i}.safetensors"))
+        Path(files[-1]).write_bytes(bytes([i]) * (1000 + i))
+    args = (str(tmp_path / "store"), files, str(tmp_path))
+    mp.start_processes(_hash_on_two_ranks, args=args, nprocs=2, join=True, start_method="fork")
+    expected = [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files]
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank-{rank}.json").read_text()) == expected
