@@ -150,3 +150,20 @@ def test_dry_run_tokenises_only_the_first_rows(
     monkeypatch.setattr(tokenize, "tokenize_rows", real_tokenize)
     code, error, _ = main([str(recipe)])
     assert code == 2 and "row 100 (line 101): missing column 'rejected'" in error, error
+
+
+def test_a_sample_with_no_usable_pair_is_a_note_when_more_rows_follow(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, main
+) -> None:
+    """Under on_bad_row = "skip" a later row may still give pairs: the dry run says what it saw
+    and leaves the verdict to the real run."""
+    data = _jsonl(tmp_path / "renamed.jsonl", _renamed(_rows(small_data["train"], 64) * 2))
+    tables = base_tables(tiny_model_dir, {"train": data, "eval": small_data["eval"]}, tmp_path / "out")
+    tables["data"].update(eval=[], on_bad_row="skip")
+    code, error, out = main([str(write_recipe(tmp_path / "r.toml", tables)), "--dry-run"])
+    assert code == 0, error
+    assert f"first {SAMPLE_ROWS} rows: 0 kept (dropped: bad_row {SAMPLE_ROWS})" in out
+    assert (
+        f"note: data.train[0] ({data}): none of the first {SAMPLE_ROWS} rows gives a pair (row 0 (line 1): "
+        "missing column 'chosen'"
+    ) in out
