@@ -449,7 +449,7 @@ def check_data(cfg: Config, tokenizer: Any | None, template: str | None) -> tupl
     offline) only the files are checked. Returns (one line per source, notes)."""
     import pyarrow as pa
 
-    from engine.data.cache import FEATURES, TokenizedSource
+    from engine.data.cache import TokenizedSource, features
     from engine.data.dataset import check_kept, filter_source
     from engine.data.sources import resolve_source
     from engine.data.tokenize import tokenize_rows
@@ -480,7 +480,7 @@ def check_data(cfg: Config, tokenizer: Any | None, template: str | None) -> tupl
             )  # fmt: skip
             sample = TokenizedSource(
                 name,
-                pa.Table.from_pydict(out, schema=FEATURES.arrow_schema),
+                pa.Table.from_pydict(out, schema=features().arrow_schema),
                 resolved.file_names,
                 offsets,
                 Path(),

@@ -31,9 +31,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import pyarrow as pa
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
@@ -43,22 +42,33 @@ from engine.data.sources import ResolvedSource
 from engine.distributed import log
 from engine.errors import UserError
 
+if TYPE_CHECKING:
+    import datasets
+
 TOKENIZATION_VERSION = 1
 """Bump when tokenize.py's output for the same inputs changes: old cache folders go unused."""
 ROWS_PER_PROCESS = 10_000  # data.num_proc = 0: one tokenising process per this many rows
 STAGING_MAX_AGE_S = 7 * 24 * 3600  # older staging folders are leftovers of killed runs
-_IDS = getattr(datasets, "List", datasets.Sequence)(datasets.Value("int32"))
-FEATURES = datasets.Features(
-    {
-        "prompt_ids": _IDS,
-        "chosen_ids": _IDS,
-        "rejected_ids": _IDS,
-        "common_prefix": datasets.Value("int32"),
-        "status": datasets.Value("string"),
-        "problem": datasets.Value("string"),
-        "line": datasets.Value("int32"),
-    }
-)
+
+
+@functools.cache
+def features() -> datasets.Features:
+    """The columns of a tokenised source (`datasets` is imported here, where it is used, so the
+    model and forward side of the engine import without it)."""
+    import datasets
+
+    ids = getattr(datasets, "List", datasets.Sequence)(datasets.Value("int32"))
+    return datasets.Features(
+        {
+            "prompt_ids": ids,
+            "chosen_ids": ids,
+            "rejected_ids": ids,
+            "common_prefix": datasets.Value("int32"),
+            "status": datasets.Value("string"),
+            "problem": datasets.Value("string"),
+            "line": datasets.Value("int32"),
+        }
+    )
 
 
 @dataclass
@@ -66,7 +76,7 @@ class TokenizedSource:
     """One source's rows, tokenised and untruncated, in source order (memory-mapped)."""
 
     name: str
-    table: pa.Table  # the FEATURES columns, one row per source row
+    table: pa.Table  # the `features()` columns, one row per source row
     files: list[str]  # the source's files (for row locations in messages); [] for hub/saved
     offsets: list[int]  # first row of each file
     folder: Path
@@ -113,7 +123,7 @@ def load_cached(folder: Path, name: str) -> TokenizedSource | None:
         return None
     try:
         tables = [pa.ipc.open_stream(pa.memory_map(str(folder / s))).read_all() for s in manifest["shards"]]
-        table = pa.concat_tables(tables) if tables else FEATURES.arrow_schema.empty_table()
+        table = pa.concat_tables(tables) if tables else features().arrow_schema.empty_table()
     except (OSError, pa.ArrowException, KeyError):
         return None
     if table.num_rows != manifest["rows"]:
@@ -154,7 +164,7 @@ def _build(
             batch_size=256,
             with_indices=True,
             remove_columns=rows.column_names,
-            features=FEATURES,
+            features=features(),
             num_proc=processes if processes > 1 else None,
             cache_file_name=str(staging / "data.arrow"),
             new_fingerprint=folder.name,

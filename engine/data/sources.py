@@ -23,15 +23,17 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.config import DataSource
 from engine.data.formats import check_columns
 from engine.errors import UserError
+
+if TYPE_CHECKING:
+    import datasets
 
 JSON_SUFFIXES = (".json", ".jsonl")
 DATA_SUFFIXES = (*JSON_SUFFIXES, ".parquet")
@@ -88,6 +90,8 @@ class ResolvedSource:
         return rows, offsets
 
     def _read(self, limit: int | None) -> tuple[datasets.Dataset, list[int]]:
+        import datasets
+
         left = float("inf") if limit is None else limit
         if self.kind == "json":
             texts, lines, offsets = [], [], []
@@ -197,6 +201,8 @@ def _is_saved_dataset(folder: Path) -> bool:
 
 
 def _load_saved(source: ResolvedSource) -> datasets.Dataset:
+    import datasets
+
     try:
         loaded = datasets.load_from_disk(str(Path(source.config.path).expanduser()))
     except (OSError, ValueError) as e:
@@ -212,6 +218,8 @@ def _load_saved(source: ResolvedSource) -> datasets.Dataset:
 
 
 def _load_hub(source: ResolvedSource) -> datasets.Dataset:
+    import datasets
+
     c = source.config
     try:
         return datasets.load_dataset(
