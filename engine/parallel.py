@@ -23,6 +23,7 @@ for forward and backward and reduces gradients in fp32.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 
 import torch
@@ -202,12 +203,27 @@ def apply_fsdp(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, device: 
             module.set_force_sum_reduction_for_comms(True)
 
 
-def apply_compile(model: nn.Module) -> None:
-    if not torch.cuda.is_available() and shutil.which("g++") is None and shutil.which("c++") is None:
-        raise UserError(
-            "parallel.compile: torch.compile on CPU needs a C++ compiler (g++); install one or "
-            "set parallel.compile=false"
+def check_compiler(cfg: ParallelConfig, device_type: str) -> None:
+    """With `parallel.compile`, the compiler torch.compile's Inductor needs on this device, looked
+    for before any weights load: a C compiler on CUDA (Triton builds its kernel launchers with it),
+    a C++ compiler on CPU (Inductor's CPU kernels)."""
+    if not cfg.compile:
+        return
+    if device_type == "cuda":
+        names, what = (os.environ.get("CC"), "cc", "gcc", "clang"), "a C compiler (cc/gcc/clang, or $CC)"
+    else:
+        names, what = (
+            (os.environ.get("CXX"), "c++", "g++", "clang++"),
+            "a C++ compiler (g++/clang++, or $CXX)",
         )
+    if not any(name and shutil.which(name) for name in names):
+        raise UserError(
+            f"parallel.compile: torch.compile on {device_type} needs {what}; install one "
+            "(e.g. apt-get install g++) or set parallel.compile=false"
+        )
+
+
+def apply_compile(model: nn.Module) -> None:
     for block in _blocks(model):
         block.compile()
 
@@ -220,6 +236,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, device:
         )
     apply_fsdp(model, cfg, mesh, device)
     if cfg.compile:
+        check_compiler(cfg, device.type)
         apply_compile(model)
     return model  # type: ignore[return-value]
 

@@ -42,7 +42,14 @@ from engine.loading import materialize_and_load
 from engine.metrics import MetricsLogger, PairMetrics, format_row, matmul_peak, peak_memory_gib
 from engine.model import adapter_description, build_policy, build_tokenizer, sharded_weights_dir
 from engine.optim import build_optimizer, build_scheduler, lr_factor, warmup_steps
-from engine.parallel import build_mesh, compute_dtype, defers_gradient_sync, local_state_bytes, parallelize
+from engine.parallel import (
+    build_mesh,
+    check_compiler,
+    compute_dtype,
+    defers_gradient_sync,
+    local_state_bytes,
+    parallelize,
+)
 from engine.post_train import push_to_hub, run_post_train_command
 from engine.progress import Progress
 from engine.reference import ReferenceLogps, compute_reference_logps, reference_layout
@@ -91,6 +98,7 @@ class Trainer:
         self.resuming = resume_from is not None
         if not reference_only:  # look now; change the folder only once every input has loaded
             check_output_dir(self.output_dir, cfg.job.overwrite, self.resuming)
+        check_compiler(cfg.parallel, world.device.type)  # before hours of loading, not after
         torch.manual_seed(cfg.job.seed)
 
         # data

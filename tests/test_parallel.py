@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,30 @@ def test_selective_recompute_reruns_the_cheap_ops_but_no_matmul(llama) -> None:
     assert sum(full.get(op, 0) for op in matmuls) > sum(none.get(op, 0) for op in matmuls)
     recomputed = {op for op in selective if selective[op] > none.get(op, 0)}
     assert recomputed and not recomputed & set(matmuls), recomputed
+
+
+def test_compile_without_a_compiler_is_refused_naming_the_compiler(monkeypatch) -> None:
+    from engine.errors import UserError
+    from engine.parallel import check_compiler
+
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    for device_type, needs in (("cpu", "a C++ compiler"), ("cuda", "a C compiler")):
+        with pytest.raises(UserError, match=re.escape(f"torch.compile on {device_type} needs {needs}")):
+            check_compiler(ParallelConfig(compile=True), device_type)
+    check_compiler(ParallelConfig(compile=False), "cuda")  # nothing asked, nothing checked
+
+
+def test_the_compiler_check_comes_before_any_loading(
+    tmp_path: Path, small_data: dict, monkeypatch, world
+) -> None:
+    """A model folder that does not exist would fail at loading: the compiler check fails first."""
+    from engine.config import load_config
+    from engine.errors import UserError
+    from engine.trainer import Trainer
+    from tests.conftest import base_tables, write_recipe
+
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    tables = base_tables(tmp_path / "no-such-model", small_data, tmp_path / "out")
+    tables["parallel"] = {"compile": True}
+    with pytest.raises(UserError, match=r"^parallel\.compile"):
+        Trainer(load_config(write_recipe(tmp_path / "r.toml", tables)), world)
