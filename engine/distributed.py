@@ -1,16 +1,28 @@
-"""Process-group set-up from torchrun's environment, and rank-aware logging.
+"""Process-group set-up from torchrun's environment, stopping on signals, and rank-aware logging.
 
 Run under `torchrun`, the usual RANK/WORLD_SIZE/LOCAL_RANK variables are set; run as a plain
 `python` process, a one-rank group is created on an in-process store so the rest of the engine
 never special-cases "not distributed". The backend follows the device: nccl on CUDA, gloo on CPU.
+
+Stopping: SIGINT and SIGTERM request a stop. In the training loop the request waits for the end
+of the step (every rank learns of it in the step's one all-reduce, so all stop after the same
+step); anywhere else the handler raises `Interrupted` where the process is. A second signal
+exits at once. Under a launcher the process also gets SIGTERM when the launcher dies.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import datetime
 import os
+import select
+import signal
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -35,8 +47,7 @@ class World:
 
 def init_distributed(timeout_s: int = 600) -> World:
     """Initialise the default process group and a 1-D data-parallel device mesh."""
-    # plain `python torchrun_train.py` (no launcher variables): a world of one
-    single = "RANK" not in os.environ or "MASTER_ADDR" not in os.environ
+    single = not launched()  # plain `python torchrun_train.py`: a world of one
     local_rank = 0 if single else int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -59,6 +70,11 @@ def init_distributed(timeout_s: int = 600) -> World:
             )
     mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device, mesh)
+
+
+def launched() -> bool:
+    """Whether a launcher started this process (torchrun, or any that sets RANK and MASTER_ADDR)."""
+    return "RANK" in os.environ and "MASTER_ADDR" in os.environ
 
 
 def _launcher_store(timeout: datetime.timedelta) -> dist.Store:
@@ -95,6 +111,156 @@ def exit_process(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# -- stopping ------------------------------------------------------------------------------------
+
+
+class Interrupted(BaseException):
+    """A stop requested by SIGINT or SIGTERM. A BaseException, as KeyboardInterrupt is, so that
+    no `except Exception` on its way up takes it for an error (`finally` clean-ups still run)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_GRACE_S = 2.0  # outside the training loop: how long a stop may wait for the main thread
+
+
+@dataclass
+class _StopState:
+    signum: int = 0  # the first stop signal the handler took up; 0: none
+    where: str = "during start-up"  # what the process is doing, for the one line
+    deferred: bool = False  # in the training loop: the step finishes first
+    pid: int = 0  # the process that installed the handlers (forked helpers inherit them)
+    on_second: Callable[[int], int] | None = None
+
+
+_STOP = _StopState()
+_EXITING = threading.RLock()  # the handler and the watcher may both end the process
+
+
+@contextlib.contextmanager
+def stop_handlers(on_second: Callable[[int], int]) -> Iterator[None]:
+    """SIGINT and SIGTERM request a stop while inside. A second signal calls `on_second(signum)`
+    (which prints the one line) and exits at once with the code it returns. The previous
+    handlers come back on leaving (`torchrun_train.main` also runs inside test processes)."""
+    global _STOP
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    _STOP = _StopState(pid=os.getpid(), on_second=on_second)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_stop_signal)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=_watch, args=(read_fd,), name="fsdpo-stop-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_fd)  # the watcher reads the end and leaves
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _STOP = _StopState()
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    if os.getpid() != _STOP.pid:  # a forked helper (a tokenising worker): its parent reports
+        os._exit(128 + signum)
+    if _STOP.signum:  # the second signal
+        _exit_now(signum)
+    _STOP.signum = signum
+    if not _STOP.deferred:
+        raise Interrupted(signum)
+
+
+def _watch(read_fd: int) -> None:
+    """End the process on a stop signal that the main thread cannot take up.
+
+    Python runs signal handlers on the main thread, between bytecodes: blocked in C (a
+    collective, or a store wait, whose peer has left) it would not notice for minutes, until
+    torchrun's SIGKILL. Every signal also writes its number to the wakeup pipe read here: a
+    second stop signal ends the process at once, and so does a first one that the handler has
+    not taken up within STOP_GRACE_S outside the training loop (where no step end is awaited).
+    """
+    seen, signum, deadline = 0, 0, None
+    while True:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if select.select([read_fd], [], [], timeout)[0]:
+            chunk = os.read(read_fd, 64)
+            if not chunk:  # the handlers were removed
+                break
+            stops = [number for number in chunk if number in STOP_SIGNALS]
+            if stops:
+                seen, signum = seen + len(stops), stops[-1]
+                if seen >= 2:
+                    _exit_now(signum)
+                deadline = time.monotonic() + STOP_GRACE_S
+        else:
+            deadline = None
+            if not _STOP.signum and not _STOP.deferred:
+                _exit_now(signum)
+    os.close(read_fd)
+
+
+def _exit_now(signum: int) -> NoReturn:
+    with _EXITING:
+        code = _STOP.on_second(signum) if _STOP.on_second else 128 + signum
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+        os._exit(code)
+
+
+def _forked_child() -> None:
+    """A forked helper must not write its signals into its parent's wakeup pipe."""
+    if _STOP.pid:
+        with contextlib.suppress(ValueError):  # forked from another thread than the main one
+            signal.set_wakeup_fd(-1)
+
+
+os.register_at_fork(after_in_child=_forked_child)
+
+
+def stop_signal() -> int:
+    """The stop signal this process received (SIGINT or SIGTERM), 0 if none."""
+    return _STOP.signum
+
+
+def stop_where() -> str:
+    return _STOP.where
+
+
+def stopping_at(where: str, deferred: bool = False) -> None:
+    """Name what the process is doing, for the one line ("at step 12", "during export").
+
+    `deferred` (the training loop only): a stop signal is only recorded, for the step's
+    all-reduce to act on. Leaving a deferred section with a request pending raises it.
+    """
+    pending = _STOP.deferred and not deferred and _STOP.signum
+    _STOP.where, _STOP.deferred = where, deferred
+    if pending:
+        raise Interrupted(_STOP.signum)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_launcher(launcher_pid: int) -> None:
+    """Under a launcher on Linux, have the kernel send SIGTERM (a stop, as above) when the
+    launcher dies, so that a SIGKILLed torchrun leaves no worker writing to the output folder.
+
+    `launcher_pid` is the parent pid read first thing at start-up: if the parent is another
+    process now, the launcher died before the request took effect, and the stop starts here.
+    """
+    if not launched() or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # not available (a sandbox): the launcher's own killpg still reaches us
+    if os.getppid() != launcher_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def shutdown() -> None:

@@ -100,21 +100,31 @@ def run_training(
     torchrun_args: list[str] = (),
 ) -> subprocess.CompletedProcess:
     """Launch a real training run: torchrun with `nproc` ranks, or plain python for nproc=0."""
+    cmd = training_command(recipe, overrides, nproc, torchrun_args)
+    return subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=training_env(env)
+    )
+
+
+def training_command(
+    recipe: Path, overrides: list[str] = (), nproc: int = 1, torchrun_args: list[str] = ()
+) -> list[str]:
     if nproc == 0:
-        cmd = [sys.executable, str(REPO / "torchrun_train.py"), str(recipe), *overrides]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            *(torchrun_args or ["--standalone"]),
-            str(REPO / "torchrun_train.py"),
-            str(recipe),
-            *overrides,
-        ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+        return [sys.executable, str(REPO / "torchrun_train.py"), str(recipe), *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        *(torchrun_args or ["--standalone"]),
+        str(REPO / "torchrun_train.py"),
+        str(recipe),
+        *overrides,
+    ]
+
+
+def training_env(env: dict | None = None) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
 
 
 def run_sweep(recipe: Path, out: Path, runs: dict[str, list[str]], nproc: int, timeout: int = 400) -> dict:
