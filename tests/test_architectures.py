@@ -294,3 +294,8 @@ def test_dropout_is_off_by_default_and_on_when_asked(model_dirs: dict) -> None:
         same = torch.equal(lm(ids).logits, lm(ids).logits)
         assert same == disable
         assert (lm.config.resid_pdrop == 0.0) == disable and (lm.config.attn_pdrop == 0.0) == disable
+
+
+def test_an_attention_kernel_the_model_lacks_names_the_key(model_dirs: dict) -> None:
+    with pytest.raises(UserError, match=r'^model\.attn_implementation: Gemma2ForCausalLM .*"eager"$'):
+        build_model(ModelConfig(path=str(model_dirs["gemma2"]), attn_implementation="sdpa"), seed=0)
