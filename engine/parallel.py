@@ -46,7 +46,6 @@ from engine.config import ParallelConfig
 from engine.distributed import log
 from engine.errors import UserError
 from engine.model import decoder_blocks
-from engine.plan import mesh_shape
 
 
 def compute_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
@@ -55,9 +54,32 @@ def compute_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def mesh_shape(
+    parallel: ParallelConfig, world_size: int, ranks_per_node: int
+) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(shape, dimension names) of the device mesh `build_mesh` makes for `sharding` (the dry run prints it)."""
+    if parallel.sharding in ("full", "grad_op"):
+        return (world_size,), ("shard",)
+    if parallel.sharding == "none":
+        return (world_size, 1), ("replicate", "shard")
+    replicas = parallel.replicate_degree or max(1, world_size // max(1, ranks_per_node))
+    if world_size % replicas:
+        raise UserError(
+            f"parallel.replicate_degree={replicas} must divide the {world_size} ranks "
+            '(parallel.sharding = "hybrid")'
+        )
+    return (replicas, world_size // replicas), ("replicate", "shard")
+
+
+def shard_size(parallel: ParallelConfig, world_size: int, ranks_per_node: int) -> int:
+    """Ranks that one copy of the sharded state is split over."""
+    shape, _ = mesh_shape(parallel, world_size, ranks_per_node)
+    return shape[-1]
+
+
 def build_mesh(cfg: ParallelConfig, world_size: int, ranks_per_node: int, device_type: str) -> DeviceMesh:
     """The data-parallel mesh for `cfg.sharding` (see the table in this module's docstring); its
-    shape is `plan.mesh_shape`'s, the rule the dry run prints."""
+    shape is `mesh_shape`'s."""
     shape, names = mesh_shape(cfg, world_size, ranks_per_node)
     return init_device_mesh(device_type, shape, mesh_dim_names=names)
 

@@ -25,10 +25,12 @@ size: ranks for `full`/`grad_op`, ranks per shard group for `hybrid`, 1 for `non
 - gradients: 4 T / S (fp32 after the reduce-scatter), or 4 T unsharded when gradients are
   accumulated unsynchronised between micro-batches (`gradient_sync` = last_micro_batch);
 - AdamW state: 8 T / S (exp_avg and exp_avg_sq in fp32);
-- gathered parameters, transient, in the compute dtype: for `full`/`hybrid` the root's own
-  parameters (embeddings, final norm, LM head: FSDP keeps the root gathered from forward to
-  backward) + two decoder blocks (the one computing and the one prefetched) + one block's
-  unsharded gradients; for `grad_op` and `none` every parameter stays gathered;
+- gathered parameters, transient, in the compute dtype: for `full`/`hybrid` the larger of the two
+  edge units (input embedding; final norm + LM head, kept gathered from forward to backward; with
+  tied embeddings the root holds both and stays gathered) + two decoder blocks (the one computing
+  and the one prefetched) + the unsharded gradients of the largest unit in backward (compute
+  dtype, plus an fp32 copy for an fp32 reduce-scatter); for `grad_op` and `none` every parameter
+  stays gathered;
 - activations, rough: tokens per micro-batch (2 x micro x max_length: chosen and rejected rows
   at full length, an upper bound) x bytes of the compute dtype x values kept per token. A Llama
   -style block keeps about 8 h + 4 i values per token (h = hidden size, i = MLP intermediate
@@ -56,8 +58,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from engine.config import Config, LoraConfig, ParallelConfig, TrainingConfig, to_toml
+from engine.config import Config, LoraConfig, TrainingConfig, to_toml
 from engine.errors import UserError
+from engine.parallel import defers_gradient_sync, edge_units, mesh_shape, shard_size
 
 GIB = 2**30
 
@@ -89,23 +92,6 @@ def plan_batches(training: TrainingConfig, world_size: int) -> BatchPlan:
     return BatchPlan(world_size, gbs, micro, per_rank, per_rank // micro)
 
 
-def mesh_shape(
-    parallel: ParallelConfig, world_size: int, ranks_per_node: int
-) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """(shape, dimension names) of the device mesh parallel.build_mesh makes for `sharding`."""
-    if parallel.sharding in ("full", "grad_op"):
-        return (world_size,), ("shard",)
-    if parallel.sharding == "none":
-        return (world_size, 1), ("replicate", "shard")
-    replicas = parallel.replicate_degree or max(1, world_size // max(1, ranks_per_node))
-    if world_size % replicas:
-        raise UserError(
-            f"parallel.replicate_degree={replicas} must divide the {world_size} ranks "
-            '(parallel.sharding = "hybrid")'
-        )
-    return (replicas, world_size // replicas), ("replicate", "shard")
-
-
 # ----------------------------------------------------------------------------------------------
 # The model, measured on the meta device
 
@@ -123,6 +109,9 @@ class ModelSize:
     intermediate_size: int
     num_layers: int
     vocab_size: int
+    input_unit: int = 0  # parameters of the input-side FSDP unit (embeddings); 0 when tied
+    output_unit: int = 0  # of the output-side unit (final norm + LM head); 0 when tied
+    output_unit_trainable: int = 0
 
 
 def measure_model(hf_config: Any, lora: LoraConfig, trust_remote_code: bool = False) -> ModelSize:
@@ -147,6 +136,8 @@ def measure_model(hf_config: Any, lora: LoraConfig, trust_remote_code: bool = Fa
     block_sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
     block_trainable = [sum(p.numel() for p in b.parameters() if p.requires_grad) for b in blocks]
     total = sum(p.numel() for p in params)
+    input_side, output_side = edge_units(model)
+    output_params = [p for m in output_side for p in m.parameters()]
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     hidden = int(text.hidden_size)
     return ModelSize(
@@ -157,6 +148,9 @@ def measure_model(hf_config: Any, lora: LoraConfig, trust_remote_code: bool = Fa
         largest_block=max(block_sizes),
         largest_block_trainable=max(block_trainable),
         root=total - sum(block_sizes),
+        input_unit=sum(p.numel() for m in input_side for p in m.parameters()),
+        output_unit=sum(p.numel() for p in output_params),
+        output_unit_trainable=sum(p.numel() for p in output_params if p.requires_grad),
         hidden_size=hidden,
         intermediate_size=int(getattr(text, "intermediate_size", None) or 4 * hidden),
         num_layers=int(getattr(text, "num_hidden_layers", len(blocks))),
@@ -194,12 +188,6 @@ class MemoryEstimate:
         return next(i.bytes for i in self.items if i.name == name)
 
 
-def shard_size(parallel: ParallelConfig, world_size: int, ranks_per_node: int) -> int:
-    """Ranks that one copy of the sharded state is split over."""
-    shape, _ = mesh_shape(parallel, world_size, ranks_per_node)
-    return shape[-1]
-
-
 def activation_values_per_token(size: ModelSize) -> int:
     """Values one un-checkpointed decoder block keeps per token for backward (8 h + 4 i)."""
     return 8 * size.hidden_size + 4 * size.intermediate_size
@@ -209,7 +197,6 @@ def estimate_memory(
     cfg: Config, size: ModelSize, world_size: int, ranks_per_node: int, device_type: str = "cuda"
 ) -> MemoryEstimate:
     """Bytes per rank of each kind of memory a training step needs (see the module docstring)."""
-    from engine.parallel import defers_gradient_sync
 
     p, t = cfg.parallel, cfg.training
     bf16 = p.mixed_precision == "bf16" or (p.mixed_precision == "auto" and device_type == "cuda")
@@ -233,17 +220,32 @@ def estimate_memory(
         state("gradients", 4 * trained // shard, f"fp32, {_n(trained)} trained / {shard}")
     state("optimizer", 8 * trained // shard, f"AdamW 2 x fp32, {_n(trained)} / {shard}")
 
+    # unsharded gradients of the unit in backward, in the compute dtype, plus their copy in the
+    # reduce dtype when it differs (the reduce-scatter input)
+    reduce_bytes = 4 if p.reduce_dtype == "fp32" else 2
+    grad_bytes = dtype_bytes + (reduce_bytes if reduce_bytes != dtype_bytes else 0)
     block_grads = size.largest_block_trainable
     if p.sharding in ("full", "hybrid"):
-        gathered = size.root + 2 * size.largest_block + block_grads
+        # the root's own parameters stay gathered; of the edge units the larger is gathered at a
+        # time (output at the start of backward with its gradients, input at its end), with the
+        # block computing and the one prefetched
+        own = size.root - size.input_unit - size.output_unit
+        edge = max(size.input_unit, size.output_unit)
+        grads = max(block_grads, size.output_unit_trainable)
+        gathered_bytes = (own + edge + 2 * size.largest_block) * dtype_bytes + grads * grad_bytes
+        units = (
+            f"root {_n(own)}"
+            if own
+            else f"{'output' if size.output_unit >= size.input_unit else 'input'} unit {_n(edge)}"
+        )
         how = (
-            f"{dtype}: root {_n(size.root)} + 2 blocks of {_n(size.largest_block)} "
-            f"+ 1 block's gradients ({_n(block_grads)})"
+            f"{dtype}: {units} + 2 blocks of {_n(size.largest_block)} "
+            f"+ gradients of the largest unit ({_n(grads)}, {grad_bytes} B each)"
         )
     else:
-        gathered = params + block_grads
+        gathered_bytes = params * dtype_bytes + block_grads * grad_bytes
         how = f"{dtype}: all {_n(params)} stay gathered ({p.sharding}) + 1 block's gradients ({_n(block_grads)})"
-    add(MemoryItem("gathered", gathered * dtype_bytes, how))
+    add(MemoryItem("gathered", gathered_bytes, how))
 
     tokens = t.micro_batch_tokens or 2 * t.micro_batch_size * cfg.data.max_length
     per_block = activation_values_per_token(size)

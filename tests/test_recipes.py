@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import torchrun_train
 from engine.config import load_config
-from engine.plan import estimate_memory, measure_model, mesh_shape, plan_batches, plan_run
+from engine.parallel import mesh_shape
+from engine.plan import estimate_memory, measure_model, plan_batches, plan_run
 from tests.conftest import ASSETS, REPO
 
 CONFIGS = REPO / "tests" / "data" / "configs"
@@ -162,8 +163,11 @@ def test_tulu3_on_8_ranks_hand_computed(tmp_path: Path) -> None:
     parameters  4 B x 8,030,261,248 / 8                    = 4,015,130,624
     gradients   the same (every parameter is trained)       = 4,015,130,624
     optimizer   8 B x 8,030,261,248 / 8                     = 8,030,261,248
-    gathered    2 B x (root 1,050,677,248 + 3 x 218,112,000) = 3,410,026,496
-                (the root stays gathered; two blocks gathered; one block's gradients)
+    gathered    2 B x (output unit 525,340,672 + 2 x 218,112,000)
+                + 6 B x 525,340,672                               = 5,075,173,376
+                (the output unit, final norm + LM head, the larger edge unit, stays gathered
+                from forward to backward; two blocks gathered; the output unit's unsharded
+                gradients in bf16 plus their fp32 reduce-scatter copy, larger than a block's)
     activations tokens = 2 x micro 1 x 2048 = 4096; a block keeps 8h + 4i = 90,112 values per
                 token, a checkpointed one h = 4096:
                 2 B x 4096 x (32 x 4096 + 90,112)              = 1,811,939,328
@@ -191,11 +195,13 @@ def test_tulu3_on_8_ranks_hand_computed(tmp_path: Path) -> None:
     assert m.get("parameters") == 4 * L8_TOTAL // 8 == 4_015_130_624
     assert m.get("gradients") == 4_015_130_624
     assert m.get("optimizer") == 8_030_261_248
-    assert m.get("gathered") == 2 * (L8_ROOT + 3 * L8_BLOCK) == 3_410_026_496
+    output_unit = 128256 * 4096 + 4096  # lm_head + final norm
+    assert size.output_unit == output_unit and size.input_unit == 128256 * 4096
+    assert m.get("gathered") == 2 * (output_unit + 2 * L8_BLOCK) + 6 * output_unit == 5_075_173_376
     assert m.get("activations") == 2 * 4096 * (32 * 4096 + 90_112) == 1_811_939_328
     assert m.get("head_chunk") == 1024 * 128256 * 10 == 1_313_341_440
     assert m.device_total == sum(
-        [4_015_130_624, 4_015_130_624, 8_030_261_248, 3_410_026_496, 1_811_939_328, 1_313_341_440]
+        [4_015_130_624, 4_015_130_624, 8_030_261_248, 5_075_173_376, 1_811_939_328, 1_313_341_440]
     )
 
 
@@ -242,16 +248,27 @@ def test_sharding_strategies_divide_state_as_documented() -> None:
     assert by["grad_op"].get("optimizer") == 8 * L8_TOTAL // 16
     assert by["hybrid"].get("optimizer") == 8 * L8_TOTAL // 8  # shard group = one node
     assert by["none"].get("optimizer") == 8 * L8_TOTAL  # replicated
-    assert by["grad_op"].get("gathered") == 2 * (L8_TOTAL + L8_BLOCK)  # nothing freed after forward
+    # nothing freed after forward; a block's gradients unsharded in bf16 + their fp32 reduce copy
+    assert by["grad_op"].get("gathered") == 2 * L8_TOTAL + 6 * L8_BLOCK
     # none accumulates unsynchronised gradients: they are unsharded anyway
     assert by["none"].get("gradients") == 4 * L8_TOTAL
     # without activation checkpointing every block keeps 8h + 4i values per token
     cfg.parallel.sharding, cfg.parallel.activation_checkpointing = "full", "none"
     no_ac = estimate_memory(cfg, size, world_size=8, ranks_per_node=8)
     assert no_ac.get("activations") == 2 * 4096 * 32 * 90_112
-    # fp32 compute (CPU) doubles the gathered bytes
+    # fp32 compute (CPU) doubles the gathered parameters; the gradients need no separate fp32 copy
+    output_unit = size.output_unit
+    assert by["full"].get("gathered") == 2 * (output_unit + 2 * L8_BLOCK) + 6 * output_unit
     cfg.parallel.mixed_precision = "fp32"
-    assert estimate_memory(cfg, size, 8, 8).get("gathered") == 2 * by["full"].get("gathered")
+    assert (
+        estimate_memory(cfg, size, 8, 8).get("gathered") == 4 * (output_unit + 2 * L8_BLOCK) + 4 * output_unit
+    )
+    # a bf16 reduce-scatter needs no fp32 copy either
+    cfg.parallel.mixed_precision, cfg.parallel.reduce_dtype = "auto", "bf16"
+    assert (
+        estimate_memory(cfg, size, 8, 8).get("gathered") == 2 * (output_unit + 2 * L8_BLOCK) + 2 * output_unit
+    )
+    cfg.parallel.mixed_precision, cfg.parallel.reduce_dtype = "fp32", "fp32"
     # a token budget sets the activations' tokens per forward
     cfg.parallel.mixed_precision, cfg.training.forward_mode, cfg.training.micro_batch_tokens = (
         "bf16",
