@@ -194,7 +194,7 @@ def _watch(read_fd: int) -> None:
                 break
             stops = [number for number in chunk if number in STOP_SIGNALS]
             if stops:
-                seen, signum = seen + len(stops), stops[-1]
+                seen, signum = seen + len(stops), signum or stops[0]
                 if seen >= 2:
                     _exit_now(signum)
                 deadline = time.monotonic() + STOP_GRACE_S
@@ -206,6 +206,9 @@ def _watch(read_fd: int) -> None:
 
 
 def _exit_now(signum: int) -> NoReturn:
+    """Leave at once, named after the first stop signal (torchrun turns a second Ctrl-C into
+    SIGTERM: it is still an interruption by SIGINT)."""
+    signum = _STOP.signum or signum
     with _EXITING:
         code = _STOP.on_second(signum) if _STOP.on_second else 128 + signum
         with contextlib.suppress(OSError):

@@ -264,7 +264,7 @@ def _signal_self(signum: int) -> None:
 
 
 def _run_main(
-    recipe: Path, out: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    recipe: Path, out: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *overrides: str
 ) -> tuple:
     import engine.distributed
 
@@ -272,7 +272,7 @@ def _run_main(
     monkeypatch.chdir(REPO)
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     capsys.readouterr()
-    code = torchrun_train.main([str(recipe), f"job.output_dir={out}"])
+    code = torchrun_train.main([str(recipe), f"job.output_dir={out}", *overrides])
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # restored
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fsdpo:")]
     return code, lines
@@ -286,13 +286,17 @@ def test_a_stop_in_the_training_loop_waits_for_the_step_end(
     monkeypatch.setattr(
         engine.trainer, "_fault_kill_at_step", lambda step: step == 3 and _signal_self(signal.SIGINT)
     )
-    code, lines = _run_main(recipe, tmp_path / "run", capsys, monkeypatch)
-    # the signal came after step 3's all-reduce: step 4 runs, its checkpoint is not started
+    out = tmp_path / "run"
+    code, lines = _run_main(recipe, out, capsys, monkeypatch, "checkpoint.async_save=true")
+    # the signal came after step 3's all-reduce: step 4 runs, its checkpoint is not started, and
+    # step 2's asynchronous save, still in flight, is finished and published
     assert (code, lines) == (
         130,
         ["fsdpo: interrupted (SIGINT) at step 4; rerun the same command to resume from step-2"],
     )
-    assert [r["step"] for r in train_rows(tmp_path / "run")] == [1, 2, 3, 4]
+    assert [r["step"] for r in train_rows(out)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    assert (out / "checkpoints" / "step-2" / "COMPLETE").is_file()
 
 
 def test_a_stop_outside_the_training_loop_ends_the_run_where_it_is(
