@@ -16,6 +16,7 @@ A folder appears under its final name only when complete (written beside it, the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -28,12 +29,12 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.config import ExportConfig, LoraConfig
+from engine.config import ExportConfig, LoraConfig, ModelConfig
 from engine.errors import UserError
 from engine.loading import WRAPPER_PREFIX, hf_name, pretrained_model, saved_weights
-from engine.model import save_tokenizer_and_generation_config
+from engine.model import restore_config_dropout, save_tokenizer_and_generation_config
 from engine.run_dir import RunDir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,26 +63,27 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _merged_weights(
-    state: dict[str, torch.Tensor], lora_cfg: LoraConfig, hf_model: PreTrainedModel
+    state: dict[str, torch.Tensor], lora_cfg: LoraConfig, hf_model: PreTrainedModel, adapters: bool = True
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(file key, full tensor) for every weight of the exported model, keyed as `save_pretrained`
     keys `hf_model`'s, in a fixed order (the same on every rank, since each gather is
-    collective), adapters merged in."""
+    collective), adapters merged in; with `adapters=False`, the base model the adapters were
+    trained on (frozen weights, `modules_to_save` originals)."""
     tied = hf_model.all_tied_weights_keys  # target -> source, as transformers ties them
     scale = lora_cfg.alpha / lora_cfg.r
     for name, tensor in state.items():
         if ".lora_A." in name or ".lora_B." in name:
             continue  # folded into their base layer below
-        if (
-            ".original_module." in name
-            and name.replace(".original_module.", ".modules_to_save.default.") in state
-        ):
+        trained_copy = name.replace(".original_module.", ".modules_to_save.default.")
+        if adapters and ".original_module." in name and trained_copy in state:
             continue  # the trained copy in modules_to_save replaces it
+        if not adapters and ".modules_to_save." in name:
+            continue  # the base keeps the original module
         name_in_model = hf_name(name)
         if name_in_model in tied:
             continue  # the weight it is tied to is written; transformers re-ties on load
         value = _full(tensor)
-        if ".base_layer.weight" in name and lora_cfg.enabled:
+        if adapters and ".base_layer.weight" in name and lora_cfg.enabled:
             prefix = name.removesuffix(".base_layer.weight")
             a, b = (
                 _full(state[f"{prefix}.lora_A.default.weight"]),
@@ -140,9 +142,10 @@ def _export_dtype(export_cfg: ExportConfig, config: object) -> torch.dtype:
 
 
 def _write_adapter(
-    model: nn.Module, state: dict[str, torch.Tensor], folder: Path, model_path: str, is_main: bool
+    model: nn.Module, state: dict[str, torch.Tensor], folder: Path, base_model: str, is_main: bool
 ) -> None:
-    """The PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    """The PEFT adapter folder (adapter_config.json + adapter_model.safetensors), whose
+    `base_model_name_or_path` is `base_model` (an absolute folder or a hub id)."""
     from peft.utils import get_peft_model_state_dict
 
     trained = {
@@ -159,15 +162,52 @@ def _write_adapter(
         {k: v.contiguous() for k, v in adapter_state.items()}, str(folder / "adapter_model.safetensors")
     )
     peft_config = peft_model.peft_config["default"]
-    peft_config.base_model_name_or_path = model_path
+    peft_config.base_model_name_or_path = base_model
     peft_config.inference_mode = True
     peft_config.save_pretrained(str(folder))
+
+
+def _write_model(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    folder: Path,
+    model_cfg: ModelConfig,
+    export_cfg: ExportConfig,
+    lora_cfg: LoraConfig,
+    is_main: bool,
+    adapters: bool = True,
+) -> None:
+    """Collective: the model's safetensors (streamed, see the module docstring) and config.json
+    into `folder` (merged adapters, or the base model with `adapters=False`)."""
+    config = model.causal_lm.config
+    dtype = _export_dtype(export_cfg, config)
+    writer = (
+        ShardedSafetensorsWriter(folder, parse_size(export_cfg.max_shard_size), dtype) if is_main else None
+    )
+    if writer is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    for name, tensor in _merged_weights(state, lora_cfg, pretrained_model(model), adapters):
+        if writer is not None:
+            writer.add(name, tensor)
+    if writer is None:
+        return
+    writer.close()
+    exported = config.to_dict()
+    exported.update(use_cache=True, dtype=str(dtype).removeprefix("torch."))
+    exported.pop("_name_or_path", None)
+    if model_cfg.disable_dropout:  # training ran without dropout; the model keeps its own values
+        with contextlib.suppress(OSError, ValueError):
+            source = AutoConfig.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+            restore_config_dropout(exported, source.to_dict())
+    base = model.causal_lm.get_base_model() if lora_cfg.enabled else model.causal_lm
+    exported["architectures"] = exported.get("architectures") or [type(base).__name__]
+    type(config).from_dict(exported).save_pretrained(folder)
 
 
 def export_hf(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    model_path: str,
+    model_cfg: ModelConfig,
     out_dir: Path,
     export_cfg: ExportConfig,
     lora_cfg: LoraConfig,
@@ -177,10 +217,11 @@ def export_hf(
     """Write `out_dir` as a from_pretrained-loadable folder (or a PEFT adapter folder with
     `export.lora = "adapter"`). Collective under torch.distributed: call on every rank.
 
+    An adapter names its base model by `model.path`; a random-init base exists nowhere else, so
+    it is written beside the adapter (`base_model/`) and named by its absolute final path.
     Inside a run's output folder (`run_dir`), the previous `out_dir` is replaced only if fsdpo wrote
     every file in it; standalone, `out_dir` and its staging folder must not exist."""
     state = get_model_state_dict(model)  # sharded: DTensors, nothing gathered yet
-    config = model.causal_lm.config
     staging = out_dir.with_name(out_dir.name + ".incomplete")
     error: UserError | None = None
     if is_main:
@@ -204,27 +245,25 @@ def export_hf(
         raise error
     adapter_only = lora_cfg.enabled and export_cfg.lora == "adapter"
     if lora_cfg.enabled and export_cfg.lora in ("adapter", "both"):
-        _write_adapter(model, state, staging if adapter_only else staging / "adapter", model_path, is_main)
+        adapter_dir = Path() if adapter_only else Path("adapter")
+        base_model = model_cfg.path
+        if model_cfg.random_init:
+            _write_model(
+                model,
+                state,
+                staging / adapter_dir / "base_model",
+                model_cfg,
+                export_cfg,
+                lora_cfg,
+                is_main,
+                adapters=False,
+            )
+            base_model = str((out_dir / adapter_dir / "base_model").resolve())
+        _write_adapter(model, state, staging / adapter_dir, base_model, is_main)
     if not adapter_only:
-        dtype = _export_dtype(export_cfg, config)
-        writer = (
-            ShardedSafetensorsWriter(staging, parse_size(export_cfg.max_shard_size), dtype)
-            if is_main
-            else None
-        )
-        for name, tensor in _merged_weights(state, lora_cfg, pretrained_model(model)):
-            if writer is not None:
-                writer.add(name, tensor)
-        if writer is not None:
-            writer.close()
-            base_config = config.to_dict()
-            base_config.update(use_cache=True, dtype=str(dtype).removeprefix("torch."))
-            base_config.pop("_name_or_path", None)
-            base = model.causal_lm.get_base_model() if lora_cfg.enabled else model.causal_lm
-            base_config["architectures"] = base_config.get("architectures") or [type(base).__name__]
-            type(config).from_dict(base_config).save_pretrained(staging)
+        _write_model(model, state, staging, model_cfg, export_cfg, lora_cfg, is_main)
     if is_main:
-        save_tokenizer_and_generation_config(tokenizer, model_path, staging)
+        save_tokenizer_and_generation_config(tokenizer, model_cfg.path, staging)
         if run_dir is not None:
             run_dir.publish(staging, out_dir)
         else:
@@ -252,7 +291,7 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
     state = {"model": get_model_state_dict(model, options=STATE_OPTIONS)}
     dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)
     model.load_state_dict(state["model"], strict=False)
-    export_hf(model, tokenizer, cfg.model.path, out_dir, cfg.export, cfg.lora, is_main=True)
+    export_hf(model, tokenizer, cfg.model, out_dir, cfg.export, cfg.lora, is_main=True)
 
 
 def main(argv: list[str]) -> int:

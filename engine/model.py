@@ -153,11 +153,28 @@ def disable_config_dropout(config: PretrainedConfig) -> None:
     numeric fields named like `attention_dropout`, `resid_pdrop` or `layerdrop`. Some models copy
     them into their modules at init, some read the config in every forward."""
     for key, value in list(vars(config).items()):
-        named = "dropout" in key or key.endswith("pdrop") or "layerdrop" in key
         if isinstance(value, PretrainedConfig):
             disable_config_dropout(value)
-        elif named and isinstance(value, int | float) and not isinstance(value, bool):
+        elif is_dropout_field(key, value):
             setattr(config, key, 0.0)
+
+
+def is_dropout_field(key: object, value: object) -> bool:
+    """Whether a config field is a dropout probability (the one rule for disabling and restoring)."""
+    if not isinstance(key, str):
+        return False  # e.g. the integer keys of id2label
+    named = "dropout" in key or key.endswith("pdrop") or "layerdrop" in key
+    return named and isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def restore_config_dropout(exported: dict, source: dict) -> None:
+    """Put the source config's dropout probabilities back into an exported config dict (training
+    ran with them at 0; the exported model should keep the values it came with)."""
+    for key, value in exported.items():
+        if isinstance(value, dict) and isinstance(source.get(key), dict):
+            restore_config_dropout(value, source[key])
+        elif is_dropout_field(key, value) and is_dropout_field(key, source.get(key)):
+            exported[key] = source[key]
 
 
 def apply_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int) -> torch.nn.Module:

@@ -39,7 +39,20 @@ from engine.errors import UserError
 from engine.export import export_hf
 from engine.forward import SequenceLogprobs, policy_logps
 from engine.loading import materialize_and_load
-from engine.metrics import MetricsLogger, PairMetrics, format_row, matmul_peak, peak_memory_gib
+from engine.metrics import (
+    MetricsLogger,
+    PairMetrics,
+    Work,
+    device_peak,
+    format_rate,
+    format_row,
+    forward_work,
+    matmul_peak,
+    mfu,
+    model_flops,
+    model_shape,
+    peak_memory_gib,
+)
 from engine.model import adapter_description, build_policy, build_tokenizer, sharded_weights_dir
 from engine.optim import build_optimizer, build_scheduler, lr_factor, warmup_steps
 from engine.parallel import (
@@ -175,7 +188,9 @@ class Trainer:
             (self.output_dir / "recipe.toml").write_text(to_toml(cfg))
             self._write_data_stats()
             self.run_dir.record(self.output_dir / "recipe.toml", self.output_dir / "data_stats.json")
-        self.peak_flops, peak_dtype = matmul_peak(world.device, self.dtype)
+        self.peak = device_peak(world.device, self.dtype, matmul_peak(world.device, self.dtype))
+        self.flop_shape = model_shape(self.model.causal_lm)  # for `mfu` (engine.metrics)
+        self.pair_lengths = self.train_data.lengths()
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, world.is_main, dataclasses.asdict(cfg))
         if t.micro_batch_tokens:
             batching = f"micro-batches of up to {t.micro_batch_tokens} tokens (as many per step as the fullest rank needs)"
@@ -185,7 +200,7 @@ class Trainer:
             f"model: {self.num_params / 1e6:.2f}M parameters ({self.trainable_params / 1e6:.2f}M trained), "
             f"{world.world_size} ranks, sharding {cfg.parallel.sharding} over mesh {tuple(mesh.shape)}, "
             f"{batching}, {self.total_steps} steps, compute {self.dtype}, "
-            f"matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s ({peak_dtype})"
+            f"MFU peak {format_rate(self.peak.flops)} per rank ({self.peak.why})"
         )
 
     def _adapters_disabled(self) -> contextlib.AbstractContextManager:
@@ -372,8 +387,8 @@ class Trainer:
         self.model.train()
         stopping_at("during the evaluation at step 0")
         before = self.evaluate(0) if state.step == 0 else None
-        window = PairMetrics()
-        last_time = time.perf_counter()
+        window, window_start = PairMetrics(), state.step
+        last_time = time.perf_counter()  # moved on by the time evaluation and checkpoints take
         row: dict[str, Any] = {}
         progress = Progress(self.total_steps, "training", "step", enabled=self.world.is_main)
         progress.update(state.step)
@@ -398,15 +413,18 @@ class Trainer:
             done = state.step
             if done % lg.interval_steps == 0 or done == self.total_steps:
                 elapsed = time.perf_counter() - last_time
-                row = self._log_row(done, lr, grad_norm, state.skipped_steps, window, elapsed)
-                window = PairMetrics()
+                steps = range(window_start, done)
+                row = self._log_row(done, lr, grad_norm, state.skipped_steps, window, steps, elapsed)
+                window, window_start = PairMetrics(), done
                 last_time = time.perf_counter()
             if stop:  # every rank is here, after the same step: no collective is left half-done
                 progress.close()
-                self.checkpoints.wait()  # an async save in flight is finished and published
+                pass
                 raise Interrupted(stop)
             if t.eval_interval_steps and done % t.eval_interval_steps == 0 and done != self.total_steps:
+                paused = time.perf_counter()
                 self.evaluate(done)
+                last_time += time.perf_counter() - paused
             epoch_end = done % self.sampler.steps_per_epoch == 0
             if (ck.interval_steps and done % ck.interval_steps == 0) or (
                 ck.interval_epochs
@@ -414,7 +432,9 @@ class Trainer:
                 and (done // self.sampler.steps_per_epoch) % ck.interval_epochs == 0
             ):
                 state.scheduler = self.scheduler.state_dict()
+                paused = time.perf_counter()
                 self.checkpoints.save(done, self.model, self.optimizer, state, to_toml(self.cfg))
+                last_time += time.perf_counter() - paused
         progress.close()
         self.checkpoints.close()
         stopping_at("during the final evaluation and export")
@@ -428,7 +448,7 @@ class Trainer:
             export_hf(
                 self.model,
                 self.tokenizer,
-                self.cfg.model.path,
+                self.cfg.model,
                 self.output_dir / "final",
                 self.cfg.export,
                 self.cfg.lora,
@@ -447,14 +467,33 @@ class Trainer:
         return {"train": row, "eval_before": before, "eval_after": after}
 
     def _log_row(
-        self, step: int, lr: float, grad_norm: float, skipped: int, window: PairMetrics, elapsed: float
+        self,
+        step: int,
+        lr: float,
+        grad_norm: float,
+        skipped: int,
+        window: PairMetrics,
+        steps: range,
+        elapsed: float,
     ) -> dict[str, Any]:
-        reduced = window.reduce(self.world.device, {"tokens": float(window.tokens)})
-        tokens = reduced.pop("tokens")
+        """The training row of the window of optimizer `steps` (indices) that took `elapsed`
+        seconds, evaluation and checkpoints left out. `tokens_per_s`: real pair tokens (prompt
+        twice, chosen, rejected: TRL's count, whatever the forward mode computes);
+        `positions_per_s`: positions the model computed (padding included, a shared prompt
+        once); `mfu`: `engine.metrics.model_flops` of those steps over the peak of every rank."""
+        work = Work()
+        for s in steps:  # this rank's micro-batches, as train_step ran them
+            for indices in self.sampler.micro_batches(s):
+                work += forward_work(self.cfg.training.forward_mode, self.pair_lengths[indices])
+        totals = {
+            "tokens": float(window.tokens),
+            "positions": float(work.positions),
+            "flops": model_flops(self.flop_shape, work),
+        }
+        reduced = window.reduce(self.world.device, totals)
+        tokens, positions, flops = (reduced.pop(k) for k in totals)
         reduced.pop("pairs")
-        tokens_per_s = tokens / max(elapsed, 1e-9)
-        # model FLOPs: 6 x parameters per token (forward + backward), the usual MFU convention
-        mfu = 6 * self.num_params * tokens_per_s / (self.peak_flops * self.world.world_size)
+        seconds = max(elapsed, 1e-9)
         row = {
             "step": step,
             "epoch": step / self.sampler.steps_per_epoch,
@@ -462,8 +501,9 @@ class Trainer:
             "lr": lr,
             "grad_norm": grad_norm,
             "skipped_steps": skipped,
-            "tokens_per_s": tokens_per_s,
-            "mfu": mfu,
+            "tokens_per_s": tokens / seconds,
+            "positions_per_s": positions / seconds,
+            "mfu": mfu(flops, seconds, self.peak.flops, self.world.world_size),
             "peak_mem_gib": peak_memory_gib(self.world.device),
         }
         self.metrics.write(row)

@@ -91,3 +91,47 @@ def test_relative_paths_are_stored_absolute_so_exports_work_from_another_directo
     exported = load_file(elsewhere / "exported" / "model.safetensors")
     final = load_file(run / "final" / "model.safetensors")
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+
+
+def test_demo_lora_adapter_loads_with_auto_peft_from_anywhere(tmp_path: Path, world, monkeypatch) -> None:
+    """The demo LoRA run's base is a random init that exists nowhere else: the export writes it
+    beside the adapter (final/adapter/base_model) and the adapter names it, so
+    `AutoPeftModelForCausalLM` loads the adapter from any directory and reproduces final/'s
+    merged model."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from engine.config import load_config
+    from engine.trainer import Trainer
+    from tests.conftest import REPO
+
+    out = tmp_path / "demo_lora"
+    monkeypatch.chdir(REPO)  # the demo recipe's paths are relative to the repository root
+    overrides = [f"job.output_dir={out}", "training.max_steps=2", "data.eval=[]"]
+    overrides += ['data.train=[{path = "recipes/assets/demo_train.jsonl", count = 32}]']
+    Trainer(load_config(REPO / "recipes" / "demo_lora.toml", overrides), world).train()
+    monkeypatch.chdir(tmp_path)
+    adapter = out / "final" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((adapter / "base_model").resolve())
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(adapter)
+    merged = AutoModelForCausalLM.from_pretrained(out / "final")
+    ids = torch.tensor([[5, 17, 42, 9, 3, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, merged(ids).logits, rtol=1e-5, atol=1e-5)
+        base = AutoModelForCausalLM.from_pretrained(adapter / "base_model")
+        assert not torch.allclose(base(ids).logits, merged(ids).logits)  # the adapters did train
+
+
+def test_exported_config_keeps_the_models_dropout() -> None:
+    from engine.model import restore_config_dropout
+
+    exported = {"attention_dropout": 0.0, "hidden_act": "gelu", "text_config": {"resid_pdrop": 0.0}, "x": 1}
+    source = {"attention_dropout": 0.1, "hidden_act": "relu", "text_config": {"resid_pdrop": 0.2}, "x": 2}
+    restore_config_dropout(exported, source)
+    assert exported == {
+        "attention_dropout": 0.1,
+        "hidden_act": "gelu",
+        "text_config": {"resid_pdrop": 0.2},
+        "x": 1,
+    }
