@@ -419,7 +419,7 @@ class Trainer:
                 last_time = time.perf_counter()
             if stop:  # every rank is here, after the same step: no collective is left half-done
                 progress.close()
-                pass
+                self.checkpoints.wait()  # an async save in flight is finished and published
                 raise Interrupted(stop)
             if t.eval_interval_steps and done % t.eval_interval_steps == 0 and done != self.total_steps:
                 paused = time.perf_counter()
