@@ -36,13 +36,16 @@ Per mode it reports:
 - `peak_mem_gib`: peak CUDA memory allocated, or on CPU the peak resident set size of the timed
   steps (the kernel's high-water mark, reset per mode after the allocator's free memory is
   trimmed, so earlier modes do not count), max over ranks;
-- `mfu`: model FLOPs / step time / (measured matmul FLOP/s x ranks), median over steps, where
-  model FLOPs are 6 x parameters x non-padding positions computed, plus attention: 12 x layers
-  x heads x head dim x (query, key) pairs attended (causal, forward + backward). The matmul rate is
-  measured on this device in this run: a 2048^3 matmul by default, timed before every round
-  and at the end, the best of those (so that one measurement taken under other load does not
-  inflate the MFU), in the compute dtype, on CPU the faster of it and fp32
-  (`engine.metrics.matmul_peak`; `setup.matmul_dtype` says which).
+- `mfu`: model FLOPs / step time / (peak FLOP/s x ranks), median over steps, and
+  `model_flops_per_step`: the trainer's count (`engine.metrics.model_flops`: linear layers over
+  the positions computed, attention over the (query, key) pairs attended, the LM head over the
+  scored positions, no recompute). The peak (`engine.metrics.device_peak`; `setup.peak_flops`,
+  `setup.peak_source`): on a known CUDA device its dense peak in the compute dtype, else the
+  matmul rate measured on this device in this run (`setup.matmul_flops`, reported either way):
+  a 2048^3 matmul by default, timed before every round and at the end, the best of those (so
+  that one measurement taken under other load does not inflate the MFU), in the compute dtype,
+  on CPU the faster of it and fp32 (`engine.metrics.matmul_peak`; `setup.matmul_dtype` says
+  which).
 
 `ratios` are paired: the median over timed steps of one mode's speed-up over another on the
 same pairs (robust on a shared machine, where a mode's median alone moves with the load).
@@ -82,7 +85,8 @@ from engine.config import Config, load_config
 from engine.data import PairBatch, pair_token_counts, token_budget_micro_batches
 from engine.data.sampler import split_global_batch
 from engine.errors import UserError
-from engine.forward import FORWARD_MODES, LAYOUTS, ModelInputs, SequenceLogprobs, policy_logps, score_tokens
+from engine.forward import FORWARD_MODES, SequenceLogprobs, policy_logps, score_tokens
+from engine.metrics import ModelShape, Work, forward_work, mfu, model_flops, model_shape
 
 RESULT_KEYS = (
     "tokens_per_s",
@@ -193,46 +197,14 @@ def step_batches(
 # Work accounting
 
 
-@dataclass
-class LayoutStats:
-    """What a mode computes for some micro-batches (summed)."""
-
-    pair_tokens: int = 0
-    computed_tokens: int = 0
-    real_tokens: int = 0
-    attention_pairs: int = 0
-    forward_tokens: list[int] = field(default_factory=list)  # positions computed per forward
-
-    def add(self, inputs: ModelInputs) -> None:
-        """One forward's inputs (a micro-batch takes one, or two in `separate`)."""
-        self.computed_tokens += inputs.computed_tokens
-        self.forward_tokens.append(inputs.computed_tokens)
-        self.real_tokens += inputs.real_tokens
-        if inputs.segments is not None:
-            self.attention_pairs += inputs.segments.visible_pairs()
-        else:
-            lengths = inputs.attention_mask.sum(1) if inputs.attention_mask is not None else None
-            if lengths is None:
-                lengths = torch.full((inputs.input_ids.shape[0],), inputs.input_ids.shape[1])
-            self.attention_pairs += int((lengths * (lengths + 1) // 2).sum())
-
-
-def layout_stats(mode: str, batches: list[PairBatch], pad_id: int) -> LayoutStats:
-    stats = LayoutStats()
+def step_work(mode: str, batches: list[PairBatch]) -> tuple[int, Work]:
+    """(real pair tokens, `engine.metrics.forward_work`) of some micro-batches of `mode`."""
+    work = Work()
     for batch in batches:
-        stats.pair_tokens += batch.real_tokens
-        for inputs in LAYOUTS[mode](batch, pad_id, torch.device("cpu")):
-            stats.add(inputs)
-    return stats
-
-
-def model_flops(params: int, config: Any, stats: LayoutStats) -> float:
-    """6 x parameters x non-padding positions + attention (forward + backward) FLOPs."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    attention = 12 * text.num_hidden_layers * heads * head_dim * stats.attention_pairs
-    return 6 * params * stats.real_tokens + attention
+        work += forward_work(
+            mode, [(len(p), len(c), len(r)) for p, c, r in zip(batch.prompts, batch.chosen, batch.rejected)]
+        )
+    return sum(batch.real_tokens for batch in batches), work
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,11 +325,18 @@ def run_mode(mode: str, setup: Setup, world, timed: range) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
     peak = peak_memory_gib(device)
 
-    return step_records(mode, setup, world, timed, times, peak, params, causal_lm.config)
+    return step_records(mode, setup, world, timed, times, peak, params, model_shape(causal_lm))
 
 
 def step_records(
-    mode: str, setup: Setup, world, timed: range, times: list[float], peak: float, params: int, config
+    mode: str,
+    setup: Setup,
+    world,
+    timed: range,
+    times: list[float],
+    peak: float,
+    params: int,
+    shape: ModelShape,
 ) -> dict[str, Any]:
     """Per timed step: time (max over ranks) and the work of `mode` on that step's pairs
     (summed over ranks); per forward: the positions it computes (count, sum, sum of squares and
@@ -367,9 +346,9 @@ def step_records(
     per_step, forward_tokens = [], []
     for step in timed:
         batches = step_batches(setup.pairs, step, setup.cfg, world.rank, world.world_size, layout, budget)
-        s = layout_stats(layout, batches, setup.pad_id)
-        per_step.append([s.pair_tokens, s.computed_tokens, s.real_tokens, model_flops(params, config, s)])
-        forward_tokens += s.forward_tokens
+        pair_tokens, work = step_work(layout, batches)
+        per_step.append([pair_tokens, work.positions, work.real_positions, model_flops(shape, work)])
+        forward_tokens += work.forwards
     flat = _reduce([x for row in per_step for x in row], device)
     columns = list(zip(*[flat[i : i + 4] for i in range(0, len(flat), 4)]))
     moments = _reduce([len(forward_tokens), sum(forward_tokens), sum(x * x for x in forward_tokens)], device)
@@ -428,8 +407,9 @@ def summarize(raw: dict[str, Any], peak_flops: float, world_size: int) -> dict[s
         "pair_tokens_per_step": sum(raw["pair_tokens"]) / steps,
         "computed_tokens_per_step": computed / steps,
         "peak_mem_gib": raw["peak_mem_gib"],
-        "mfu": statistics.median(f / t for f, t in zip(raw["model_flops"], times))
-        / (peak_flops * world_size),
+        "mfu": statistics.median(
+            mfu(f, t, peak_flops, world_size) for f, t in zip(raw["model_flops"], times)
+        ),
         "model_flops_per_step": sum(raw["model_flops"]) / steps,
         "forwards_per_step": forwards / world_size / steps,
         "micro_batch_tokens_mean": mean,
@@ -531,8 +511,9 @@ def run_trl(setup: Setup, world, tokenizer, timed: range) -> dict[str, Any]:
         peak = peak_memory_gib(device)
     times = [b - a for a, b in zip(timer.marks, timer.marks[1:])][setup.warmup :]
     params = sum(p.numel() for p in model.parameters())
-    # TRL's layout is concatenated's: 2B right-padded rows
-    records = step_records("concatenated", setup, world, timed, times, peak, params, model.config)
+    # TRL's layout is concatenated's: 2B right-padded rows. Counted as fsdpo's (the LM head over
+    # the scored positions), though TRL runs its head over every position: the same useful work
+    records = step_records("concatenated", setup, world, timed, times, peak, params, model_shape(model))
     return {**records, "trl_version": trl.__version__}
 
 
@@ -664,7 +645,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
 
     from engine.distributed import init_distributed, log
-    from engine.metrics import matmul_peak
+    from engine.metrics import device_peak, format_rate, matmul_peak
     from engine.model import build_tokenizer
     from engine.parallel import compute_dtype
 
@@ -713,10 +694,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raw[name] = result if name not in raw else _merge(raw[name], result)
     peaks.append(matmul_peak(world.device, dtype, args.matmul_size))
     rates = _reduce([rate for rate, _ in peaks], world.device, dist.ReduceOp.MIN)  # the slowest rank's
-    peak_flops = max(rates)
-    peak_dtype = max(peaks)[1]
+    peak = device_peak(world.device, dtype, (max(rates), max(peaks)[1]))
 
-    results = {name: summarize(r, peak_flops, world.world_size) for name, r in raw.items()}
+    results = {name: summarize(r, peak.flops, world.world_size) for name, r in raw.items()}
     for name, r in raw.items():
         results[name]["step_times_s"] = r["step_times_s"]
     comparisons = [(m, "concatenated") for m in modes if m != "concatenated"]
@@ -747,8 +727,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "pairs": "synthetic" if args.synthetic_pairs else "recipe",
             "mean_pair_tokens": sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs) / len(pairs),
             "prompt_share": prompt_tokens / unique_tokens,
-            "matmul_flops": peak_flops,
-            "matmul_dtype": peak_dtype,
+            "matmul_flops": peak.measured,
+            "matmul_dtype": max(peaks)[1],
+            "peak_flops": peak.flops,
+            "peak_source": peak.why,
             "torch_threads": torch.get_num_threads(),
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         },
@@ -760,7 +742,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             f"\n{s['params'] / 1e6:.1f}M params, {world.world_size} rank(s) on {world.device}, {dtype}, "
             f"batch {t.global_batch_size} pairs (micro {t.micro_batch_size}), {s['mean_pair_tokens']:.0f} "
-            f"pair tokens/pair, prompt share {s['prompt_share']:.0%}, matmul peak {peak_flops / 1e9:.0f} GFLOP/s ({peak_dtype}), "
+            f"pair tokens/pair, prompt share {s['prompt_share']:.0%}, MFU peak {format_rate(peak.flops)} ({peak.why}), "
             f"malloc env {s['malloc_env'] or 'default'}"
         )
         print(format_table(results))

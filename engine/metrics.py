@@ -3,22 +3,52 @@
 Per-pair values are summed locally over the micro-batches of the logging window and reduced with
 one all-reduce of a single vector per log step; means are taken over the global pair count, so
 the numbers do not depend on how a batch was split across ranks and micro-batches.
+
+Model FLOPs and MFU: one count (`model_flops` of the `forward_work` of a forward mode's
+micro-batches), used by the trainer's rows, the bench and the dry run. Per optimizer step:
+- linear layers: (4 x B + 2 x T) x positions computed, B the non-embedding parameters (all but
+  the input embedding and the LM head; of a mixture of experts only the experts a token is
+  routed to) and T the trained ones among them: forward 2 B, the activation gradient 2 B, the
+  weight gradient 2 T; without adapters T = B and this is the usual 6 B. Positions computed
+  include padding (every linear layer runs over it) and count a shared prompt once
+  (`prefix_shared`);
+- attention: 12 x layers x query heads x head dim x (query, key) pairs attended (QK^T and AV,
+  forward and backward). Packed rows: `AttentionSegments.visible_pairs`. Padded rows: the causal
+  triangle of each row's real length, the work flash-attn's variable-length path does; kernels
+  that also compute the masked padding scores (sdpa with a mask, eager) are not credited with
+  them. Sliding windows are not applied (a windowed layer counts as fully causal);
+- LM head: (4 x H + 2 x H trained) x positions scored, H = hidden x vocab: fsdpo scores the
+  completion positions only (one per completion token; prefix sharing's last prompt position
+  twice, as the engine scores it twice) and never the prompt or padding. A tied head counts
+  here once and not among the non-embedding parameters.
+No recompute is counted (this is MFU, not HFU): neither activation checkpointing's second
+forward of a block nor the chunked LM head's second forward of each chunk in backward
+(2 x H per scored position with `training.logprob_chunk_tokens` > 0). Elementwise work
+(norms, softmax, rotary, the loss) is not counted either.
+
+The peak (`device_peak`): on CUDA the vendor's dense (not 2:4 sparse) tensor-core rate of a
+known device in the compute dtype (`DEVICE_PEAKS`, matched by `torch.cuda.get_device_name()`),
+else, and on CPU, the measured matmul rate (`matmul_peak`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import secrets
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from engine.attention import AttentionSegments
 from engine.config import LoggingConfig
 from engine.losses import LossOutput, PreferenceLogps
 from engine.run_dir import RunDir
@@ -77,8 +107,197 @@ class PairMetrics:
         return {**means, **summed, "pairs": pairs}
 
 
+# ----------------------------------------------------------------------------------------------
+# Model FLOPs (see the module docstring)
+
+
+@dataclass
+class Work:
+    """What forwards compute, summed over them (`forward_work`)."""
+
+    positions: int = 0  # positions run through the model, padding included
+    real_positions: int = 0  # of which not padding
+    attention_pairs: int = 0  # (query, key) pairs attended, per layer and query head
+    scored: int = 0  # positions through the LM head
+    forwards: list[int] = field(default_factory=list)  # positions of each forward
+
+    def __iadd__(self, other: Work) -> Work:
+        self.positions += other.positions
+        self.real_positions += other.real_positions
+        self.attention_pairs += other.attention_pairs
+        self.scored += other.scored
+        self.forwards += other.forwards
+        return self
+
+
+def forward_work(mode: str, lengths: Sequence[Sequence[int]]) -> Work:
+    """The work of one micro-batch of pairs, (prompt, chosen, rejected) token counts each, laid
+    out by forward `mode` as engine.forward lays it out: `concatenated` one forward of 2B rows
+    as wide as the longest sequence, `separate` two of B rows (chosen, rejected), `packed` one
+    row of the 2B sequences, `prefix_shared` one row of prompt + chosen + rejected per pair."""
+    triples = [(int(p), int(c), int(r)) for p, c, r in lengths]
+    sequences = [p + c for p, c, _ in triples] + [p + r for p, _, r in triples]
+    if mode == "prefix_shared":
+        segments = AttentionSegments.for_shared_prefix(triples)
+    else:  # one causal sequence per (prompt, completion); padded rows attend over their real length
+        segments = AttentionSegments.for_sequences(sequences)
+    b = len(triples)
+    if mode in ("packed", "prefix_shared"):
+        forwards = [segments.length]
+    elif mode == "concatenated":
+        forwards = [2 * b * max(sequences)]
+    elif mode == "separate":
+        forwards = [b * max(sequences[:b]), b * max(sequences[b:])]
+    else:
+        raise ValueError(f"unknown forward mode {mode!r}")
+    return Work(
+        positions=sum(forwards),
+        real_positions=segments.length,
+        attention_pairs=segments.visible_pairs(),
+        scored=sum(c + r for _, c, r in triples),
+        forwards=forwards,
+    )
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes model FLOPs are counted from (`model_shape`)."""
+
+    body: int  # non-embedding parameters a token goes through: all but input embedding and LM head
+    body_trained: int  # of which trained
+    head: int  # LM head weights (hidden x vocab), the input embedding's when tied
+    head_trained: int
+    layers: int
+    attention_width: int  # query heads x head dim
+
+    @property
+    def per_position(self) -> int:
+        """Linear-layer FLOPs per position computed, forward + backward."""
+        return 4 * self.body + 2 * self.body_trained
+
+    @property
+    def per_scored(self) -> int:
+        """LM-head FLOPs per position scored, forward + backward."""
+        return 4 * self.head + 2 * self.head_trained
+
+
+_EXPERTS = re.compile(r"(^|\.)experts\.")
+
+
+def model_shape(model: torch.nn.Module) -> ModelShape:
+    """`ModelShape` of a causal LM (Hugging Face, possibly under peft, FSDP or on the meta
+    device). Of a mixture of experts' `experts` weights only the share routed to per token
+    counts (num_experts_per_tok of num_local_experts / num_experts)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    routed = getattr(config, "num_experts_per_tok", None)
+    share = routed / experts if experts and routed else 1.0
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    body = body_trained = 0.0
+    for name, p in model.named_parameters():  # a tied weight is listed once
+        if p is embedding or p is head:
+            continue
+        n = p.numel() * (share if _EXPERTS.search(name) else 1.0)
+        body += n
+        body_trained += n if p.requires_grad else 0.0
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return ModelShape(
+        body=round(body),
+        body_trained=round(body_trained),
+        head=head.numel(),
+        head_trained=head.numel() if head.requires_grad else 0,
+        layers=config.num_hidden_layers,
+        attention_width=heads * head_dim,
+    )
+
+
+def model_flops(shape: ModelShape, work: Work) -> float:
+    """Model FLOPs (forward + backward, no recompute) of `work` (see the module docstring)."""
+    attention = 12 * shape.layers * shape.attention_width * work.attention_pairs
+    return float(shape.per_position * work.positions + attention + shape.per_scored * work.scored)
+
+
+def mfu(flops: float, seconds: float, peak_flops: float, ranks: int) -> float:
+    """Model FLOPs utilisation: `flops` done by `ranks` ranks in `seconds`, over their peak."""
+    return flops / max(seconds, 1e-9) / (peak_flops * ranks)
+
+
+# ----------------------------------------------------------------------------------------------
+# The peak
+
+DEVICE_PEAKS: tuple[tuple[str, float, float | None], ...] = (
+    # (name pattern, dense bf16/fp16 tensor-core TFLOP/s, fp32 TFLOP/s without TF32 or None),
+    # the vendors' datasheet figures; the first pattern found in the device name wins
+    (r"\bH100 NVL\b", 835, 60),
+    (r"\bH100 PCIe\b", 756, 51),
+    (r"\bH100\b", 989, 67),  # SXM ("NVIDIA H100 80GB HBM3")
+    (r"\bH800\b", 989, 67),
+    (r"\bGH200\b", 989, 67),
+    (r"\bH200 NVL\b", 835, 60),
+    (r"\bH200\b", 989, 67),
+    (r"\bGB200\b", 2500, None),
+    (r"\bB200\b", 2250, None),
+    (r"\bA100\b", 312, 19.5),
+    (r"\bA800\b", 312, 19.5),
+    (r"\bL40S\b", 362, 91.6),
+    (r"\bL40\b", 181, 90.5),
+    (r"\bL4\b", 121, 30.3),
+    (r"\bA10\b", 125, 31.2),
+    (r"\bRTX 4090\b", 165, 82.6),  # bf16 with fp32 accumulation
+    (r"\bMI300X\b", 1307, 163.4),
+)
+
+
+@dataclass(frozen=True)
+class Peak:
+    """The MFU denominator per rank, and how it was chosen (for the start-up line)."""
+
+    flops: float
+    measured: float  # the measured matmul rate (`matmul_peak`), reported beside it
+    why: str
+
+
+def table_peak(name: str, dtype: torch.dtype) -> float | None:
+    """Dense peak FLOP/s of the CUDA device `name` in `dtype` from `DEVICE_PEAKS`, or None."""
+    if "MIG" in name:  # a slice of the device: a fraction of its peak
+        return None
+    for pattern, half, single in DEVICE_PEAKS:
+        if re.search(pattern, name):
+            if dtype in (torch.bfloat16, torch.float16):
+                return half * 1e12
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            return single * 1e12 if dtype == torch.float32 and single and not tf32 else None
+    return None
+
+
+def device_peak(device: torch.device, dtype: torch.dtype, measured: tuple[float, str]) -> Peak:
+    """On CUDA the table's dense peak of this device in `dtype`, else (unknown device, a MIG
+    slice, CPU) the `measured` matmul rate and its dtype (`matmul_peak`)."""
+    rate, measured_dtype = measured
+    dtype_name = str(dtype).removeprefix("torch.")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = table_peak(name, dtype)
+        if peak is not None:
+            why = f"{name}, dense {dtype_name} from the device table; measured matmul {format_rate(rate)}"
+            return Peak(peak, rate, why)
+        return Peak(
+            rate, rate, f"measured matmul, {measured_dtype}: {name} {dtype_name} is not in the device table"
+        )
+    return Peak(rate, rate, f"measured matmul, {measured_dtype}")
+
+
+def format_rate(flops: float) -> str:
+    """FLOP/s with a unit: 989 TFLOP/s, 436 GFLOP/s."""
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {unit}FLOP/s"
+    return f"{flops / 1e6:.3g} MFLOP/s"
+
+
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048) -> float:
-    """Achieved FLOP/s of a large square matmul on this device: the MFU denominator."""
+    """Achieved FLOP/s of a large square matmul on this device."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
@@ -93,8 +312,9 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048) -> tuple[float, str]:
-    """The MFU denominator and the dtype it was measured in: the matmul rate of the compute
-    dtype; on CPU the faster of it and fp32. A CPU without bf16 units can run a bf16 matmul far
+    """The measured matmul rate and the dtype it was measured in (the MFU denominator where
+    `device_peak` has no table entry): the matmul rate of the compute dtype; on CPU the faster
+    of it and fp32. A CPU without bf16 units can run a bf16 matmul far
     below its fp32 rate, and a bf16 peak there gave MFUs above 100%: the faster of the two bounds
     what the CPU's matmuls reach."""
     rate, name = measure_matmul_flops(device, dtype, size), str(dtype).removeprefix("torch.")

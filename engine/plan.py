@@ -11,7 +11,10 @@ read). Then it prints:
 - the world-size arithmetic: ranks x micro-batch x accumulation steps = global batch (an error
   when it does not divide, as the real run would raise);
 - the device mesh of `parallel.sharding` (the same shapes parallel.build_mesh makes);
-- an estimate of the memory per rank, from the model built on the meta device.
+- an estimate of the memory per rank, from the model built on the meta device;
+- the model FLOPs of one optimizer step (`engine.metrics.model_flops`, the trainer's MFU
+  numerator), for pairs of the sampled training rows' lengths (else every sequence
+  `data.max_length` tokens: an upper bound).
 
 The arithmetic and the estimate are pure functions of the `Config` and the Hugging Face model
 config (`plan_run`), so tests check them against hand-computed numbers. `check_inputs` is the
@@ -58,8 +61,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
+
 from engine.config import Config, LoraConfig, TrainingConfig, to_toml
 from engine.errors import UserError
+from engine.metrics import ModelShape, forward_work, model_flops, model_shape
 from engine.parallel import defers_gradient_sync, edge_units, mesh_shape, shard_size
 
 GIB = 2**30
@@ -112,6 +118,7 @@ class ModelSize:
     input_unit: int = 0  # parameters of the input-side FSDP unit (embeddings); 0 when tied
     output_unit: int = 0  # of the output-side unit (final norm + LM head); 0 when tied
     output_unit_trainable: int = 0
+    flops: ModelShape | None = None  # what model FLOPs are counted from
 
 
 def measure_model(hf_config: Any, lora: LoraConfig, trust_remote_code: bool = False) -> ModelSize:
@@ -155,6 +162,7 @@ def measure_model(hf_config: Any, lora: LoraConfig, trust_remote_code: bool = Fa
         intermediate_size=int(getattr(text, "intermediate_size", None) or 4 * hidden),
         num_layers=int(getattr(text, "num_hidden_layers", len(blocks))),
         vocab_size=int(text.vocab_size),
+        flops=model_shape(model),
     )
 
 
@@ -287,18 +295,50 @@ class Plan:
     mesh: tuple[tuple[int, ...], tuple[str, ...]]
     size: ModelSize | None = None
     memory: MemoryEstimate | None = None
+    flops: tuple[float, str] | None = None  # model FLOPs per optimizer step, and from what
     notes: list[str] = field(default_factory=list)
 
 
-def plan_run(cfg: Config, hf_config: Any | None, world_size: int, ranks_per_node: int) -> Plan:
-    """The whole plan; without `hf_config` (a hub id offline) only the arithmetic and the mesh."""
+def plan_run(
+    cfg: Config,
+    hf_config: Any | None,
+    world_size: int,
+    ranks_per_node: int,
+    pair_lengths: np.ndarray | None = None,
+) -> Plan:
+    """The whole plan; without `hf_config` (a hub id offline) only the arithmetic and the mesh.
+    `pair_lengths`: [N, 3] prompt, chosen and rejected tokens of sampled training pairs."""
     batches = plan_batches(cfg.training, world_size)
     mesh = mesh_shape(cfg.parallel, world_size, ranks_per_node)
     plan = Plan(batches, ranks_per_node, mesh)
     if hf_config is not None:
         plan.size = measure_model(hf_config, cfg.lora, cfg.model.trust_remote_code)
         plan.memory = estimate_memory(cfg, plan.size, world_size, ranks_per_node)
+        plan.flops = step_flops(cfg, plan.size.flops, pair_lengths)
     return plan
+
+
+def step_flops(cfg: Config, shape: ModelShape, pair_lengths: np.ndarray | None) -> tuple[float, str]:
+    """Model FLOPs of one optimizer step (`engine.metrics.model_flops`) and how they were
+    estimated: the sampled pairs in micro-batches of `micro_batch_size` (padded modes pay their
+    padding; packed work adds up per pair, so a token budget changes nothing), scaled to the
+    global batch; without a sample every pair has a 1-token prompt and completions filling
+    `data.max_length`, an upper bound."""
+    t, mode = cfg.training, cfg.training.forward_mode
+    if pair_lengths is None or not len(pair_lengths):
+        n = cfg.data.max_length
+        pair_lengths = np.array([[1, n - 1, n - 1]])
+        how = f"at most: every sequence data.max_length={n} tokens (no training rows sampled)"
+    else:
+        mean = pair_lengths.mean(axis=0)
+        how = (
+            f"{len(pair_lengths)} sampled training pairs: prompt {mean[0]:.0f}, chosen {mean[1]:.0f}, "
+            f"rejected {mean[2]:.0f} tokens on average"
+        )
+    size = min(t.micro_batch_size, len(pair_lengths))
+    batches = [pair_lengths[i : i + size] for i in range(0, len(pair_lengths) - size + 1, size)]
+    per_pair = sum(model_flops(shape, forward_work(mode, b)) for b in batches) / (len(batches) * size)
+    return per_pair * t.global_batch_size, f"{mode}, {how}"
 
 
 def format_plan(cfg: Config, plan: Plan, inputs: list[str]) -> str:
@@ -330,6 +370,7 @@ def format_plan(cfg: Config, plan: Plan, inputs: list[str]) -> str:
             ]
         ),
         ("sharding", f"{cfg.parallel.sharding}: mesh {shape} ({' x '.join(names)})"),
+        *([("model FLOPs per step", f"{plan.flops[0]:.3g} ({plan.flops[1]})")] if plan.flops else []),
     ]
     out += [f"{k:<20} {v}" for k, v in rows]
     if plan.size is not None and plan.memory is not None:
@@ -397,12 +438,12 @@ def _hub_reachable() -> bool:
     return True
 
 
-def check_inputs(cfg: Config) -> tuple[list[str], list[str], Any | None]:
+def check_inputs(cfg: Config) -> tuple[list[str], list[str], Any | None, np.ndarray]:
     """Make the real run's input checks, in its order, without loading weights or tokenising
     every row: the output folder, the model folder and its tokenizer, the chat template, and a
     sample of each local data source (`check_data`). Returns (one line per input, notes, the
-    model's HF config or None: `load_model_config`); raises the real run's UserError on the
-    first problem."""
+    model's HF config or None: `load_model_config`, the sampled training pairs' lengths);
+    raises the real run's UserError on the first problem."""
     from engine.checkpoint import CheckpointManager
     from engine.config import is_local_path
     from engine.data.tokenize import resolve_chat_template
@@ -425,7 +466,7 @@ def check_inputs(cfg: Config) -> tuple[list[str], list[str], Any | None]:
         + (f" (tokenizer: {type(tokenizer).__name__}, {len(tokenizer)} tokens)" if tokenizer else "")
     ]
     template = resolve_chat_template(cfg.data.chat_template)
-    data_lines, data_notes = check_data(cfg, tokenizer, template)
+    data_lines, data_notes, pair_lengths = check_data(cfg, tokenizer, template)
     lines += data_lines
     notes += data_notes
     for key, value in (
@@ -436,19 +477,22 @@ def check_inputs(cfg: Config) -> tuple[list[str], list[str], Any | None]:
         if value and folder.exists() and not folder.is_dir():
             raise UserError(f"{key}: {value} is not a folder")
     lines.append(f"job.output_dir: {output_dir}" + (f" (resumes from {resume})" if resume else ""))
-    return lines, notes, hf_config
+    return lines, notes, hf_config, pair_lengths
 
 
 SAMPLE_ROWS = 64
 """Rows of each data source the dry run reads, tokenises and filters (the first ones)."""
 
 
-def check_data(cfg: Config, tokenizer: Any | None, template: str | None) -> tuple[list[str], list[str]]:
+def check_data(
+    cfg: Config, tokenizer: Any | None, template: str | None
+) -> tuple[list[str], list[str], np.ndarray]:
     """Read the first `SAMPLE_ROWS` rows of each local data source and put them through the
     real run's functions: the source's format and columns (`ResolvedSource.read_pairs`), the
     tokenisation and chat template (`tokenize_rows`), the bad-row and template checks and the
     filters (`filter_source`). Hub data sets are not read. Without a tokenizer (a hub model
-    offline) only the files are checked. Returns (one line per source, notes)."""
+    offline) only the files are checked. Returns (one line per source, notes, [N, 3] prompt,
+    chosen and rejected tokens of the training pairs kept from the samples)."""
     import pyarrow as pa
 
     from engine.data.cache import TokenizedSource, features
@@ -457,7 +501,7 @@ def check_data(cfg: Config, tokenizer: Any | None, template: str | None) -> tupl
     from engine.data.tokenize import tokenize_rows
 
     d = cfg.data
-    lines, notes = [], []
+    lines, notes, train_lengths = [], [], [np.zeros((0, 3), np.int64)]
     for key, sources in (("data.train", d.train), ("data.eval", d.eval)):
         for i, source in enumerate(sources):
             name = f"{key}[{i}] ({source.path})"  # as build_dataset names it
@@ -487,7 +531,11 @@ def check_data(cfg: Config, tokenizer: Any | None, template: str | None) -> tupl
                 offsets,
                 Path(),
             )
-            _, stats = filter_source(sample, d)  # raises as the real run would on a bad row
+            spans, stats = filter_source(sample, d)  # raises as the real run would on a bad row
+            if key == "data.train":
+                train_lengths.append(
+                    np.stack([spans[k] for k in ("prompt_len", "chosen_len", "rejected_len")], 1)
+                )
             complete = len(rows) < SAMPLE_ROWS  # the sample is the whole source
             if complete:
                 check_kept(stats, name)
@@ -502,7 +550,7 @@ def check_data(cfg: Config, tokenizer: Any | None, template: str | None) -> tupl
                     f"note: {name}: none of the first {len(rows)} rows gives a pair ({first}); "
                     "the run stops if no row does"
                 )
-    return lines, notes
+    return lines, notes, np.concatenate(train_lengths)
 
 
 def dry_run(cfg: Config, world_size: int | None = None, ranks_per_node: int | None = None) -> str:
@@ -513,10 +561,10 @@ def dry_run(cfg: Config, world_size: int | None = None, ranks_per_node: int | No
     if world_size % ranks_per_node and ranks_per_node < world_size:
         raise UserError(f"--ranks-per-node={ranks_per_node} must divide --world-size={world_size}")
     ranks_per_node = min(ranks_per_node, world_size)
-    inputs, notes, hf_config = check_inputs(cfg)
+    inputs, notes, hf_config, pair_lengths = check_inputs(cfg)
     plan_batches(cfg.training, world_size)  # the sampler's rule, as the real run checks after the data
     # Model-specific limits on the recipe (the sliding-window attention limit) go here, calling
     # the function the real run calls, with `hf_config` (None: a hub model not reachable offline).
-    plan = plan_run(cfg, hf_config, world_size, ranks_per_node)
+    plan = plan_run(cfg, hf_config, world_size, ranks_per_node, pair_lengths)
     plan.notes += notes
     return format_plan(cfg, plan, inputs)

@@ -48,6 +48,12 @@ def test_bench_reports_every_mode(recipe: Path, tmp_path: Path, world) -> None:
     assert modes["packed"]["computed_tokens_per_step"] == modes["packed"]["pair_tokens_per_step"]
     assert "packed/concatenated" in report["ratios"] and "prefix_shared/packed" in report["ratios"]
     assert report["setup"]["matmul_flops"] > 0
+    # on CPU the MFU peak is the measured matmul rate (engine.metrics.device_peak)
+    assert report["setup"]["peak_flops"] == report["setup"]["matmul_flops"]
+    assert report["setup"]["peak_source"].startswith("measured matmul")
+    # the one FLOP count: padding costs, a shared prompt saves
+    flops = {m: row["model_flops_per_step"] for m, row in modes.items()}
+    assert flops["prefix_shared"] < flops["packed"] < flops["separate"] <= flops["concatenated"]
     # 4 pairs per step in micro-batches of 2; a 192-token budget (two sequences of max_length)
     # holds at least one pair and never more than 192 positions per forward
     assert modes["packed"]["forwards_per_step"] == modes["concatenated"]["forwards_per_step"] == 2

@@ -20,7 +20,7 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.slow
 
-TIMING = {"tokens_per_s", "mfu", "peak_mem_gib"}
+TIMING = {"tokens_per_s", "positions_per_s", "mfu", "peak_mem_gib"}
 
 
 @pytest.fixture(scope="module")

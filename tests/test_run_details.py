@@ -72,8 +72,8 @@ def test_resume_with_more_steps_warns_and_follows_the_new_schedule(
         "steps_per_epoch": 2,
         "unused_pairs_per_epoch": 16,
     }
-    startup = next(line for line in first.splitlines() if "matmul peak" in line)
-    assert "GFLOP/s (float32)" in startup, startup
+    startup = next(line for line in first.splitlines() if "MFU peak" in line)
+    assert "GFLOP/s per rank (measured matmul, float32)" in startup, startup
     assert all(0 < row["mfu"] <= 1 for row in train_rows(out))
 
     Trainer(load_config(recipe, ["training.max_steps=4"]), world).train()
