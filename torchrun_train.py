@@ -14,7 +14,8 @@ Flags (anywhere after the recipe):
 Exit code 0 on success; 2 on a user error (one line per problem on stderr, naming the key, file
 or row; under torchrun every rank that finds it prints it, tagged with its rank); 130 / 143 when
 stopped by SIGINT (Ctrl-C) / SIGTERM: the current step finishes, nothing half-written is kept,
-and one line names the checkpoint a rerun resumes from. A second signal exits at once.
+and one line names the checkpoint a rerun resumes from. A second signal exits at once. torchrun
+itself exits 1 when a worker fails (its summary shows the worker's code and line) or on a signal.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def _resume_hint(cfg: Config | None) -> str:
         return "nothing was saved"
     from engine.checkpoint import complete_checkpoints
     from engine.errors import UserError
-    from engine.trainer import check_output_dir
+    from engine.run_dir import check_output_dir
 
     output_dir = Path(cfg.job.output_dir)
     found = complete_checkpoints(output_dir / "checkpoints")
