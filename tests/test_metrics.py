@@ -187,6 +187,7 @@ def test_training_rows_count_the_model_inputs_and_leave_out_eval_and_checkpoints
     tables.update(logging={"interval_steps": 2}, checkpoint={"interval_steps": 3}, export={"enabled": False})
     trainer = trainer_module.Trainer(load_config(write_recipe(tmp_path / "r.toml", tables)), world)
     assert trainer.peak.flops == 1e11
+    assert trainer.flop_shape == model_shape(_meta_model())  # the hand-counted shape, sharded
 
     steps: list[dict] = []  # per training step: its duration and the inputs of its forwards
 
