@@ -49,13 +49,13 @@ def main(argv: list[str]) -> int:
 
     reported: list[int] = []
 
-    def interrupted(signum: int) -> int:  # the signal handler's second signal may come here too
+    def interrupted(signum: int) -> int:  # once: an exit at once may come here again
         if reported:
             return reported[0]
         reported.append(128 + signum)
         return _interrupted(signum, distributed.stop_where(), recipe[0] if recipe else None)
 
-    with distributed.stop_handlers(on_second=interrupted):
+    with distributed.stop_handlers(report=interrupted):
         from engine.errors import UserError
 
         try:

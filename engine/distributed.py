@@ -135,7 +135,7 @@ class _StopState:
     where: str = "during start-up"  # what the process is doing, for the one line
     deferred: bool = False  # in the training loop: the step finishes first
     pid: int = 0  # the process that installed the handlers (forked helpers inherit them)
-    on_second: Callable[[int], int] | None = None
+    report: Callable[[int], int] | None = None  # prints the one line, returns the exit code
 
 
 _STOP = _StopState()
@@ -143,19 +143,20 @@ _EXITING = threading.RLock()  # the handler and the watcher may both end the pro
 
 
 @contextlib.contextmanager
-def stop_handlers(on_second: Callable[[int], int]) -> Iterator[None]:
-    """SIGINT and SIGTERM request a stop while inside. A second signal calls `on_second(signum)`
-    (which prints the one line) and exits at once with the code it returns. The previous
-    handlers come back on leaving (`torchrun_train.main` also runs inside test processes)."""
+def stop_handlers(report: Callable[[int], int]) -> Iterator[None]:
+    """SIGINT and SIGTERM request a stop while inside. A stop that must end the process at once
+    (a second signal, or one the main thread cannot take up: see `_watch`) calls
+    `report(signum)`, which prints the one line, and exits with the code it returns. The
+    previous handlers come back on leaving (`torchrun_train.main` also runs in test processes)."""
     global _STOP
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
-    _STOP = _StopState(pid=os.getpid(), on_second=on_second)
+    _STOP = _StopState(pid=os.getpid(), report=report)
     for signum in STOP_SIGNALS:
         signal.signal(signum, _on_stop_signal)
     previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    threading.Thread(target=_watch, args=(read_fd,), name="fsdpo-stop-watch", daemon=True).start()
+    threading.Thread(target=_watch, args=(read_fd, _STOP), name="fsdpo-stop-watch", daemon=True).start()
     try:
         yield
     finally:
@@ -170,13 +171,13 @@ def _on_stop_signal(signum: int, frame: object) -> None:
     if os.getpid() != _STOP.pid:  # a forked helper (a tokenising worker): its parent reports
         os._exit(128 + signum)
     if _STOP.signum:  # the second signal
-        _exit_now(signum)
+        _exit_now(_STOP, signum)
     _STOP.signum = signum
     if not _STOP.deferred:
         raise Interrupted(signum)
 
 
-def _watch(read_fd: int) -> None:
+def _watch(read_fd: int, state: _StopState) -> None:
     """End the process on a stop signal that the main thread cannot take up.
 
     Python runs signal handlers on the main thread, between bytecodes: blocked in C (a
@@ -196,21 +197,21 @@ def _watch(read_fd: int) -> None:
             if stops:
                 seen, signum = seen + len(stops), signum or stops[0]
                 if seen >= 2:
-                    _exit_now(signum)
+                    _exit_now(state, signum)
                 deadline = time.monotonic() + STOP_GRACE_S
         else:
             deadline = None
-            if not _STOP.signum and not _STOP.deferred:
-                _exit_now(signum)
+            if not state.signum and not state.deferred:
+                _exit_now(state, signum)
     os.close(read_fd)
 
 
-def _exit_now(signum: int) -> NoReturn:
+def _exit_now(state: _StopState, signum: int) -> NoReturn:
     """Leave at once, named after the first stop signal (torchrun turns a second Ctrl-C into
     SIGTERM: it is still an interruption by SIGINT)."""
-    signum = _STOP.signum or signum
+    signum = state.signum or signum
     with _EXITING:
-        code = _STOP.on_second(signum) if _STOP.on_second else 128 + signum
+        code = state.report(signum) if state.report else 128 + signum
         with contextlib.suppress(OSError):
             sys.stdout.flush()
         os._exit(code)
