@@ -86,22 +86,27 @@ def _run(argv: list[str], recipe: list[Config]) -> int:
             print(report, flush=True)
         return 0
 
+    from engine.post_train import finish
     from engine.trainer import Trainer
 
     recipe.append(cfg)  # after the imports _resume_hint reads (a stop's line never waits on one)
-    world = distributed.init_distributed()
+    world = distributed.init_distributed(cfg.parallel.collective_timeout_s)
+    trainer = None
     try:
         _fault_user_error(world.rank)
         if "--build-reference-only" in flags:
             Trainer(cfg, world, reference_only=True)
         else:
-            Trainer(cfg, world).train()
+            trainer = Trainer(cfg, world)
+            trainer.train()
     except BaseException as e:
         # a stop skips the teardown: it waits for pending collectives, and peers may have left
         if not (isinstance(e, distributed.Interrupted) or distributed.stop_signal()):
             distributed.shutdown()
         raise
     distributed.shutdown()
+    if trainer is not None and world.is_main:  # no process group left for anyone to wait in
+        finish(cfg.hub, cfg.post_train, trainer.run_dir)
     return 0
 
 

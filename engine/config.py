@@ -204,6 +204,13 @@ class TrainingConfig:
     logprob_chunk_tokens: int = 1024
     """Scored positions per chunk through the LM head and log-softmax (fp32 logits of one chunk
     at a time, recomputed in backward); 0 = all at once, keeping the logits for backward."""
+    attention_kernel: Literal["auto", "varlen", "flash_attn", "flex", "sdpa_loop"] = "auto"
+    """Attention kernel of the packed modes (`packed`, `prefix_shared`): `varlen` (torch's
+    varlen_attn, CUDA), `flash_attn` (flash-attn >= 2.1, CUDA), `flex` (flex_attention, CUDA),
+    `sdpa_loop` (one sdpa call per sequence; the only one on CPU). `auto` takes the first of these
+    installed that serves each layer (windows, softcapping, dropout, dtype); a forced one serves
+    the layers it can and leaves the rest to the next. The choice is logged at start-up and
+    written to data_stats.json. Padded modes use `model.attn_implementation`."""
     eval_interval_steps: int = 0
     """Evaluate every this many steps (0 = only before training and at the end)."""
     max_skipped_steps: int = 3
@@ -260,6 +267,10 @@ class ParallelConfig:
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype of the gradient reduce-scatter / all-reduce: fp32 (exact sums; the default) or bf16
     (half the gradient traffic, rounded sums)."""
+    collective_timeout_s: int = 600
+    """Seconds a collective (all-gather, all-reduce, barrier) waits for a peer before the run
+    fails (NCCL's watchdog, gloo's timeout). Raise it when ranks legitimately wait long on each
+    other, e.g. a slow shared file system at checkpoints or long first compiles."""
     cpu_offload: bool = False
     """Keep parameters, gradients and the optimizer step on the host (FSDP2 CPUOffloadPolicy) for
     models that do not fit on the GPUs. A no-op on CPU-only runs."""
@@ -856,6 +867,9 @@ def validate(cfg: Config, problems: _Problems) -> None:
     )
     pa = cfg.parallel
     p.expect(pa.replicate_degree >= 0, "parallel.replicate_degree", "an integer >= 0", pa.replicate_degree)
+    p.expect(
+        pa.collective_timeout_s >= 1, "parallel.collective_timeout_s", "seconds >= 1", pa.collective_timeout_s
+    )
     p.expect(
         pa.activation_checkpointing_every >= 1,
         "parallel.activation_checkpointing_every",

@@ -46,11 +46,12 @@ class World:
 
 
 def init_distributed(timeout_s: int = 600) -> World:
-    """Initialise the default process group and a 1-D data-parallel device mesh."""
+    """Initialise the default process group and a 1-D data-parallel device mesh; collectives
+    wait at most `timeout_s` for a peer (`parallel.collective_timeout_s`)."""
     single = not launched()  # plain `python torchrun_train.py`: a world of one
     local_rank = 0 if single else int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", cuda_device_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
@@ -70,6 +71,13 @@ def init_distributed(timeout_s: int = 600) -> World:
             )
     mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device, mesh)
+
+
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """The GPU of a local rank: LOCAL_RANK modulo the GPUs this process sees, so schedulers that
+    give each process one GPU (CUDA_VISIBLE_DEVICES per task) work as well as one process per GPU
+    of a node."""
+    return local_rank % device_count
 
 
 def launched() -> bool:

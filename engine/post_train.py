@@ -1,4 +1,6 @@
-"""After export, on rank 0: push final/ to the Hugging Face Hub, run the user's command.
+"""After training, on rank 0 once the process group is torn down: push final/ to the Hugging Face
+Hub, run the user's command (`finish`). No other rank waits for it in a collective, so an evaluation
+that takes hours cannot trip a collective timeout.
 
 The hub token is never read from the recipe: `huggingface_hub` takes it from the environment
 (`HF_TOKEN`) or its login cache, and nothing here writes it anywhere.
@@ -16,6 +18,15 @@ from engine.config import HubConfig, PostTrainConfig
 from engine.distributed import log, log_error
 from engine.errors import UserError
 from engine.run_dir import RunDir
+
+
+def finish(hub: HubConfig, post_train: PostTrainConfig, run_dir: RunDir) -> None:
+    """Rank 0's work after training: the hub upload, then the post-train command."""
+    model_dir = run_dir.path / "final"
+    if hub.push:
+        push_to_hub(model_dir, hub)
+    if post_train.command:
+        run_post_train_command(post_train, model_dir, run_dir)
 
 
 def push_to_hub(model_dir: Path, cfg: HubConfig) -> str:

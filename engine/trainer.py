@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from engine import losses
+from engine.attention import kernel_plan
 from engine.checkpoint import CheckpointManager, TrainerState
 from engine.config import Config, DataSource, to_toml
 from engine.data import (
@@ -63,7 +64,6 @@ from engine.parallel import (
     local_state_bytes,
     parallelize,
 )
-from engine.post_train import push_to_hub, run_post_train_command
 from engine.progress import Progress
 from engine.reference import ReferenceLogps, compute_reference_logps, reference_layout
 from engine.reference_cache import load_reference_cache, reference_cache_key, save_reference_cache
@@ -151,7 +151,10 @@ class Trainer:
         ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
         mesh = build_mesh(cfg.parallel, world.world_size, ranks_per_node, world.device.type)
         self.model = parallelize(
-            SequenceLogprobs(causal_lm, t.logprob_chunk_tokens), cfg.parallel, mesh, world.device
+            SequenceLogprobs(causal_lm, t.logprob_chunk_tokens, t.attention_kernel),
+            cfg.parallel,
+            mesh,
+            world.device,
         )
         if weights_dir is not None:
             rss_before = peak_memory_gib(torch.device("cpu"))
@@ -166,6 +169,13 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.scheduler)
         self.with_logweights = losses.needs_logweights(cfg.loss)
         self.dtype = compute_dtype(cfg.parallel, world.device)
+        if t.forward_mode in ("packed", "prefix_shared"):  # per layer kind; a forced one missing stops here
+            self.attention = kernel_plan(causal_lm.config, world.device, self.dtype, t.attention_kernel)
+        else:
+            self.attention = {"all layers": f"transformers {cfg.model.attn_implementation}"}
+        log(
+            f"attention ({t.forward_mode}): " + ", ".join(f"{kind} {k}" for kind, k in self.attention.items())
+        )
 
         # reference log-probs, from the initial weights (so before any checkpoint is loaded)
         self.reference_forwards = 0
@@ -227,6 +237,7 @@ class Trainer:
             "train": self.train_data.stats,
             "eval": self.eval_data.stats if self.eval_data is not None else None,
             "padding_fraction": padding,
+            "attention_kernels": self.attention,
             "batches": {
                 "global_batch_size": t.global_batch_size,
                 "steps_per_epoch": self.sampler.steps_per_epoch,
@@ -456,13 +467,8 @@ class Trainer:
                 self.run_dir,
             )
             log(f"exported {self.output_dir / 'final'}")
-        if self.world.is_main:
-            if self.cfg.hub.push:
-                push_to_hub(self.output_dir / "final", self.cfg.hub)
-            if self.cfg.post_train.command:
-                run_post_train_command(self.cfg.post_train, self.output_dir / "final", self.run_dir)
-        if dist.is_initialized():
-            dist.barrier()
+        # rank 0's hub push and post-train command come after the process group is gone
+        # (engine.post_train.finish): an evaluation may take hours, no peer waits in a collective
         self.metrics.close()
         return {"train": row, "eval_before": before, "eval_after": after}
 

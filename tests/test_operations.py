@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from engine.config import load_config
+from engine.post_train import finish
 from engine.trainer import Trainer
 from tests.conftest import (
     REPO,
@@ -216,7 +217,11 @@ def test_hub_push_and_post_train_command(
     overrides = [
         "training.max_steps=2", "hub.push=true", "hub.repo_id=org/model", f"post_train.command={command}",
     ]  # fmt: skip
-    Trainer(load_config(recipe, overrides), world).train()
+    cfg = load_config(recipe, overrides)
+    trainer = Trainer(cfg, world)
+    trainer.train()
+    assert FakeHfApi.calls == []  # rank 0 pushes only after the process group is torn down
+    finish(cfg.hub, cfg.post_train, trainer.run_dir)
     assert FakeHfApi.calls == [
         ("create_repo", "org/model", {"private": True, "repo_type": "model", "exist_ok": True}),
         (
@@ -236,3 +241,29 @@ def test_hub_push_and_post_train_command(
     for path in out.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_a_long_post_train_command_leaves_no_rank_in_a_collective(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict
+) -> None:
+    """Rank 0's post-train command runs after the process group is torn down: with a collective
+    timeout of 6 s, a 12 s command would time rank 1 out in a barrier if it still waited."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.toml", base_tables(tiny_model_dir, small_data, out))
+    overrides = ["training.max_steps=1", "training.micro_batch_size=4", "data.eval=[]"]
+    overrides += ["parallel.collective_timeout_s=6"]
+    overrides += ["post_train.command=sleep 12 && echo evaluated {model_dir}"]
+    proc = run_training(recipe, overrides, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "post_train.json").read_text())
+    assert record["exit_code"] == 0 and record["seconds"] >= 12
+    assert "evaluated" in (out / "post_train.log").read_text()
+
+
+def test_each_process_takes_its_local_rank_modulo_the_gpus_it_sees() -> None:
+    from engine.distributed import cuda_device_index
+
+    assert [cuda_device_index(r, 8) for r in range(8)] == list(range(8))  # one process per GPU
+    assert [cuda_device_index(r, 1) for r in range(4)] == [0, 0, 0, 0]  # one visible GPU each
+    assert [cuda_device_index(r, 2) for r in range(4)] == [0, 1, 0, 1]
