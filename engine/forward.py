@@ -55,13 +55,17 @@ class SequenceLogprobs(nn.Module):
 
     `chunk_tokens` positions go through the LM head at a time, each chunk's logits recomputed in
     backward; 0 scores all positions in one chunk and keeps its logits for backward (the
-    unchunked reference, for measurements).
+    unchunked reference, for measurements). `attention_kernel` forces the packed modes' kernel
+    (`engine.attention.KERNELS`; "auto" picks by device and what is installed).
     """
 
-    def __init__(self, causal_lm: nn.Module, chunk_tokens: int = 1024) -> None:
+    def __init__(
+        self, causal_lm: nn.Module, chunk_tokens: int = 1024, attention_kernel: str = "auto"
+    ) -> None:
         super().__init__()
         self.causal_lm = causal_lm
         self.chunk_tokens = chunk_tokens
+        self.attention_kernel = attention_kernel
         enable_segment_attention(causal_lm)  # padded forwards keep the configured kernel
 
     def forward(
@@ -82,11 +86,12 @@ class SequenceLogprobs(nn.Module):
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state
         else:
+            segments.prepare(input_ids.device, self.attention_kernel)  # outside any compiled block
             with segmented_forward():
                 hidden = decoder(
                     input_ids=input_ids, position_ids=position_ids, use_cache=False, **{KWARG: segments}
                 ).last_hidden_state
-            if segments.calls == 0:
+            if not segments.used:
                 raise NotImplementedError(
                     f"{type(self.causal_lm).__name__} does not route attention through transformers' "
                     "AttentionInterface, so it cannot run packed forwards; use "

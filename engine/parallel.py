@@ -246,8 +246,27 @@ def check_compiler(cfg: ParallelConfig, device_type: str) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
+    """torch.compile each decoder block, its shapes dynamic from the start: packed rows change
+    length every batch, and padded ones their width, which would otherwise cost a recompile
+    (automatic dynamic shapes) and, past dynamo's limit, a silent fall back to eager. The packed
+    modes' attention is traced as a custom op (engine.attention), so a block is one graph."""
     for block in _blocks(model):
-        block.compile()
+        block.compile(dynamic=True)
+
+
+def compile_stats() -> dict[str, float | int]:
+    """This process's torch.compile totals so far, from dynamo's counters: `compile_s` (seconds
+    compiling frames and backward graphs), `graphs` (graphs compiled), `graph_breaks` (breaks met
+    while tracing) and `recompiles` (compilations of a frame already compiled, over dynamo's
+    record of the last compilations)."""
+    from torch._dynamo.utils import calculate_time_spent, counters, get_compilation_metrics
+
+    return {
+        "compile_s": calculate_time_spent()["total_wall_time"],
+        "graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "recompiles": sum(1 for m in get_compilation_metrics() if getattr(m, "recompile_reason", None)),
+    }
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, device: torch.device) -> FSDPModule:

@@ -234,21 +234,24 @@ def test_segment_attention_equals_a_dense_mask_with_gqa() -> None:
 
 @pytest.mark.slow
 def test_compiled_blocks_match_eager(setup, world) -> None:
-    """parallel.compile: per-block torch.compile after fully_shard gives the eager log-probs."""
+    """parallel.compile: per-block torch.compile after fully_shard gives the eager log-probs in
+    every forward mode."""
     from engine.parallel import parallelize
 
     tokenizer, data, lm = setup
     batch = collate(data, list(range(4)))
+    eager_model = SequenceLogprobs(copy.deepcopy(lm))
+    compiled_model = parallelize(
+        SequenceLogprobs(copy.deepcopy(lm)), ParallelConfig(compile=True), world.mesh, world.device
+    )
     with torch.no_grad():
-        eager = policy_logps(
-            "packed", SequenceLogprobs(copy.deepcopy(lm)), batch, tokenizer.pad_token_id, CPU
-        )
-        compiled_model = parallelize(
-            SequenceLogprobs(copy.deepcopy(lm)), ParallelConfig(compile=True), world.mesh, world.device
-        )
-        compiled = policy_logps("packed", compiled_model, batch, tokenizer.pad_token_id, CPU)
-    torch.testing.assert_close(compiled.chosen_logps, eager.chosen_logps, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(compiled.rejected_logps, eager.rejected_logps, rtol=1e-5, atol=1e-5)
+        for mode in FORWARD_MODES:
+            eager = policy_logps(mode, eager_model, batch, tokenizer.pad_token_id, CPU)
+            compiled = policy_logps(mode, compiled_model, batch, tokenizer.pad_token_id, CPU)
+            for name in ("chosen_logps", "rejected_logps"):
+                torch.testing.assert_close(
+                    getattr(compiled, name), getattr(eager, name), rtol=1e-5, atol=1e-5, msg=f"{mode}: {name}"
+                )
 
 
 def test_forward_modes_in_bf16_under_fsdp(setup, varied_batch, world) -> None:
