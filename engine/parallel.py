@@ -22,6 +22,7 @@ for forward and backward and reduces gradients in fp32.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -108,21 +109,36 @@ def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
 
 # Op outputs selective recompute keeps (torchtitan's policy): the matmuls and attention, whose
 # recomputation is the expensive part; everything else in a block is recomputed in backward.
-SAVED_OPS = {
-    getattr(torch.ops.aten, name).default
-    for name in (
-        "mm",
-        "addmm",
-        "bmm",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_flash_attention_forward",
-        "_efficient_attention_forward",
-    )
-    if hasattr(torch.ops.aten, name)
-}
+# Attention comes as aten's SDPA kernels, torch's varlen op and our segment-attention op (the
+# packed modes under compile); names absent from this torch are skipped.
+_SAVED_OP_NAMES = (
+    ("aten", "mm"),
+    ("aten", "addmm"),
+    ("aten", "bmm"),
+    ("aten", "_scaled_dot_product_efficient_attention"),
+    ("aten", "_scaled_dot_product_flash_attention"),
+    ("aten", "_scaled_dot_product_cudnn_attention"),
+    ("aten", "_scaled_dot_product_flash_attention_for_cpu"),
+    ("aten", "_flash_attention_forward"),
+    ("aten", "_efficient_attention_forward"),
+    ("torch_attn", "_varlen_attn"),
+    ("fsdpo", "segment_attention"),
+)
+
+
+def _saved_ops() -> set:
+    import engine.attention  # noqa: F401  (registers fsdpo::segment_attention)
+
+    with contextlib.suppress(ImportError):  # registers torch_attn::_varlen_attn where it exists
+        import torch.nn.attention.varlen
+    found = set()
+    for namespace, name in _SAVED_OP_NAMES:
+        with contextlib.suppress(AttributeError, RuntimeError):
+            found.add(getattr(getattr(torch.ops, namespace), name).default)
+    return found
+
+
+SAVED_OPS = _saved_ops()
 
 
 def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
