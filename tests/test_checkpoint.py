@@ -165,9 +165,10 @@ def test_resume_with_another_global_batch_is_refused(recipe: Path, straight: Pat
     import shutil
 
     out = tmp_path / "copy"
-    shutil.copytree(straight, out)
-    (out / "checkpoints" / "step-6").rename(out / "checkpoints" / "step-3")  # pretend mid-run
-    proc = run_training(recipe, [f"job.output_dir={out}", "training.global_batch_size=16"], nproc=0)
+    shutil.copytree(straight, out)  # with its manifest: every file in it is fsdpo's
+    resume = f"checkpoint.resume={out / 'checkpoints' / 'step-6'}"
+    overrides = [f"job.output_dir={out}", resume, "training.max_steps=12", "training.global_batch_size=16"]
+    proc = run_training(recipe, overrides, nproc=0)
     assert proc.returncode == 2 and "training.global_batch_size" in proc.stderr
 
 

@@ -468,6 +468,8 @@ def test_keying_2000_pairs_is_fast(tokenizer, tiny_model_dir):
 def _hash_on_two_ranks(rank: int, store_path: str, files: list[str], out: str) -> None:
     import torch.distributed as dist
 
+    if dist.is_initialized():  # forked from a test process that has its own one-rank group
+        dist.destroy_process_group()
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     if rank == 1:  # rank 1 must not read a byte of the weights
         rc._hash_file = lambda path: (_ for _ in ()).throw(AssertionError(f"rank 1 hashed {path}"))
