@@ -270,6 +270,16 @@ def apply_compile(model: nn.Module) -> None:
         block.compile(dynamic=True)
 
 
+def reset_compile_stats() -> None:
+    """Start `compile_stats`' totals afresh (and drop compiled code), e.g. between bench modes."""
+    from torch._dynamo import utils
+
+    torch._dynamo.reset()
+    utils.counters.clear()
+    utils.clear_compilation_metrics()
+    utils.cumulative_time_spent_ns.clear()
+
+
 def compile_stats() -> dict[str, float | int]:
     """This process's torch.compile totals so far, from dynamo's counters: `compile_s` (seconds
     compiling frames and backward graphs), `graphs` (graphs compiled), `graph_breaks` (breaks met

@@ -227,7 +227,7 @@ def test_compiled_blocks_trace_whole_over_packed_lengths() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from engine.forward import SequenceLogprobs, policy_logps
-    from engine.parallel import apply_compile, compile_stats
+    from engine.parallel import apply_compile, compile_stats, reset_compile_stats
 
     config = AutoConfig.for_model(
         "llama", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -237,7 +237,7 @@ def test_compiled_blocks_trace_whole_over_packed_lengths() -> None:
     eager = SequenceLogprobs(AutoModelForCausalLM.from_config(config))
     compiled = SequenceLogprobs(AutoModelForCausalLM.from_config(config))
     compiled.load_state_dict(eager.state_dict())
-    torch._dynamo.reset()
+    reset_compile_stats()  # earlier compiles in this process (other tests) do not count
     apply_compile(compiled)
     for i, mode in enumerate(["packed", "packed", "prefix_shared", "prefix_shared"]):
         batch = _pairs(2 + i % 2, seed=i)
