@@ -48,7 +48,7 @@ from engine.metrics import (
     format_rate,
     format_row,
     forward_work,
-    matmul_peak,
+    matmul_peak_once,
     mfu,
     model_flops,
     model_shape,
@@ -198,7 +198,7 @@ class Trainer:
             (self.output_dir / "recipe.toml").write_text(to_toml(cfg))
             self._write_data_stats()
             self.run_dir.record(self.output_dir / "recipe.toml", self.output_dir / "data_stats.json")
-        self.peak = device_peak(world.device, self.dtype, matmul_peak(world.device, self.dtype))
+        self.peak = device_peak(world.device, self.dtype, matmul_peak_once(world.device, self.dtype))
         self.flop_shape = model_shape(self.model.causal_lm)  # for `mfu` (engine.metrics)
         self.pair_lengths = self.train_data.lengths()
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, world.is_main, dataclasses.asdict(cfg))
