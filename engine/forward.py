@@ -46,12 +46,15 @@ class SequenceScores:
 class SequenceLogprobs(nn.Module):
     """A causal LM whose forward returns per-sequence completion log-probs.
 
-    Inputs are laid out by a forward mode: `input_ids` [R, T] rows (padded or packed), and three
+    Inputs are laid out by a forward mode: `input_ids` [R, T] rows (padded or packed), three
     flat index tensors of the N scored (position, target) pairs: `score_positions` (index into
     the R x T positions, row-major), `score_targets` (the token id that position predicts) and
-    `score_sequences` (the sequence whose log-prob it adds to). Rows and sequences need not
-    coincide and one position may score several sequences (prefix sharing: the last prompt
-    position predicts both completions' first tokens), so all layouts share this one function.
+    `score_sequences` (the sequence whose log-prob it adds to), and `sequence_tokens` [S] long
+    (an integer, so that FSDP's input casting leaves it alone), each sequence's count of scored
+    tokens (the layout knows it on the host, so the device never
+    counts and the host never waits). Rows and sequences need not coincide and one position may
+    score several sequences (prefix sharing: the last prompt position predicts both completions'
+    first tokens), so all layouts share this one function.
 
     `chunk_tokens` positions go through the LM head at a time, each chunk's logits recomputed in
     backward; 0 scores all positions in one chunk and keeps its logits for backward (the
@@ -76,7 +79,7 @@ class SequenceLogprobs(nn.Module):
         score_positions: Tensor,
         score_targets: Tensor,
         score_sequences: Tensor,
-        num_sequences: int,
+        sequence_tokens: Tensor,
         with_logweights: bool = False,
         segments: AttentionSegments | None = None,
     ) -> SequenceScores:
@@ -107,9 +110,9 @@ class SequenceLogprobs(nn.Module):
             getattr(self.causal_lm.config, "final_logit_softcapping", None),
         )
 
-        zeros = torch.zeros(num_sequences, dtype=torch.float32, device=input_ids.device)
+        tokens = sequence_tokens.to(torch.float32)
+        zeros = torch.zeros_like(tokens)
         logps = zeros.index_add(0, score_sequences, token_logps)
-        tokens = torch.bincount(score_sequences, minlength=num_sequences).to(torch.float32)
         logweights = None
         if with_logweights:
             summed = zeros.index_add(0, score_sequences, token_logweights.detach())
@@ -163,9 +166,20 @@ def _score_chunk(
 # Forward modes: how a micro-batch of pairs is laid out
 
 
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without making the host wait: on CUDA staged in pinned memory
+    and copied with `non_blocking=True` (ordered on the current stream; the caching host
+    allocator keeps the pinned block until the copy is done), elsewhere `tensor.to(device)` (on
+    the CPU the tensor itself). A pageable copy would wait for the stream to drain first."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 @dataclass
 class ModelInputs:
-    """The arguments of `SequenceLogprobs.forward` (call it as `model(**vars(inputs))`)."""
+    """The arguments of `SequenceLogprobs.forward` (call it as `model(**vars(inputs))`), built
+    on the host and copied to the device without waiting (`to_device`)."""
 
     input_ids: Tensor
     attention_mask: Tensor | None
@@ -173,8 +187,12 @@ class ModelInputs:
     score_positions: Tensor
     score_targets: Tensor
     score_sequences: Tensor
-    num_sequences: int
+    sequence_tokens: Tensor  # [S] long: scored tokens of each sequence
     segments: AttentionSegments | None = None
+
+    @property
+    def num_sequences(self) -> int:
+        return self.sequence_tokens.shape[0]
 
     @property
     def computed_tokens(self) -> int:
@@ -196,14 +214,20 @@ class _Scores:
         self.positions: list[Tensor] = []
         self.targets: list[Tensor] = []
         self.sequences: list[Tensor] = []
+        self.counts: dict[int, int] = {}  # sequence -> scored tokens
 
     def add(self, positions: Tensor, targets: list[int], sequence: int) -> None:
         self.positions.append(positions)
         self.targets.append(torch.tensor(targets, dtype=torch.long))
         self.sequences.append(torch.full((len(targets),), sequence, dtype=torch.long))
+        self.counts[sequence] = self.counts.get(sequence, 0) + len(targets)
 
-    def tensors(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        return tuple(torch.cat(x).to(device) for x in (self.positions, self.targets, self.sequences))
+    def tensors(self, device: torch.device, num_sequences: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Positions, targets and sequences of the scored tokens, and each of the
+        `num_sequences` sequences' token count, on `device`."""
+        counts = torch.tensor([self.counts.get(s, 0) for s in range(num_sequences)], dtype=torch.long)
+        flat = [torch.cat(x) for x in (self.positions, self.targets, self.sequences)]
+        return tuple(to_device(t, device) for t in (*flat, counts))
 
 
 def _check_prompt(prompt: list[int]) -> None:
@@ -229,7 +253,9 @@ def padded_rows(
         attention_mask[i, : len(tokens)] = 1
         # position t predicts token t + 1: positions len(prompt)-1 .. len(tokens)-2
         scores.add(i * width + len(prompt) - 1 + torch.arange(len(completion)), completion, i)
-    return ModelInputs(input_ids.to(device), attention_mask.to(device), None, *scores.tensors(device), rows)
+    return ModelInputs(
+        to_device(input_ids, device), to_device(attention_mask, device), None, *scores.tensors(device, rows)
+    )
 
 
 def packed_row(sequences: list[tuple[list[int], list[int]]], device: torch.device) -> ModelInputs:
@@ -247,11 +273,10 @@ def packed_row(sequences: list[tuple[list[int], list[int]]], device: torch.devic
         scores.add(start + len(prompt) - 1 + torch.arange(len(completion)), completion, i)
         start += n
     return ModelInputs(
-        torch.tensor([ids], device=device),
+        to_device(torch.tensor([ids]), device),
         None,
-        torch.cat(positions).unsqueeze(0).to(device),
-        *scores.tensors(device),
-        len(sequences),
+        to_device(torch.cat(positions).unsqueeze(0), device),
+        *scores.tensors(device, len(sequences)),
         AttentionSegments.for_sequences(lengths),
     )
 
@@ -277,17 +302,30 @@ def shared_prefix_row(batch: PairBatch, device: torch.device) -> ModelInputs:
         scores.add(rejected_positions, rejected, b + i)
         start += p + c + r
     return ModelInputs(
-        torch.tensor([ids], device=device),
+        to_device(torch.tensor([ids]), device),
         None,
-        torch.cat(positions).unsqueeze(0).to(device),
-        *scores.tensors(device),
-        2 * b,
+        to_device(torch.cat(positions).unsqueeze(0), device),
+        *scores.tensors(device, 2 * b),
         AttentionSegments.for_shared_prefix(triples),
     )
 
 
-def _score(model: nn.Module, inputs: ModelInputs, with_logweights: bool) -> SequenceScores:
-    return model(**vars(inputs), with_logweights=with_logweights)
+def score_pairs(
+    model: nn.Module, inputs: list[ModelInputs], with_logweights: bool = False
+) -> PreferenceLogps:
+    """The per-pair log-probs of a micro-batch laid out as `inputs` (a layout's output: the B
+    chosen then the B rejected sequences, in order, over one or more forwards)."""
+    parts = [model(**vars(x), with_logweights=with_logweights) for x in inputs]
+    b = sum(x.num_sequences for x in inputs) // 2
+    if len(parts) == 1:
+        return _pair_logps(parts[0], b)
+    lws = [p.logweights for p in parts]
+    merged = SequenceScores(
+        torch.cat([p.logps for p in parts]),
+        torch.cat([p.tokens for p in parts]),
+        None if lws[0] is None else torch.cat(lws),
+    )
+    return _pair_logps(merged, b)
 
 
 def _pair_logps(scores: SequenceScores, b: int) -> PreferenceLogps:
@@ -322,16 +360,7 @@ def register(name: str) -> Callable[[Layout], Layout]:
         def mode(
             model: nn.Module, batch: PairBatch, pad_id: int, device: torch.device, with_logweights: bool
         ) -> PreferenceLogps:
-            parts = [_score(model, inputs, with_logweights) for inputs in layout(batch, pad_id, device)]
-            if len(parts) == 1:
-                return _pair_logps(parts[0], len(batch))
-            lws = [p.logweights for p in parts]
-            merged = SequenceScores(
-                torch.cat([p.logps for p in parts]),
-                torch.cat([p.tokens for p in parts]),
-                None if lws[0] is None else torch.cat(lws),
-            )
-            return _pair_logps(merged, len(batch))
+            return score_pairs(model, layout(batch, pad_id, device), with_logweights)
 
         mode.__doc__ = layout.__doc__
         LAYOUTS[name] = layout

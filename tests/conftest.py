@@ -172,4 +172,5 @@ def every_position_logps(model: torch.nn.Module, ids: torch.Tensor) -> torch.Ten
     length = ids.shape[1]
     positions = torch.arange(length - 1)
     with torch.no_grad():
-        return model(ids, None, None, positions, ids[0, 1:], positions, length - 1).logps
+        counts = torch.ones(length - 1, dtype=torch.long)
+        return model(ids, None, None, positions, ids[0, 1:], positions, counts).logps
