@@ -50,6 +50,7 @@ import torch.distributed as dist
 
 from engine.attention import AttentionSegments
 from engine.config import LoggingConfig
+from engine.forward import to_device
 from engine.losses import LossOutput, PreferenceLogps
 from engine.run_dir import RunDir
 
@@ -65,45 +66,48 @@ PAIR_METRICS = (
 
 
 class PairMetrics:
-    """Sums of per-pair metrics over valid pairs, reduced across ranks on demand."""
+    """Sums of per-pair metrics over valid pairs, kept on the device: `add` launches a few
+    kernels and reads nothing back, `reduce` reads them once (one all-reduce of one vector)."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.pairs = 0.0
-        self.tokens = 0  # real (non-pad) tokens read, for throughput
+        self.names: list[str] = []
+        self.sums: torch.Tensor | None = None  # [names + 1] fp64: each metric's sum, then the pairs
+        self.tokens = 0  # real (non-pad) tokens read, for throughput (counted on the host)
 
     def add(self, losses: torch.Tensor, out: LossOutput, logps: PreferenceLogps, valid: torch.Tensor) -> None:
+        """Add a micro-batch's per-pair values; `valid` [B] on their device (0: padding pair)."""
         v = valid.to(losses.device, torch.float64)
         values = {
             "loss": losses.detach(),
             "rewards/chosen": out.chosen_rewards,
             "rewards/rejected": out.rejected_rewards,
-            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).to(torch.float64),
+            "rewards/accuracies": out.chosen_rewards > out.rejected_rewards,
             "rewards/margins": out.chosen_rewards - out.rejected_rewards,
             "logps/chosen": logps.chosen_logps.detach(),
             "logps/rejected": logps.rejected_logps.detach(),
             **out.extras,
         }
-        for name, value in values.items():
-            total = (value.detach().to(torch.float64) * v).sum().item()
-            self.sums[name] = self.sums.get(name, 0.0) + total
-        self.pairs += v.sum().item()
+        if self.sums is not None and list(values) != self.names:
+            raise ValueError(f"metrics {list(values)} added to a window of {self.names}")
+        self.names = list(values)
+        stacked = torch.stack([value.detach().to(torch.float64) for value in values.values()])  # [K, B]
+        sums = torch.cat([(stacked * v).sum(1), v.sum().unsqueeze(0)])
+        self.sums = sums if self.sums is None else self.sums + sums
 
     def reduce(self, device: torch.device, extra: dict[str, float] | None = None) -> dict[str, float]:
-        """Global means of every metric, plus `extra` values summed across ranks (one all-reduce)."""
-        names = sorted(self.sums)
+        """Global means of every metric, plus `extra` values summed across ranks (one all-reduce
+        and one read: the only point where the host waits for the window's work)."""
         extra = extra or {}
-        vector = torch.tensor(
-            [self.sums[n] for n in names] + [self.pairs] + list(extra.values()),
-            dtype=torch.float64,
-            device=device,
-        )
+        sums = self.sums if self.sums is not None else torch.zeros(1, dtype=torch.float64)
+        extras = torch.tensor(list(extra.values()), dtype=torch.float64)
+        vector = torch.cat([sums.to(device), to_device(extras, device)])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(vector)
         values = vector.tolist()
-        pairs = values[len(names)]
-        means = {n: values[i] / max(pairs, 1.0) for i, n in enumerate(names)}
-        summed = dict(zip(extra, values[len(names) + 1 :]))
+        k = len(self.names)
+        pairs = values[k]
+        means = {n: values[i] / max(pairs, 1.0) for i, n in sorted(enumerate(self.names), key=lambda x: x[1])}
+        summed = dict(zip(extra, values[k + 1 :]))
         return {**means, **summed, "pairs": pairs}
 
 
@@ -325,10 +329,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048) -> t
     return rate, name
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 _MEASURED_PEAKS: dict[tuple, tuple[float, str]] = {}
 
 
@@ -341,6 +341,10 @@ def matmul_peak_once(device: torch.device, dtype: torch.dtype) -> tuple[float, s
         _MEASURED_PEAKS[key] = matmul_peak(device, dtype)
     return _MEASURED_PEAKS[key]
 
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def peak_memory_gib(device: torch.device) -> float:
