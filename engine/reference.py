@@ -22,17 +22,26 @@ from torch import nn
 
 from engine.data import PreferenceDataset, collate, shard_for_inference
 from engine.distributed import log
-from engine.forward import policy_logps
+from engine.forward import policy_logps, to_device
 from engine.progress import Progress
 
 
 @dataclass
 class ReferenceLogps:
+    """The reference log-probs of every pair of a dataset. Training keeps them on the device
+    (`to`, once: 8 bytes a pair) and looks a micro-batch up there, so no step copies them."""
+
     chosen: torch.Tensor  # [N] fp32, summed reference log-probs of each pair's chosen completion
     rejected: torch.Tensor  # [N]
 
+    def to(self, device: torch.device) -> ReferenceLogps:
+        return ReferenceLogps(self.chosen.to(device), self.rejected.to(device))
+
     def lookup(self, pair_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.chosen[pair_ids].to(device), self.rejected[pair_ids].to(device)
+        """The pairs `pair_ids`, indexed where the table lives, on `device` (with the table and
+        the ids on `device` already: no copy)."""
+        ids = pair_ids.to(self.chosen.device)
+        return self.chosen.index_select(0, ids).to(device), self.rejected.index_select(0, ids).to(device)
 
 
 def reference_layout(training_mode: str) -> str:
@@ -62,12 +71,12 @@ def compute_reference_logps(
     for indices, valid in shards:
         batch = collate(dataset, indices, valid)
         logps = policy_logps(mode, model, batch, pad_id, device)
-        ids = batch.pair_ids[batch.valid].to(device)
-        keep = batch.valid.to(device)
-        sums[0].index_add_(0, ids, logps.chosen_logps[keep].double())
-        sums[1].index_add_(0, ids, logps.rejected_logps[keep].double())
-        sums[2].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
-        progress.update(int(keep.sum()) * world_size)
+        ids, keep = to_device(batch.pair_ids, device), to_device(batch.valid, device)
+        # padding pairs add zeros (no boolean indexing: its output size would stop the host)
+        sums[0].index_add_(0, ids, torch.where(keep, logps.chosen_logps.double(), 0.0))
+        sums[1].index_add_(0, ids, torch.where(keep, logps.rejected_logps.double(), 0.0))
+        sums[2].index_add_(0, ids, keep.double())
+        progress.update(int(batch.valid.sum()) * world_size)  # host flags
     progress.close()
     if world_size > 1:
         dist.all_reduce(sums)
