@@ -6,19 +6,24 @@
         [--model-config hidden_size=384,num_hidden_layers=6] [--out bench.json] [--against trl]
     torchrun --nproc_per_node 2 -m engine.bench RECIPE.toml ...
     python -m engine.bench --logprob-memory [--vocab 32000 --hidden 256 --rows 8 --seq-len 1024]
+    python -m engine.bench --gpu-check OUT_DIR [--gpu-check-size auto|tiny|full] [--gpu-check-phases a,b]
 
 A mode is a forward mode, optionally with a token budget for its micro-batches (`packed@4096`:
 `training.micro_batch_tokens = 4096`; plain packed modes take the recipe's
 `training.micro_batch_tokens`, padded ones its `micro_batch_size`), so a fixed pair count and a
-token budget can be compared in one run. Each mode gets a freshly built (same seed) model, sharded by the recipe's `[parallel]` table, and
-its optimizer; `--warmup` steps, then `--steps` timed steps of forward + backward + clip +
-optimizer step over the recipe's global batch (micro-batches and accumulation as in training),
+token budget can be compared in one run. Each mode gets a freshly built (same seed) model, built
+and sharded by the recipe's `[parallel]` table as the trainer builds it
+(`engine.step.build_model`), and its optimizer and scheduler; `--warmup` steps, then `--steps`
+timed steps of the trainer's own step (`engine.step.TrainStep`: forward and backward of each
+micro-batch, gradient-sync deferral, the non-finite check, clipping, optimizer and scheduler)
+over the recipe's global batch (micro-batches and accumulation as in training),
 with `--rounds` repeating the whole sequence of modes (alternating them, so that load drift
 on a shared machine hits every mode alike; step times are pooled), on the same pairs for every
 mode: the recipe's training data in order, or synthetic pairs
 (prompt lengths log-normal around `--prompt-len`, completion lengths uniform in
-`--completion-len`; the default is UltraFeedback-like). Reference log-probs are "precomputed"
-(the policy's own, detached), so the step is the policy's work only.
+`--completion-len`; the default is UltraFeedback-like). Reference log-probs are a table of zeros
+on the device, looked up by pair as the trainer looks up its cached ones, so the step is the
+policy's work only (its loss values mean nothing).
 
 Per mode it reports:
 - `tokens_per_s`: real pair tokens (prompt twice, chosen, rejected: what an unshared,
@@ -85,7 +90,7 @@ from engine.config import Config, load_config
 from engine.data import PairBatch, pair_token_counts, token_budget_micro_batches
 from engine.data.sampler import split_global_batch
 from engine.errors import UserError
-from engine.forward import FORWARD_MODES, SequenceLogprobs, policy_logps, score_tokens
+from engine.forward import FORWARD_MODES, score_tokens
 from engine.metrics import ModelShape, Work, forward_work, mfu, model_flops, model_shape
 
 RESULT_KEYS = (
@@ -141,6 +146,7 @@ def recipe_pairs(cfg: Config, tokenizer) -> list[Pair]:
 
 
 def pair_batch(pairs: list[Pair], ids: list[int]) -> PairBatch:
+    """A micro-batch of `pairs`, whose indices in the bench's pair list are `ids`."""
     return PairBatch(
         pair_ids=torch.tensor(ids, dtype=torch.long),
         valid=torch.ones(len(pairs), dtype=torch.bool),
@@ -183,6 +189,7 @@ def step_batches(
     step_pairs = [pairs[(first + i) % len(pairs)] for i in range(t.global_batch_size)]
     start = first + rank * per_rank
     mine = step_pairs[rank * per_rank : (rank + 1) * per_rank]
+    ids = [(start + i) % len(pairs) for i in range(per_rank)]
     if budget:
         tokens = _pair_tokens(step_pairs, layout).tolist()
         slices = [tokens[r * per_rank : (r + 1) * per_rank] for r in range(world)]
@@ -190,7 +197,7 @@ def step_batches(
     else:
         m = t.micro_batch_size
         groups = [list(range(i, min(i + m, per_rank))) for i in range(0, per_rank, m)]
-    return [pair_batch([mine[i] for i in group], [start + i for i in group]) for group in groups]
+    return [pair_batch([mine[i] for i in group], [ids[i] for i in group]) for group in groups]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,48 +287,43 @@ def build_causal_lm(cfg: Config, overrides: dict[str, Any]) -> torch.nn.Module:
 def run_mode(mode: str, setup: Setup, world, timed: range) -> dict[str, Any]:
     """Build a fresh model for `mode` (`parse_mode`), run the warm-up steps, then time the steps
     `timed`."""
-    from engine.optim import build_optimizer
-    from engine.parallel import build_mesh, parallelize
+    from engine.metrics import PairMetrics
+    from engine.optim import build_optimizer, build_scheduler
+    from engine.reference import ReferenceLogps
+    from engine.step import TrainStep, build_model
 
     cfg, device = setup.cfg, world.device
-    causal_lm = build_causal_lm(cfg, setup.model_overrides)
+    causal_lm = build_causal_lm(cfg, setup.model_overrides) if setup.model_overrides else None
+    model, _ = build_model(cfg, world, causal_lm)
+    causal_lm = model.causal_lm
     params = sum(p.numel() for p in causal_lm.parameters())
-    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
-    mesh = build_mesh(cfg.parallel, world.world_size, ranks_per_node, device.type)
-    model = parallelize(
-        SequenceLogprobs(causal_lm, cfg.training.logprob_chunk_tokens), cfg.parallel, mesh, device
-    )
     optimizer = build_optimizer(model, cfg.optimizer)
-    with_logweights = losses.needs_logweights(cfg.loss)
-    gbs = cfg.training.global_batch_size
+    scheduler = build_scheduler(optimizer, setup.warmup + setup.rounds * setup.steps, cfg.scheduler)
+    reference = None
+    if losses.needs_reference(cfg.loss):
+        zeros = torch.zeros(len(setup.pairs), device=device)
+        reference = ReferenceLogps(zeros, zeros)
     layout, budget = parse_mode(mode, cfg)
+    train_step = TrainStep(model, optimizer, scheduler, cfg, device, setup.pad_id, reference, layout)
+    window = PairMetrics()  # the trainer's per-pair metrics, accumulated as it does (never read)
 
-    def train_step(step: int) -> None:
-        for batch in step_batches(setup.pairs, step, cfg, world.rank, world.world_size, layout, budget):
-            logps = policy_logps(layout, model, batch, setup.pad_id, device, with_logweights)
-            logps.ref_chosen_logps = logps.chosen_logps.detach()
-            logps.ref_rejected_logps = logps.rejected_logps.detach()
-            out = losses.compute_loss(logps, cfg.loss)
-            (out.losses.sum() / gbs).backward()
-        max_norm = cfg.optimizer.max_grad_norm
-        torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.grad is not None], max_norm if max_norm > 0 else float("inf")
+    def step(index: int) -> None:
+        train_step(
+            step_batches(setup.pairs, index, cfg, world.rank, world.world_size, layout, budget), window
         )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         _sync(device)
 
     model.train()
-    for step in range(setup.warmup):
-        train_step(step)
+    for index in range(setup.warmup):
+        step(index)
     gc.collect()
     reset_peak_memory(device)
     times = []
-    for step in timed:
+    for index in timed:
         if dist.is_initialized():
             dist.barrier()
         start = time.perf_counter()
-        train_step(step)
+        step(index)
         times.append(time.perf_counter() - start)
     peak = peak_memory_gib(device)
 
@@ -593,6 +595,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--against", default="", choices=["", "trl"], help="also run a peer trainer")
     parser.add_argument("--logprob-memory", action="store_true", help="measure the log-prob step's memory")
     parser.add_argument("--logprob-memory-variant", default="", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--gpu-check", default="", metavar="OUT_DIR", help="run the GPU check (engine/gpu_check.py)"
+    )
+    parser.add_argument(
+        "--gpu-check-size", default="auto", choices=["auto", "tiny", "full"], help="auto: full on CUDA"
+    )
+    parser.add_argument("--gpu-check-phases", default="", help="comma-separated phases (default: all)")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--rows", type=int, default=8)
@@ -635,6 +644,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(logprob_step(args.logprob_memory_variant, args.vocab, args.hidden, args.rows,
                                       args.seq_len, args.chunk_tokens)))  # fmt: skip
         return {}
+    if args.gpu_check:
+        from engine.gpu_check import run_gpu_check
+
+        return run_gpu_check(args.gpu_check, args.gpu_check_size, args.gpu_check_phases)
     if args.logprob_memory:
         result = logprob_memory(args)
         if args.out:

@@ -35,11 +35,9 @@ from engine.data import (
     shard_for_inference,
     split_eval,
 )
-from engine.distributed import Interrupted, World, log, stop_signal, stopping_at
+from engine.distributed import Interrupted, World, log, stopping_at
 from engine.errors import UserError
 from engine.export import export_hf
-from engine.forward import SequenceLogprobs, policy_logps
-from engine.loading import materialize_and_load
 from engine.metrics import (
     MetricsLogger,
     PairMetrics,
@@ -54,20 +52,14 @@ from engine.metrics import (
     model_shape,
     peak_memory_gib,
 )
-from engine.model import adapter_description, build_policy, build_tokenizer, sharded_weights_dir
+from engine.model import adapter_description, build_tokenizer
 from engine.optim import build_optimizer, build_scheduler, lr_factor, warmup_steps
-from engine.parallel import (
-    build_mesh,
-    check_compiler,
-    compute_dtype,
-    defers_gradient_sync,
-    local_state_bytes,
-    parallelize,
-)
+from engine.parallel import check_compiler, compute_dtype
 from engine.progress import Progress
 from engine.reference import ReferenceLogps, compute_reference_logps, reference_layout
 from engine.reference_cache import load_reference_cache, reference_cache_key, save_reference_cache
 from engine.run_dir import RunDir, check_output_dir, prepare_output_dir
+from engine.step import TrainStep, build_model
 
 
 def startup_warnings(cfg: Config, total_steps: int, sampler: GlobalBatchSampler) -> list[str]:
@@ -144,30 +136,12 @@ class Trainer:
         # model, sharded
         # pretrained safetensors: parameters start on the meta device and every rank reads only
         # its own shards after sharding (no rank ever holds the whole model)
-        weights_dir = sharded_weights_dir(cfg.model)
-        causal_lm = build_policy(cfg.model, cfg.lora, cfg.job.seed, defer_weights=weights_dir is not None)
-        self.num_params = sum(p.numel() for p in causal_lm.parameters())
+        self.model, mesh = build_model(cfg, world)
+        causal_lm = self.model.causal_lm
+        self.num_params = sum(p.numel() for p in causal_lm.parameters())  # global, of the shards
         self.trainable_params = sum(p.numel() for p in causal_lm.parameters() if p.requires_grad)
-        ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
-        mesh = build_mesh(cfg.parallel, world.world_size, ranks_per_node, world.device.type)
-        self.model = parallelize(
-            SequenceLogprobs(causal_lm, t.logprob_chunk_tokens, t.attention_kernel),
-            cfg.parallel,
-            mesh,
-            world.device,
-        )
-        if weights_dir is not None:
-            rss_before = peak_memory_gib(torch.device("cpu"))
-            materialize_and_load(self.model, weights_dir, world.device)
-            print(
-                f"[rank {world.rank}] loaded {weights_dir} shard by shard: peak RSS "
-                f"{peak_memory_gib(torch.device('cpu')):.2f} GiB (before loading {rss_before:.2f} GiB)",
-                flush=True,
-            )
-        self.defer_gradient_sync = defers_gradient_sync(cfg.parallel)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.scheduler)
-        self.with_logweights = losses.needs_logweights(cfg.loss)
         self.dtype = compute_dtype(cfg.parallel, world.device)
         if t.forward_mode in ("packed", "prefix_shared"):  # per layer kind; a forced one missing stops here
             self.attention = kernel_plan(causal_lm.config, world.device, self.dtype, t.attention_kernel)
@@ -187,6 +161,9 @@ class Trainer:
         self.eval_reference = self._reference(self.eval_data, "eval", cfg.data.eval)
         if reference_only:
             return
+        self.step = TrainStep(
+            self.model, self.optimizer, self.scheduler, cfg, world.device, self.pad_id, self.train_reference
+        )
 
         self.state = TrainerState(
             global_batch_size=t.global_batch_size, world_size=world.world_size, total_steps=self.total_steps
@@ -283,7 +260,7 @@ class Trainer:
         cached = load_reference_cache(self.reference_dir, key, dataset)
         if cached is not None:
             log(f"reference log-probs ({name}): loaded {self.reference_dir / key.file_name}")
-            return cached
+            return cached.to(self.world.device)
         self.reference_forwards += 1
         if self.resuming:
             log(
@@ -299,75 +276,24 @@ class Trainer:
             log(f"reference log-probs ({name}): cached in {path}")
         if dist.is_initialized():
             dist.barrier()
-        return reference
+        return reference.to(self.world.device)
 
     # ------------------------------------------------------------------------------------------
 
-    def _pair_losses(self, batch, reference: ReferenceLogps | None):
-        logps = policy_logps(
-            self.cfg.training.forward_mode,
-            self.model,
-            batch,
-            self.pad_id,
-            self.world.device,
-            self.with_logweights,
-        )
-        if reference is not None:
-            logps.ref_chosen_logps, logps.ref_rejected_logps = reference.lookup(
-                batch.pair_ids, self.world.device
-            )
-        out = losses.compute_loss(logps, self.cfg.loss)
-        return logps, out, out.losses * batch.valid.to(out.losses.device)
-
-    def train_step(self, step: int, window: PairMetrics) -> tuple[float, float, bool, int]:
-        """One optimizer step over this rank's micro-batches. Returns (lr, grad norm, skipped,
-        stop): `stop` is the stop signal some rank received (0: none), the same on every rank."""
-        t = self.cfg.training
-        lr = self.scheduler.get_last_lr()[0]
-        local_finite = True
-        micro_batches = self.sampler.micro_batches(step)
-        for index, indices in enumerate(micro_batches):
-            if self.defer_gradient_sync:  # reduce gradients across ranks once, on the last one
-                self.model.set_requires_gradient_sync(index == len(micro_batches) - 1)
-            batch = collate(self.train_data, indices)
-            logps, out, pair_losses = self._pair_losses(batch, self.train_reference)
-            if _fault_nan_step() == step + 1:
-                pair_losses = pair_losses * float("nan")
-            loss = pair_losses.sum() / t.global_batch_size
-            local_finite &= bool(torch.isfinite(loss).item())
-            loss.backward()
-            window.add(pair_losses, out, logps, batch.valid)
-            window.tokens += batch.real_tokens
-
-        # one collective decides both: skip the update (a non-finite loss on some rank) and stop
-        # after this step (a stop signal on some rank; SIGTERM's number wins over SIGINT's)
-        flags = torch.tensor([float(not local_finite), float(stop_signal())], device=self.world.device)
-        if dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite, stop = (int(v) for v in flags.tolist())
-        if nonfinite:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            return lr, float("nan"), True, stop
-
-        max_norm = self.cfg.optimizer.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.grad is not None],
-            max_norm if max_norm > 0 else float("inf"),
-        )
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        if step == self.state.step and not hasattr(self, "state_bytes"):  # first step of this process
-            self.state_bytes = local_state_bytes(self.model, self.optimizer)
+    def train_step(self, step: int, window: PairMetrics) -> tuple[float, torch.Tensor, bool, int]:
+        """One optimizer step over this rank's micro-batches (`engine.step.TrainStep`). Returns
+        (lr, grad norm: a 0-d tensor, read it when logging; skipped, stop): `stop` is the stop
+        signal some rank received (0: none), the same on every rank."""
+        batches = [collate(self.train_data, indices) for indices in self.sampler.micro_batches(step)]
+        result = self.step(batches, window, poison=_fault_nan_step() == step + 1)
+        if self.step.state_bytes is not None and not hasattr(self, "state_bytes"):  # first update
+            self.state_bytes = self.step.state_bytes
             mib = {k: f"{v / 2**20:.2f} MiB" for k, v in self.state_bytes.items()}
             print(
                 f"[rank {self.world.rank}] local state under sharding={self.cfg.parallel.sharding}: {mib}",
                 flush=True,
             )
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return lr, grad_norm.item(), False, stop
+        return result.lr, result.grad_norm, result.skipped, result.stop
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, Any] | None:
@@ -380,9 +306,9 @@ class Trainer:
         )
         progress = Progress(len(shards), f"eval at step {step}", "batch", enabled=self.world.is_main)
         for indices, valid in shards:
-            batch = collate(self.eval_data, indices, valid)
-            logps, out, pair_losses = self._pair_losses(batch, self.eval_reference)
-            window.add(pair_losses, out, logps, batch.valid)
+            micro = self.step.prepare(collate(self.eval_data, indices, valid))
+            logps, out, pair_losses = self.step.pair_losses(micro, self.eval_reference)
+            window.add(pair_losses, out, logps, micro.valid)
             progress.update()
         progress.close()
         self.model.train()
@@ -425,7 +351,7 @@ class Trainer:
             if done % lg.interval_steps == 0 or done == self.total_steps:
                 elapsed = time.perf_counter() - last_time
                 steps = range(window_start, done)
-                row = self._log_row(done, lr, grad_norm, state.skipped_steps, window, steps, elapsed)
+                row = self._log_row(done, lr, float(grad_norm), state.skipped_steps, window, steps, elapsed)
                 window, window_start = PairMetrics(), done
                 last_time = time.perf_counter()
             if stop:  # every rank is here, after the same step: no collective is left half-done

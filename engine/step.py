@@ -1,0 +1,186 @@
+"""The training step and the model it steps: one of each, run by the trainer and by the bench.
+
+`build_model` is the trained model as the trainer builds it: `build_policy`, wrapped in
+`SequenceLogprobs`, sharded by `parallelize` over the recipe's mesh, a pretrained safetensors
+folder created on the meta device and loaded shard by shard (no rank ever holds the whole model).
+
+`TrainStep` is one optimizer step over a rank's micro-batches: forward and backward of each
+(gradient reduction deferred to the last one under `parallel.gradient_sync`), the loss divided
+by the global pair count (see engine/trainer.py), one finiteness decision for all ranks (a
+non-finite loss anywhere skips the update), clipping, the optimizer and scheduler steps.
+
+Host-device synchronisation. The host never waits for the device inside a step but once: the
+all-reduce of the step's flags [non-finite loss on this rank, stop signal] and its read, which
+decides whether every rank updates and whether every rank stops after this step. Otherwise the
+host runs ahead and queues work (which FSDP2's implicit prefetch relies on):
+- a micro-batch's inputs are built on the host while the previous one computes (`prepare`:
+  the layout's tensors, each sequence's scored-token count, the pairs' validity and ids) and
+  copied from pinned memory with `non_blocking=True` on CUDA (`engine.forward.to_device`);
+- reference log-probs are a table on the device, indexed there;
+- the non-finite test and the per-pair metrics accumulate on the device (`PairMetrics`,
+  read once per log step); the gradient norm is returned as a tensor (read it when logging).
+tests/test_syncs.py counts every value read in a step, per forward mode, against this list and
+the model's own (transformers' mask preparation: see there).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from engine import losses
+from engine.config import Config
+from engine.data import PairBatch
+from engine.distributed import World, stop_signal
+from engine.forward import LAYOUTS, ModelInputs, SequenceLogprobs, score_pairs, to_device
+from engine.loading import materialize_and_load
+from engine.metrics import PairMetrics, peak_memory_gib
+from engine.model import build_policy, sharded_weights_dir
+from engine.parallel import build_mesh, defers_gradient_sync, local_state_bytes, parallelize
+from engine.reference import ReferenceLogps
+
+
+def build_model(
+    cfg: Config, world: World, causal_lm: nn.Module | None = None
+) -> tuple[nn.Module, DeviceMesh]:
+    """(The sharded `SequenceLogprobs` model on `world.device`, its device mesh). `causal_lm`
+    replaces the recipe's model (the bench's random-init `--model-config` variants)."""
+    weights_dir = sharded_weights_dir(cfg.model) if causal_lm is None else None
+    if causal_lm is None:
+        causal_lm = build_policy(cfg.model, cfg.lora, cfg.job.seed, defer_weights=weights_dir is not None)
+    t = cfg.training
+    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
+    mesh = build_mesh(cfg.parallel, world.world_size, ranks_per_node, world.device.type)
+    model = parallelize(
+        SequenceLogprobs(causal_lm, t.logprob_chunk_tokens, t.attention_kernel),
+        cfg.parallel,
+        mesh,
+        world.device,
+    )
+    if weights_dir is not None:
+        rss_before = peak_memory_gib(torch.device("cpu"))
+        materialize_and_load(model, weights_dir, world.device)
+        print(
+            f"[rank {world.rank}] loaded {weights_dir} shard by shard: peak RSS "
+            f"{peak_memory_gib(torch.device('cpu')):.2f} GiB (before loading {rss_before:.2f} GiB)",
+            flush=True,
+        )
+    return model, mesh
+
+
+@dataclass
+class MicroBatch:
+    """A micro-batch's inputs on the device (`TrainStep.prepare`), copied ahead of its forward."""
+
+    inputs: list[ModelInputs]  # the forward mode's layout
+    valid: Tensor  # [B] bool: False for padding pairs
+    pair_ids: Tensor  # [B] long: rows of the reference table
+    real_tokens: int  # of the valid pairs (`PairBatch.real_tokens`), counted on the host
+
+
+@dataclass
+class StepResult:
+    lr: float  # the learning rate the update used
+    grad_norm: Tensor  # 0-d, before clipping (NaN when skipped); reading it waits for the step
+    skipped: bool  # a non-finite loss on some rank: no update
+    stop: int  # the stop signal some rank received (0: none), the same on every rank
+
+
+class TrainStep:
+    """One optimizer step of `model` (`build_model`) over a rank's micro-batches (`__call__`).
+
+    `reference` (on the device: `ReferenceLogps.to`) holds the reference log-probs, looked up
+    by pair id; None for reference-free losses. `mode` overrides `training.forward_mode`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        cfg: Config,
+        device: torch.device,
+        pad_id: int,
+        reference: ReferenceLogps | None = None,
+        mode: str | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.cfg, self.device, self.pad_id, self.reference = cfg, device, pad_id, reference
+        self.mode = mode or cfg.training.forward_mode
+        self.defer_gradient_sync = defers_gradient_sync(cfg.parallel)
+        self.with_logweights = losses.needs_logweights(cfg.loss)
+        self.state_bytes: dict[str, int] | None = None  # local shards, after the first update
+
+    def prepare(self, batch: PairBatch) -> MicroBatch:
+        """Build `batch`'s inputs on the host and start their copies to the device."""
+        return MicroBatch(
+            LAYOUTS[self.mode](batch, self.pad_id, self.device),
+            to_device(batch.valid, self.device),
+            to_device(batch.pair_ids, self.device),
+            batch.real_tokens,
+        )
+
+    def pair_losses(
+        self, micro: MicroBatch, reference: ReferenceLogps | None
+    ) -> tuple[losses.PreferenceLogps, losses.LossOutput, Tensor]:
+        """Forward: (log-probs, loss output, per-pair losses with padding pairs zeroed)."""
+        logps = score_pairs(self.model, micro.inputs, self.with_logweights)
+        if reference is not None:
+            logps.ref_chosen_logps, logps.ref_rejected_logps = reference.lookup(micro.pair_ids, self.device)
+        out = losses.compute_loss(logps, self.cfg.loss)
+        return logps, out, out.losses * micro.valid
+
+    def __call__(
+        self, batches: list[PairBatch], window: PairMetrics | None = None, poison: bool = False
+    ) -> StepResult:
+        """Step over `batches` (this rank's micro-batches), adding their metrics to `window`.
+        `poison` makes the loss NaN (the FSDPO_FAULT_NAN_STEP test hook)."""
+        lr = self.scheduler.get_last_lr()[0]
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        upcoming = self.prepare(batches[0]) if batches else None
+        for index in range(len(batches)):
+            micro = upcoming
+            if self.defer_gradient_sync:  # reduce gradients across ranks once, on the last one
+                self.model.set_requires_gradient_sync(index == len(batches) - 1)
+            logps, out, pair_losses = self.pair_losses(micro, self.reference)
+            if poison:
+                pair_losses = pair_losses * float("nan")
+            loss = pair_losses.sum() / self.cfg.training.global_batch_size
+            nonfinite |= ~torch.isfinite(loss)
+            if index + 1 < len(batches):  # the next inputs, built while this forward runs
+                upcoming = self.prepare(batches[index + 1])
+            loss.backward()
+            if window is not None:
+                window.add(pair_losses, out, logps, micro.valid)
+                window.tokens += micro.real_tokens
+
+        # one collective decides both: skip the update (a non-finite loss on some rank) and stop
+        # after this step (a stop signal on some rank; SIGTERM's number wins over SIGINT's); its
+        # read is the step's one wait for the device
+        flags = torch.stack([nonfinite.float(), torch.full((), float(stop_signal()), device=self.device)])
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        skipped, stop = (int(v) for v in flags.tolist())
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return StepResult(lr, torch.tensor(float("nan")), True, stop)
+
+        max_norm = self.cfg.optimizer.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.grad is not None],
+            max_norm if max_norm > 0 else float("inf"),
+        )
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        if self.state_bytes is None:
+            self.state_bytes = local_state_bytes(self.model, self.optimizer)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(lr, grad_norm, False, stop)
