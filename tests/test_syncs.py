@@ -1,0 +1,208 @@
+"""No host-device synchronisation inside a training step but the documented one (engine/step.py).
+
+On the CPU nothing waits, so the calls that would wait on a GPU are counted instead: every read
+of a tensor's values into Python (`item`, `tolist`, `bool`, `int`, `float`, `index`, `cpu`,
+`numpy`) and every op whose output size depends on values (`nonzero`, boolean indexing, ...),
+by a torch function mode over whole optimizer steps (`Trainer.train_step`), in every forward
+mode. Each read is named by its file and function, and each is either the step's one decision,
+a read of a host tensor (no device involved), or transformers' mask preparation (documented,
+not ours); any other read fails the test.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from engine.config import load_config
+from engine.data import collate
+from engine.forward import FORWARD_MODES
+from engine.losses import LossOutput, PreferenceLogps
+from engine.metrics import PairMetrics
+from engine.step import TrainStep
+from tests.conftest import base_tables, write_recipe
+
+READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"}
+SIZED_BY_VALUES = {"nonzero", "argwhere", "bincount", "unique", "unique_consecutive", "masked_select"}
+
+# the step's one wait: the all-reduced [non-finite, stop] flags, read once per optimizer step
+STEP_DECISION = {("tolist", "engine/step.py:__call__"): 1}
+# reads of host tensors, no device involved: the sampler's permutation (once per step) and the
+# pairs' validity flags (`PairBatch.real_tokens`, once per micro-batch)
+HOST_PER_STEP = {("tolist", "engine/data/sampler.py:micro_batches"): 1}
+HOST_PER_MICRO_BATCH = {("tolist", "engine/data/sampler.py:real_tokens"): 1}
+# transformers' mask preparation, per forward: with an attention mask (padded modes) whether the
+# mask can be skipped for sdpa (one read, two with padding); with position ids and no mask
+# (packed modes) whether the row packs several sequences (one read)
+TRANSFORMERS_PADDED = ("__bool__", "transformers/masking_utils.py:_ignore_causal_mask_sdpa")
+TRANSFORMERS_PACKED = ("__bool__", "transformers/masking_utils.py:find_packed_sequence_indices")
+FORWARDS_PER_MICRO_BATCH = {"concatenated": 1, "separate": 2, "packed": 1, "prefix_shared": 1}
+
+
+def _site(filename: str, function: str) -> str:
+    for root in ("site-packages/", "/engine/", "/tests/"):
+        if root in filename:
+            tail = filename.split(root, 1)[1]
+            filename = tail if root == "site-packages/" else root.strip("/") + "/" + tail
+            break
+    return f"{filename}:{function}"
+
+
+class ReadCounter(TorchFunctionMode):
+    """Counts value reads by (kind, file:function of the caller); keeps the tensors read by
+    torch.optim's `_get_value` (checked to be the optimizer's host step counters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.optimizer_steps: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name == "__getitem__" and len(args) > 1:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
+                name = "boolean index"
+        if name in READS or name in SIZED_BY_VALUES or name == "boolean index":
+            caller = sys._getframe(1)
+            site = _site(caller.f_code.co_filename, caller.f_code.co_name)
+            if site == "torch/optim/optimizer.py:_get_value":
+                self.optimizer_steps.append(args[0])
+            else:
+                self.reads[(name, site)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small_data: dict, world):
+    from engine.trainer import Trainer
+
+    tmp = tmp_path_factory.mktemp("syncs")
+    tables = base_tables(tiny_model_dir, small_data, tmp / "run")
+    tables["data"]["train"] = [{"path": str(small_data["train"]), "count": 16}]
+    tables["data"]["eval"] = []
+    tables["training"].update(global_batch_size=4, micro_batch_size=2, max_steps=8)
+    tables["export"] = {"enabled": False}
+    return Trainer(load_config(write_recipe(tmp / "r.toml", tables)), world)
+
+
+@pytest.mark.parametrize("mode", list(FORWARD_MODES))
+def test_a_training_step_waits_for_the_device_once(trainer, mode: str, monkeypatch) -> None:
+    """One step of two micro-batches, after one that created the optimizer state (the modes
+    share the trainer: its model, optimizer and reference table)."""
+    step = TrainStep(
+        trainer.model, trainer.optimizer, trainer.scheduler, trainer.cfg, trainer.world.device,
+        trainer.pad_id, trainer.train_reference, mode,
+    )  # fmt: skip
+    monkeypatch.setattr(trainer, "step", step)
+    window = PairMetrics()
+    if not trainer.optimizer.state:
+        trainer.train_step(0, window)
+    index = list(FORWARD_MODES).index(mode) + 1
+    counter = ReadCounter()
+    with counter:
+        _, grad_norm, skipped, stop = trainer.train_step(index, window)
+    assert not skipped and stop == 0 and torch.isfinite(grad_norm)
+    micro_batches = len(trainer.sampler.micro_batches(index))
+    assert micro_batches == 2
+    forwards = micro_batches * FORWARDS_PER_MICRO_BATCH[mode]
+    reads = dict(counter.reads)
+    if mode in ("packed", "prefix_shared"):
+        assert reads.pop(TRANSFORMERS_PACKED) == forwards, reads
+    else:
+        assert forwards <= reads.pop(TRANSFORMERS_PADDED) <= 2 * forwards, reads
+    expected = {**STEP_DECISION, **HOST_PER_STEP}
+    expected.update({k: n * micro_batches for k, n in HOST_PER_MICRO_BATCH.items()})
+    assert reads == expected, f"{mode}: reads beyond the documented ones: {reads}"
+    # AdamW reads its step counters: host tensors (unless capturable or fused)
+    counters = {id(s["step"]) for s in trainer.optimizer.state.values()}
+    assert counter.optimizer_steps and all(t.device.type == "cpu" for t in counter.optimizer_steps)
+    assert {id(t) for t in counter.optimizer_steps} <= counters
+
+
+def _loss_output(losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> LossOutput:
+    return LossOutput(losses, chosen, rejected, {"extra/x": losses * 2})
+
+
+def test_pair_metrics_accumulate_without_reads_and_reduce_with_one() -> None:
+    """Two micro-batches, the second with a padding pair: the means are those of the valid pairs,
+    computed here in float64 from the values; adding reads nothing, reducing reads once."""
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for b, valid in ((3, [True, True, True]), (2, [True, False])):
+        values = torch.randn(5, b, generator=g, dtype=torch.float64)
+        parts.append((values, torch.tensor(valid)))
+    window, counter = PairMetrics(), ReadCounter()
+    with counter:
+        for values, valid in parts:
+            losses, chosen, rejected, lc, lr = (v.float() for v in values)
+            logps = PreferenceLogps(lc, lr, torch.ones_like(lc), torch.ones_like(lr))
+            window.add(losses, _loss_output(losses, chosen, rejected), logps, valid)
+        window.tokens += 7
+    assert not counter.reads
+    with counter:
+        reduced = window.reduce(torch.device("cpu"), {"tokens": float(window.tokens)})
+    assert counter.reads == {("tolist", "engine/metrics.py:reduce"): 1}
+    kept = torch.cat([values[:, valid] for values, valid in parts], dim=1).float().double()
+    losses, chosen, rejected, lc, lr = kept
+    expected = {
+        "loss": losses.mean(),
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/accuracies": (chosen > rejected).double().mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "logps/chosen": lc.mean(),
+        "logps/rejected": lr.mean(),
+        "extra/x": (2 * losses).mean(),
+    }
+    assert reduced.pop("pairs") == 4 and reduced.pop("tokens") == 7
+    assert list(reduced) == sorted(expected)
+    for name, value in expected.items():
+        assert reduced[name] == pytest.approx(float(value), rel=1e-6, abs=1e-7), name
+
+
+@pytest.mark.parametrize("mode", list(FORWARD_MODES))
+def test_micro_batch_inputs_reach_cuda_by_pinned_non_blocking_copies(
+    trainer, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`TrainStep.prepare` for a CUDA device, on a CPU build of torch: pinning and `.to` are
+    stood in for (a tensor made on the device directly would fail here), and every copy to the
+    device is from pinned memory and non-blocking."""
+    cuda = torch.device("cuda")
+    pinned: list[torch.Tensor] = []
+    copies: list[tuple[bool, bool]] = []  # (from pinned memory, non_blocking)
+    to = torch.Tensor.to
+
+    def pin_memory(self: torch.Tensor) -> torch.Tensor:
+        pinned.append(self.clone())
+        return pinned[-1]
+
+    def fake_to(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        target = kwargs.get("device", args[0] if args else None)
+        if isinstance(target, (str, torch.device)) and torch.device(target).type == "cuda":
+            copies.append((any(self is p for p in pinned), kwargs.get("non_blocking", False)))
+            return self
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", fake_to)
+    step = TrainStep(None, None, None, trainer.cfg, cuda, trainer.pad_id, mode=mode)
+    batch = collate(trainer.train_data, [0, 1, 2], [True, True, False])
+    micro = step.prepare(batch)
+    tensors = [micro.valid, micro.pair_ids]
+    for inputs in micro.inputs:
+        tensors += [v for v in vars(inputs).values() if isinstance(v, torch.Tensor)]
+    assert len(copies) == len(tensors) >= 6
+    assert all(from_pinned and non_blocking for from_pinned, non_blocking in copies), copies
+    assert micro.real_tokens == sum(
+        2 * len(p) + len(c) + len(r)
+        for p, c, r in zip(batch.prompts[:2], batch.chosen[:2], batch.rejected[:2])
+    )
+    # each sequence's scored-token count, from the host layout: its completion's length
+    counts = torch.cat([inputs.sequence_tokens for inputs in micro.inputs])
+    assert counts.tolist() == [len(c) for c in batch.chosen] + [len(r) for r in batch.rejected]
