@@ -775,6 +775,7 @@ def phase_attention(check: Check, record: dict[str, Any]) -> None:
             "pairs_attended": segments.visible_pairs(),
             "mask_pairs": int(mask.sum()),  # must equal pairs_attended
         }
+        record["rows"][row] = info  # written after each kernel
         # inputs rounded to the compute dtype; the reference sees the same rounded values in fp32
         q0, k0, v0 = (torch.randn(1, n, t, d, generator=g).to(device, dtype) for n in (h, kv, kv))
         grad = torch.randn(1, t, h, d, generator=g).to(device, dtype)
@@ -802,7 +803,6 @@ def phase_attention(check: Check, record: dict[str, Any]) -> None:
             except Exception as e:
                 info[kernel] = _error(e)
             check.write("attention", record)
-        record["rows"][row] = info
         del reference, out, q, k, v
         _free(device)
     record["headline"] = headline
