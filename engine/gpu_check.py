@@ -44,7 +44,7 @@ Phases (`PHASES`), what each measures:
 5. syncs: host-device synchronisations per step, as the difference between a run of 1 and of 2
    timed steps (the model build and the warm-up step fall out): on CUDA the warnings of
    `torch.cuda.set_sync_debug_mode("warn")`, by file:line; on CPU, where nothing waits, the
-   reads of tensor values into Python counted by tests/test_syncs.py's `ReadCounter` (reads of
+   reads of tensor values into Python counted by `engine.syncs.ReadCounter` (reads of
    host tensors included, the bench's own accounting of a step among them), by kind and
    file:function, or "n/a on CPU" in a checkout without tests/.
 6. compile: `parallel.compile` off, then on, for one packed mode without recompute: step time,
@@ -955,8 +955,8 @@ def sync_warnings() -> Iterator[Counter]:
 @contextlib.contextmanager
 def value_reads() -> Iterator[Counter]:
     """Count the reads of tensor values into Python (each would wait for a GPU), by kind and
-    file:function, with tests/test_syncs.py's `ReadCounter` (a torch function mode)."""
-    from tests.test_syncs import ReadCounter
+    file:function, with `engine.syncs.ReadCounter` (a torch function mode)."""
+    from engine.syncs import ReadCounter
 
     seen: Counter = Counter()
     counter = ReadCounter()
@@ -969,11 +969,7 @@ def _sync_counter(device: torch.device) -> tuple[str, Callable[[], contextlib.Ab
     """(what is counted, a context manager counting it) on this device, or None."""
     if device.type == "cuda":
         return "CUDA synchronisations (set_sync_debug_mode warnings) by file:line", sync_warnings
-    try:  # the CPU counter lives with its test; a checkout without tests/ has none
-        importlib.import_module("tests.test_syncs")
-    except ImportError:
-        return None
-    return "value reads (tests/test_syncs.py's ReadCounter) by kind and file:function", value_reads
+    return "value reads (engine.syncs.ReadCounter) by kind and file:function", value_reads
 
 
 def phase_syncs(check: Check, record: dict[str, Any]) -> None:

@@ -1,9 +1,7 @@
 """No host-device synchronisation inside a training step but the documented one (engine/step.py).
 
-On the CPU nothing waits, so the calls that would wait on a GPU are counted instead: every read
-of a tensor's values into Python (`item`, `tolist`, `bool`, `int`, `float`, `index`, `cpu`,
-`numpy`) and every op whose output size depends on values (`nonzero`, boolean indexing, ...),
-by a torch function mode over whole optimizer steps (`Trainer.train_step`), in every forward
+On the CPU nothing waits, so the calls that would wait on a GPU are counted instead
+(`engine.syncs.ReadCounter`) over whole optimizer steps (`Trainer.train_step`), in every forward
 mode. Each read is named by its file and function, and each is either the step's one decision,
 a read of a host tensor (no device involved), or transformers' mask preparation (documented,
 not ours); any other read fails the test.
@@ -11,13 +9,10 @@ not ours); any other read fails the test.
 
 from __future__ import annotations
 
-import collections
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from engine.config import load_config
 from engine.data import collate
@@ -25,10 +20,8 @@ from engine.forward import FORWARD_MODES
 from engine.losses import LossOutput, PreferenceLogps
 from engine.metrics import PairMetrics
 from engine.step import TrainStep
+from engine.syncs import ReadCounter
 from tests.conftest import base_tables, write_recipe
-
-READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"}
-SIZED_BY_VALUES = {"nonzero", "argwhere", "bincount", "unique", "unique_consecutive", "masked_select"}
 
 # the step's one wait: the all-reduced [non-finite, stop] flags, read once per optimizer step
 STEP_DECISION = {("tolist", "engine/step.py:__call__"): 1}
@@ -42,40 +35,6 @@ HOST_PER_MICRO_BATCH = {("tolist", "engine/data/sampler.py:real_tokens"): 1}
 TRANSFORMERS_PADDED = ("__bool__", "transformers/masking_utils.py:_ignore_causal_mask_sdpa")
 TRANSFORMERS_PACKED = ("__bool__", "transformers/masking_utils.py:find_packed_sequence_indices")
 FORWARDS_PER_MICRO_BATCH = {"concatenated": 1, "separate": 2, "packed": 1, "prefix_shared": 1}
-
-
-def _site(filename: str, function: str) -> str:
-    for root in ("site-packages/", "/engine/", "/tests/"):
-        if root in filename:
-            tail = filename.split(root, 1)[1]
-            filename = tail if root == "site-packages/" else root.strip("/") + "/" + tail
-            break
-    return f"{filename}:{function}"
-
-
-class ReadCounter(TorchFunctionMode):
-    """Counts value reads by (kind, file:function of the caller); keeps the tensors read by
-    torch.optim's `_get_value` (checked to be the optimizer's host step counters)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.optimizer_steps: list[torch.Tensor] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name == "__getitem__" and len(args) > 1:
-            index = args[1] if isinstance(args[1], tuple) else (args[1],)
-            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
-                name = "boolean index"
-        if name in READS or name in SIZED_BY_VALUES or name == "boolean index":
-            caller = sys._getframe(1)
-            site = _site(caller.f_code.co_filename, caller.f_code.co_name)
-            if site == "torch/optim/optimizer.py:_get_value":
-                self.optimizer_steps.append(args[0])
-            else:
-                self.reads[(name, site)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")
