@@ -8,7 +8,9 @@
     python -m engine.bench --logprob-memory [--vocab 32000 --hidden 256 --rows 8 --seq-len 1024]
     python -m engine.bench --gpu-check OUT_DIR [--gpu-check-size auto|tiny|full] [--gpu-check-phases a,b]
 
-A mode is a forward mode, optionally with a token budget for its micro-batches (`packed@4096`:
+A mode is a forward mode, optionally with `:OPTION`s (`packed:selective`, `concatenated:full`:
+that activation checkpointing; `packed:compile`: `parallel.compile`, reporting compile time,
+graphs, graph breaks and recompiles), and a token budget for its micro-batches (`packed@4096`:
 `training.micro_batch_tokens = 4096`; plain packed modes take the recipe's
 `training.micro_batch_tokens`, padded ones its `micro_batch_size`), so a fixed pair count and a
 token budget can be compared in one run. Each mode gets a freshly built (same seed) model, built
@@ -68,6 +70,7 @@ import argparse
 import ast
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import json
 import math
@@ -86,7 +89,7 @@ import torch
 import torch.distributed as dist
 
 from engine import losses
-from engine.config import Config, load_config
+from engine.config import Config, ParallelConfig, load_config
 from engine.data import PairBatch, pair_token_counts, token_budget_micro_batches
 from engine.data.sampler import split_global_batch
 from engine.errors import UserError
@@ -156,10 +159,31 @@ def pair_batch(pairs: list[Pair], ids: list[int]) -> PairBatch:
     )
 
 
+RECOMPUTE = ("none", "full", "selective")
+
+
+def mode_parallel(spec: str, cfg: Config) -> ParallelConfig:
+    """The `[parallel]` table a mode runs with: the recipe's, with the mode's `:OPTION`s applied
+    (`packed:selective`, `concatenated:full`: `parallel.activation_checkpointing`; `:compile`:
+    `parallel.compile = true`), so recompute and compile choices compare side by side in one run."""
+    parallel = dataclasses.replace(cfg.parallel)
+    for option in spec.split(":")[1:]:
+        if option in RECOMPUTE:
+            parallel.activation_checkpointing = option
+        elif option == "compile":
+            parallel.compile = True
+        else:
+            raise UserError(
+                f"--modes: {spec!r}: unknown option {option!r} (known: {', '.join(RECOMPUTE)}, compile)"
+            )
+    return parallel
+
+
 def parse_mode(spec: str, cfg: Config) -> tuple[str, int]:
     """`packed@4096` -> ("packed", 4096): a forward mode and its micro-batch token budget (0 =
-    `micro_batch_size` pairs). Plain packed modes take the recipe's `micro_batch_tokens`."""
-    layout, at, budget = spec.partition("@")
+    `micro_batch_size` pairs). Plain packed modes take the recipe's `micro_batch_tokens`; the
+    mode's `:OPTION`s (`mode_parallel`) do not change the layout."""
+    layout, at, budget = spec.split(":")[0].partition("@")
     if layout not in FORWARD_MODES:
         raise UserError(f"--modes: unknown forward mode {layout!r} (known: {', '.join(FORWARD_MODES)})")
     packed = layout in ("packed", "prefix_shared")
@@ -289,11 +313,15 @@ def run_mode(mode: str, setup: Setup, world, timed: range) -> dict[str, Any]:
     `timed`."""
     from engine.metrics import PairMetrics
     from engine.optim import build_optimizer, build_scheduler
+    from engine.parallel import compile_stats, reset_compile_stats
     from engine.reference import ReferenceLogps
     from engine.step import TrainStep, build_model
 
-    cfg, device = setup.cfg, world.device
+    cfg = dataclasses.replace(setup.cfg, parallel=mode_parallel(mode, setup.cfg))
+    device = world.device
     causal_lm = build_causal_lm(cfg, setup.model_overrides) if setup.model_overrides else None
+    if cfg.parallel.compile:
+        reset_compile_stats()  # this mode's compilations only
     model, _ = build_model(cfg, world, causal_lm)
     causal_lm = model.causal_lm
     params = sum(p.numel() for p in causal_lm.parameters())
@@ -326,8 +354,11 @@ def run_mode(mode: str, setup: Setup, world, timed: range) -> dict[str, Any]:
         step(index)
         times.append(time.perf_counter() - start)
     peak = peak_memory_gib(device)
-
-    return step_records(mode, setup, world, timed, times, peak, params, model_shape(causal_lm))
+    records = step_records(mode, setup, world, timed, times, peak, params, model_shape(causal_lm))
+    records["recompute"] = cfg.parallel.activation_checkpointing
+    if cfg.parallel.compile:  # compile time (in the warm-up steps), graph breaks, recompiles
+        records["compile"] = compile_stats()
+    return records
 
 
 def step_records(
@@ -390,6 +421,8 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     merged["peak_mem_gib"] = max(a["peak_mem_gib"], b["peak_mem_gib"])
     merged["forward_moments"] = [x + y for x, y in zip(a["forward_moments"], b["forward_moments"])]
     merged["forward_tokens_max"] = max(a["forward_tokens_max"], b["forward_tokens_max"])
+    if "compile" in b:  # each round builds and compiles afresh: the rounds' compilations add up
+        merged["compile"] = {k: a["compile"][k] + v for k, v in b["compile"].items()}
     return merged
 
 
@@ -417,6 +450,7 @@ def summarize(raw: dict[str, Any], peak_flops: float, world_size: int) -> dict[s
         "micro_batch_tokens_mean": mean,
         "micro_batch_tokens_max": raw["forward_tokens_max"],
         "micro_batch_tokens_cv": math.sqrt(max(squares / forwards - mean * mean, 0.0)) / mean,
+        **{key: raw[key] for key in ("recompute", "compile") if key in raw},
     }
 
 
@@ -635,6 +669,12 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             f"{r['computed_tokens_per_step']:13.0f} {r['forwards_per_step']:8.1f} {per_forward:>24s} "
             f"{r['peak_mem_gib']:9.2f} {r['mfu']:6.1%}"
         )
+        if "compile" in r:
+            c = r["compile"]
+            lines.append(
+                f"{'':19s} compile {c['compile_s']:.1f} s, {c['graphs']} graphs, "
+                f"{c['graph_breaks']} graph breaks, {c['recompiles']} recompiles"
+            )
     return "\n".join(lines)
 
 

@@ -151,3 +151,29 @@ def test_packed_modes_train_the_concatenated_curve(
         assert len(results[mode]["losses"]) == 5
         for a, b in zip(results[mode]["losses"], base):
             assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (mode, results[mode]["losses"], base)
+
+
+def test_bench_compares_recompute_choices_and_compile_in_one_run(recipe: Path, world, monkeypatch) -> None:
+    """`MODE:OPTION`: each recompute choice and compile side by side on the same pairs (dynamo's
+    eager backend keeps the compile case quick: graphs and breaks are counted the same way)."""
+    import torch
+
+    from engine.config import load_config
+
+    common = [str(recipe), "data.max_length=96", "--steps", "1", "--warmup", "1", "--synthetic-pairs", "8",
+              "--prompt-len", "20", "--completion-len", "5,40", "--matmul-size", "128"]  # fmt: skip
+    report = bench.main([*common, "--modes", "packed,packed:full,packed:selective,concatenated:selective"])
+    modes = report["modes"]
+    assert [modes[m]["recompute"] for m in modes] == ["none", "full", "selective", "selective"]
+    # recompute changes the work done, never the model FLOPs counted (MFU counts no recompute)
+    assert modes["packed:full"]["model_flops_per_step"] == modes["packed"]["model_flops_per_step"]
+    with pytest.raises(UserError, match="unknown option 'fast'"):
+        bench.mode_parallel("packed:fast", load_config(recipe))
+    parallel = bench.mode_parallel("packed@64:selective:compile", load_config(recipe))
+    assert parallel.activation_checkpointing == "selective" and parallel.compile
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, **kw: real_compile(self, **kw, backend="eager")
+    )
+    compiled = bench.main([*common, "--modes", "packed:compile"])["modes"]["packed:compile"]
+    assert compiled["compile"]["graphs"] >= 1 and compiled["compile"]["graph_breaks"] == 0
