@@ -25,6 +25,12 @@ ASSETS = REPO / "recipes" / "assets"
 LN2 = 0.6931471805599453
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers share the two cores: one thread each (tiny models gain nothing from a second
+    # thread, and two workers x two threads oversubscribe the machine)
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Tokenisation caches (and anything else under XDG_CACHE_HOME) go to a temp folder, for

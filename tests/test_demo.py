@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import LN2, REPO, base_tables, read_metrics, run_training, train_rows, write_recipe
+from tests.conftest import (
+    LN2,
+    REPO,
+    base_tables,
+    every_position_logps,
+    read_metrics,
+    run_training,
+    train_rows,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -56,11 +65,9 @@ def test_export_reproduces_the_trained_model_logits(
     trainer = Trainer(load_config(recipe, ["training.max_steps=3"]), world)
     trainer.train()
     ids = torch.tensor([trainer.train_data.pairs[0].prompt_ids + trainer.train_data.pairs[0].chosen_ids])
-    length = ids.shape[1]
     # score every position as its own one-token sequence: log p(x_{t+1} | x_<=t) for all t
-    positions = torch.arange(length - 1)
+    trained = every_position_logps(trainer.model, ids)
     with torch.no_grad():
-        trained = trainer.model(ids, None, None, positions, ids[0, 1:], positions, length - 1).logps
         reloaded = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
         logits = reloaded(ids, use_cache=False).logits[0, :-1]
         expected = torch.log_softmax(logits.float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
