@@ -1,43 +1,34 @@
-"""Recipe schema: one documented dataclass per TOML table, loading, overrides and validation.
+"""Recipe schema: one documented dataclass per TOML table, the per-table checks, value parsers.
 
-A recipe is a TOML file whose tables match the dataclasses below. Precedence is
-CLI override > recipe file > the file it `extends` > defaults. Every field carries a docstring
-directly under it; `python -m engine.config --doc` prints them as the recipe reference.
-Each component of the engine receives only its own table (`cfg.loss`, `cfg.data`, ...).
+The ground floor of the engine: it imports nothing from engine/ but the error type. Reading a
+recipe (TOML, `extends`, overrides, typing, the names of registered losses and forward modes,
+writing it back, the generated reference) is engine/recipe.py's.
+
+Every field carries a docstring directly under it; `python -m engine.recipe --doc` prints them as
+the recipe reference. Each component of the engine receives only its own table (`cfg.loss`,
+`cfg.data`, ...).
 
 Paths: `extends` is relative to the recipe that names it. Every other path in a recipe (model,
 data, chat template, caches, output folder, checkpoint to resume) is relative to the working
 directory the run starts in, as in TRL, open-instruct and torchtune, and is made absolute at load
-(`_absolute_paths`), so the recipe fsdpo stores with a run and in each checkpoint, and the
+(`absolute_paths`), so the recipe fsdpo stores with a run and in each checkpoint, and the
 model path written into an exported adapter, work from any directory. Hub ids stay as written.
 
 All problems in a recipe (unknown keys, wrong types, out-of-range or conflicting values) are
-reported together, one line each in the recipe's order, in one UserError.
+reported together, one line each in the recipe's order, in one UserError (`Problems`).
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
-import difflib
 import inspect
 import itertools
-import math
 import os
-import sys
-import types
-import typing
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from engine.errors import UserError
-from engine.peer_names import PEER_KEYS, PEER_LOSSES
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+from engine.errors import UserError, did_you_mean
 
 
 def is_local_path(text: str) -> bool:
@@ -195,12 +186,9 @@ class TrainingConfig:
     """Passes over the training pairs (ignored when `max_steps` > 0)."""
     max_steps: int = -1
     """Optimizer steps to run; -1 derives them from `epochs`."""
-    forward_mode: Literal["concatenated", "separate", "packed", "prefix_shared"] = "concatenated"
-    """`concatenated`: chosen and rejected in one forward of 2B padded rows; `separate`: two
-    forwards of B rows (lower peak activation memory); `packed`: all 2B sequences in one row
-    without padding, attention confined to each sequence; `prefix_shared`: one
-    `[prompt | chosen | rejected]` sequence per pair, packed, so each prompt is computed once
-    (rejected attends to the prompt, not to chosen). All give the same log-probs."""
+    forward_mode: str = "concatenated"
+    """How a micro-batch of pairs is laid out for the model: a forward mode registered in
+    engine/forward.py (the reference lists them). All give the same log-probs."""
     logprob_chunk_tokens: int = 1024
     """Scored positions per chunk through the LM head and log-softmax (fp32 logits of one chunk
     at a time, recomputed in backward); 0 = all at once, keeping the logits for backward."""
@@ -452,7 +440,7 @@ def _position(raw: dict[str, Any], key: str) -> tuple[int, int]:
     )
 
 
-class _Problems:
+class Problems:
     """The recipe's problems found so far, each with the key it is about, and the keys whose values
     failed to type-check: those fields hold defaults, so checks involving them are skipped."""
 
@@ -480,241 +468,24 @@ class _Problems:
             raise UserError(*(self.found[i][1] for i in order))
 
 
-def _did_you_mean(*keys: str) -> str:
-    return " (did you mean " + " or ".join(f'"{k}"' for k in keys) + "?)"
-
-
-def _unknown_key_hint(prefix: str, name: str, cls: type) -> str:
-    """The hint for the unknown key `name` in table `prefix` of schema `cls` ("" and Config at the
-    top level): another tool's name for an fsdpo key (engine/peer_names.py), else the same name
-    in another table (`beta` -> `loss.beta`), else a close spelling in this table; "" if none."""
-    peer = PEER_KEYS.get(f"{prefix}.{name}") or PEER_KEYS.get(name)
-    if peer:
-        key, note = peer
-        if not key:
-            return f" ({note})"
-        return f' (did you mean "{key}"?{" " + note if note else ""})'
-    tables = typing.get_type_hints(Config)
-    elsewhere = [
-        f"{table}.{name}"
-        for table, table_cls in tables.items()
-        if table_cls is not cls and name in typing.get_type_hints(table_cls)
-    ]
-    if elsewhere:
-        return _did_you_mean(*elsewhere)
-    close = difflib.get_close_matches(name, list(typing.get_type_hints(cls)), n=1)
-    return _did_you_mean(f"{prefix}.{close[0]}" if prefix else close[0]) if close else ""
-
-
-def _unknown_loss_hint(name: str) -> str:
-    """The hint for an unknown `loss.type` name: another tool's name for it, else a close spelling."""
-    from engine import losses  # the registry of loss names lives with the losses
-
-    short = name.rsplit(".", 1)[-1]  # torchtune's `torchtune.rlhf.loss.DPOLoss`
-    if short in PEER_LOSSES:
-        peer, ours = PEER_LOSSES[short]
-        if ours:
-            return f' ({peer}\'s "{short}" is fsdpo\'s "{ours}")'
-        return f' ({peer}\'s "{short}" is not in fsdpo, which has {", ".join(sorted(losses.LOSSES))})'
-    close = difflib.get_close_matches(name, list(losses.LOSSES), n=1)
-    return _did_you_mean(close[0]) if close else ""
-
-
 # ----------------------------------------------------------------------------------------------
-# Typing of TOML values against the schema
+# Value parsers and paths
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(f'"{a}"' for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return f"list of {_type_name(item)}"
-    if origin is dict:
-        return f"table of {_type_name(typing.get_args(tp)[1])}s"
-    if dataclasses.is_dataclass(tp):
-        return "table"
-    return {str: "string", int: "integer", float: "number", bool: "true/false"}.get(tp, str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str, problems: _Problems) -> Any:
-    """Return `value` converted to schema type `tp`, or raise UserError naming `key`. Tables are
-    built by `_build_table`, which records their keys' problems in `problems` instead."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            extra = _did_you_mean(hint[0]) if hint else ""
-            raise UserError(f"{key}: expected one of {_type_name(tp)}, got {value!r}{extra}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key, problems)
-            except UserError:
-                continue
-        raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if dataclasses.is_dataclass(item_tp) and not isinstance(value, list):
-            value = [value]
-        if not isinstance(value, list):
-            raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
-    if origin is dict:
-        _, value_tp = typing.get_args(tp)  # keys are TOML keys, so always strings
-        if not isinstance(value, dict):
-            raise UserError(f"{key}: expected a {_type_name(tp)}, e.g. {{ name = ... }}, got {value!r}")
-        return {k: _coerce(v, value_tp, f"{key}.{k}", problems) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, str) and tp is DataSource:
-            value = {"path": value}
-        if not isinstance(value, dict):
-            expected = "a table or a path" if tp is DataSource else f"a [{key}] table"
-            raise UserError(f"{key}: expected {expected}, got {value!r}")
-        return _build_table(tp, value, key, problems)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise UserError(f"{key}: expected a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise UserError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported schema type {tp!r} for {key}")
-
-
-def _build_table(cls: type, values: dict[str, Any], prefix: str, problems: _Problems) -> Any:
-    """`cls` from a TOML table; an unknown key or a value of the wrong type is recorded in
-    `problems` (and that field keeps its default) so that the other keys are still checked."""
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name not in hints:
-            where = f"[{prefix}]" if prefix else "the recipe"
-            problems.add(key, f"{key}: unknown key in {where}{_unknown_key_hint(prefix, name, cls)}")
-            continue
-        try:
-            kwargs[name] = _coerce(value, hints[name], key, problems)
-        except UserError as e:
-            problems.add(key, *e.lines, failed=True)
-    return cls(**kwargs)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading: extends, overrides, validation, paths
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: recipe file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML ({e})") from None
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _resolve_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    path = path.resolve()
-    if path in seen:
-        raise UserError(f"{path}: `extends` forms a cycle")
-    raw = _read_toml(path)
-    parent = raw.pop("extends", None)
-    if parent is None:
-        return raw
-    if not isinstance(parent, str):
-        raise UserError(f"{path}: extends: expected a path string, got {parent!r}")
-    parent_path = path.parent / parent
-    if not parent_path.is_file():
-        raise UserError(f"{path}: extends: {parent_path} not found")
-    return _merge(_resolve_extends(parent_path, (*seen, path)), raw)
-
-
-def _parse_override(text: str, tp: Any) -> Any:
-    """Parse the value of `key=value` from the command line: TOML syntax, strings bare."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def _field_type(dotted: str) -> Any:
-    """Schema type of a dotted key, or raise UserError with a hint."""
-    table, _, name = dotted.partition(".")
-    tables = typing.get_type_hints(Config)
-    if table not in tables or not name:
-        extra = "" if table in tables else _unknown_key_hint("", table, Config)
-        raise UserError(f"{dotted}: overrides look like table.key=value{extra}")
-    hints = typing.get_type_hints(tables[table])
-    if name not in hints:
-        raise UserError(f"{dotted}: unknown key in [{table}]{_unknown_key_hint(table, name, tables[table])}")
-    return hints[name]
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str], problems: _Problems) -> dict[str, Any]:
-    """`raw` with each `table.key=value` set; a malformed or unknown override is recorded, skipped."""
-    raw = _merge(raw, {})
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        try:
-            if not sep:
-                raise UserError(f"{item}: overrides look like table.key=value")
-            tp = _field_type(key)
-        except UserError as e:
-            problems.add("", *e.lines)
-            continue
-        table, _, name = key.partition(".")
-        if not isinstance(raw.setdefault(table, {}), dict):
-            continue  # reported when the table is typed
-        raw[table] = {**raw[table], name: text if tp is str else _parse_override(text, tp)}
-    return raw
-
-
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a recipe (following `extends`), apply `table.key=value` overrides, type and validate
-    it, and make its local paths absolute (`_absolute_paths`). Every problem found is reported
-    in one UserError, a line each; a recipe that cannot be read stops at once."""
-    raw = _resolve_extends(Path(path))
-    problems = _Problems()
-    raw = apply_overrides(raw, list(overrides), problems)
-    cfg = _build_table(Config, raw, "", problems)
-    validate(cfg, problems)
-    problems.raise_if_any(raw)
-    return _absolute_paths(cfg)
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes, '500MiB' -> 500 * 2**20 (transformers' convention)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    units = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, None: 1}
+    return int(float(match.group(1)) * units[match.group(2).lower() if match.group(2) else None])
 
 
 def _absolute(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _absolute_paths(cfg: Config) -> Config:
+def absolute_paths(cfg: Config) -> Config:
     """`cfg` with its relative local paths (relative to the working directory) made absolute, in
     place, so the recipe fsdpo stores means the same from any directory: `model.path` and data
     sources when `is_local_path`, `data.chat_template` when it names a file, the cache and output
@@ -734,10 +505,14 @@ def _absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
-def validate(cfg: Config, problems: _Problems) -> None:
+# ----------------------------------------------------------------------------------------------
+# Per-table checks
+
+
+def check(cfg: Config, problems: Problems) -> None:
     """Range and consistency checks the types alone cannot express, recorded in `problems`;
-    checks on a key whose value already failed its type check are skipped."""
-    from engine import losses  # the registry of loss names lives with the losses
+    checks on a key whose value already failed its type check are skipped. The names of
+    registered losses and forward modes are engine.recipe's to check (`check_names`)."""
 
     p = problems
     p.expect(bool(cfg.model.path), "model.path", "a model folder or hub id", cfg.model.path)
@@ -754,9 +529,7 @@ def validate(cfg: Config, problems: _Problems) -> None:
     for key, columns in column_tables:
         for name, column in columns.items():
             known = ["prompt", "chosen", "rejected"]
-            hint = difflib.get_close_matches(name, known, n=1)
-            extra = _did_you_mean(hint[0]) if hint else ""
-            message = f"{key}.{name}: expected keys prompt, chosen or rejected{extra}"
+            message = f"{key}.{name}: expected keys prompt, chosen or rejected{did_you_mean(name, known)}"
             p.require(name in known, message, f"{key}.{name}")
             p.expect(bool(column), f"{key}.{name}", "a column name", column)
     p.expect(0 <= d.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)", d.eval_fraction)
@@ -778,10 +551,6 @@ def validate(cfg: Config, problems: _Problems) -> None:
 
     names = [cfg.loss.type] if isinstance(cfg.loss.type, str) else cfg.loss.type
     p.expect(bool(names), "loss.type", "a loss name or a non-empty list", cfg.loss.type)
-    for name in names:
-        p.require(
-            name in losses.LOSSES, f"loss.type: unknown loss {name!r}{_unknown_loss_hint(name)}", "loss.type"
-        )
     p.expect(
         not cfg.loss.weights or len(cfg.loss.weights) == len(names),
         "loss.weights",
@@ -802,13 +571,6 @@ def validate(cfg: Config, problems: _Problems) -> None:
     p.expect(t.micro_batch_size >= 1, "training.micro_batch_size", ">= 1", t.micro_batch_size)
     p.expect(
         t.micro_batch_tokens >= 0, "training.micro_batch_tokens", "an integer >= 0", t.micro_batch_tokens
-    )
-    p.require(
-        not t.micro_batch_tokens or t.forward_mode in ("packed", "prefix_shared"),
-        f"training.micro_batch_tokens: token budgets need forward_mode packed or prefix_shared "
-        f"(a padded mode's cost is set by its longest row), got {t.forward_mode!r}",
-        "training.micro_batch_tokens",
-        "training.forward_mode",
     )
     p.expect(t.epochs >= 1, "training.epochs", "an integer >= 1", t.epochs)
     p.expect(t.max_steps == -1 or t.max_steps >= 1, "training.max_steps", "-1 or >= 1", t.max_steps)
@@ -839,8 +601,6 @@ def validate(cfg: Config, problems: _Problems) -> None:
     p.expect(0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", "a number in [0, 1]", s.min_lr_ratio)
 
     p.expect(cfg.reference.batch_size >= 0, "reference.batch_size", ">= 0", cfg.reference.batch_size)
-    from engine.export import parse_size
-
     try:
         parse_size(cfg.export.max_shard_size)
     except ValueError:
@@ -898,51 +658,3 @@ def validate(cfg: Config, problems: _Problems) -> None:
     p.expect(c.keep_last >= 0, "checkpoint.keep_last", "an integer >= 0", c.keep_last)
     p.expect(bool(c.resume), "checkpoint.resume", '"auto", "never" or a checkpoint path', c.resume)
     p.expect(cfg.logging.interval_steps >= 1, "logging.interval_steps", ">= 1", cfg.logging.interval_steps)
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing the resolved recipe back out as TOML
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def to_toml(cfg: Config) -> str:
-    """The fully resolved recipe, loadable again with `load_config`."""
-    lines = []
-    for table, values in dataclasses.asdict(cfg).items():
-        lines.append(f"[{table}]")
-        lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
-        lines.append("")
-    return "\n".join(lines)
-
-
-def reference_doc() -> str:
-    """Markdown reference of every recipe table and key, generated from the dataclasses."""
-    out = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for table, cls in typing.get_type_hints(Config).items():
-        docs = field_docs(cls)
-        defaults = dataclasses.asdict(cls())
-        for name, tp in typing.get_type_hints(cls).items():
-            default = toml_value(defaults[name])
-            out.append(f"| `{table}.{name}` | {_type_name(tp)} | `{default}` | {docs[name]} |")
-    return "\n".join(out)
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--doc"]:
-        print(reference_doc())
-    else:
-        print("usage: python -m engine.config --doc", file=sys.stderr)
-        sys.exit(2)

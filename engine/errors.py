@@ -5,6 +5,11 @@ reported by the entry point as one line per problem on stderr (`fsdpo: error: ..
 code 2, with no traceback. Every other exception is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
 
 class UserError(Exception):
     """A problem in the user's recipe, data, model folder or output folder.
@@ -22,3 +27,27 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return "\n".join(self.lines)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message, or its type's name when it has none: how a foreign
+    exception (a library's, the OS's) is quoted inside a one-line UserError."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The choice closest in spelling to `name`, or None if none is close."""
+    close = difflib.get_close_matches(name, [str(c) for c in choices], n=1)
+    return close[0] if close else None
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """' (did you mean "x"?)' for the choice closest in spelling to `name`, or "" if none is close."""
+    close = closest(name, choices)
+    return suggestion(close) if close else ""
+
+
+def suggestion(*names: str) -> str:
+    """' (did you mean "a" or "b"?)'."""
+    return " (did you mean " + " or ".join(f'"{n}"' for n in names) + "?)"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.config import ExportConfig, LoraConfig, ModelConfig
+from engine.config import ExportConfig, LoraConfig, ModelConfig, parse_size
 from engine.errors import UserError
 from engine.loading import WRAPPER_PREFIX, hf_name, pretrained_model, saved_weights
 from engine.model import restore_config_dropout, save_tokenizer_and_generation_config
@@ -46,15 +45,6 @@ def full_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     return {k.removeprefix(WRAPPER_PREFIX): v for k, v in state.items()}
-
-
-def parse_size(text: str) -> int:
-    """'5GB' -> 5e9 bytes, '500MiB' -> 500 * 2**20 (transformers' convention)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise ValueError(f"not a size: {text!r}")
-    units = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, None: 1}
-    return int(float(match.group(1)) * units[match.group(2).lower() if match.group(2) else None])
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -277,9 +267,9 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
     from engine.checkpoint import COMPLETE, STATE_OPTIONS
-    from engine.config import load_config
     from engine.forward import SequenceLogprobs
     from engine.model import build_policy, build_tokenizer
+    from engine.recipe import load_config
 
     if not (checkpoint_dir / COMPLETE).is_file():
         raise UserError(f"{checkpoint_dir}: not a complete fsdpo checkpoint")

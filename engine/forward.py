@@ -6,7 +6,9 @@ chunk's logits recomputed in backward), with log-softmax in fp32. Full-vocabular
 every position are never materialised, and prompt and padding positions never reach the head.
 
 Forward modes lay a micro-batch of B pairs out as model inputs and are registered by name in
-`FORWARD_MODES`:
+`FORWARD_MODES`, each with the facts the engine reads about it (`ForwardMode`: padding-free,
+shares the prompt, positions per forward), from which `forward_work` counts what a micro-batch
+computes and `padding_fraction` the padding a mode pays:
 
 | mode            | rows                          | positions computed         | attention                      |
 |-----------------|-------------------------------|----------------------------|--------------------------------|
@@ -22,15 +24,16 @@ engine/attention.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from engine.attention import KWARG, AttentionSegments, enable_segment_attention, segmented_forward
-from engine.data import PairBatch
+from engine.data import GlobalBatchSampler, PairBatch, PreferenceDataset
 from engine.losses import PreferenceLogps
 
 
@@ -346,38 +349,87 @@ def both_sequences(batch: PairBatch) -> list[tuple[list[int], list[int]]]:
     return list(zip(batch.prompts, batch.chosen)) + list(zip(batch.prompts, batch.rejected))
 
 
-ForwardMode = Callable[[nn.Module, PairBatch, int, torch.device, bool], PreferenceLogps]
+# ----------------------------------------------------------------------------------------------
+# The registry: a forward mode is its layout and the facts the rest of the engine reads about it
+
 Layout = Callable[[PairBatch, int, torch.device], list[ModelInputs]]
+Triple = tuple[int, int, int]  # a pair's (prompt, chosen, rejected) token counts
+
+
+@dataclass(frozen=True)
+class ForwardMode:
+    """A forward mode: its layout and its facts. The recipe's allowed `training.forward_mode`
+    values, token budgets, the reference layout, the FLOP count and the padding statistics all
+    read them here, so a new mode is one `register` call."""
+
+    name: str
+    layout: Layout  # pairs -> model inputs whose sequences, in order, are the B chosen then the B rejected
+    padding_free: bool  # one row without padding: token-budget micro-batches; scores its own reference
+    shares_prompt: bool  # each pair's prompt is computed once, for both completions
+    forwards: Callable[
+        [list[Triple]], list[int]
+    ]  # positions of each forward of a micro-batch (padding included)
+    doc: str
+
+    def real_positions(self, lengths: np.ndarray) -> np.ndarray:
+        """[N] positions of each pair that are not padding, from [N, 3] (prompt, chosen, rejected)
+        lengths (`PreferenceDataset.lengths()`): the prompt twice unless it is shared."""
+        lengths = np.asarray(lengths, dtype=np.int64).reshape(-1, 3)
+        return lengths.sum(axis=1) + (0 if self.shares_prompt else lengths[:, 0])
+
+    def pair_positions(self, lengths: np.ndarray) -> np.ndarray:
+        """[N] positions each pair takes in a padding-free row: the unit of `micro_batch_tokens`."""
+        if not self.padding_free:
+            raise ValueError(
+                f"token-budget micro-batches need a padding-free forward mode, not {self.name!r}"
+            )
+        return self.real_positions(lengths)
+
+    def __call__(
+        self, model: nn.Module, batch: PairBatch, pad_id: int, device: torch.device, with_logweights: bool
+    ) -> PreferenceLogps:
+        return score_pairs(model, self.layout(batch, pad_id, device), with_logweights)
+
+
 FORWARD_MODES: dict[str, ForwardMode] = {}
-LAYOUTS: dict[str, Layout] = {}
 
 
-def register(name: str) -> Callable[[Layout], Layout]:
-    """Register a layout (pairs -> one or more model inputs whose sequences, in order, are the B
-    chosen then the B rejected completions) as the forward mode `name`."""
+def register(
+    name: str, *, padding_free: bool, shares_prompt: bool, forwards: Callable[[list[Triple]], list[int]]
+) -> Callable[[Layout], Layout]:
+    """Register `layout` as the forward mode `name`, with its facts (`ForwardMode`)."""
 
     def add(layout: Layout) -> Layout:
-        def mode(
-            model: nn.Module, batch: PairBatch, pad_id: int, device: torch.device, with_logweights: bool
-        ) -> PreferenceLogps:
-            return score_pairs(model, layout(batch, pad_id, device), with_logweights)
-
-        mode.__doc__ = layout.__doc__
-        LAYOUTS[name] = layout
-        FORWARD_MODES[name] = mode
+        doc = " ".join((layout.__doc__ or "").split())
+        FORWARD_MODES[name] = ForwardMode(name, layout, padding_free, shares_prompt, forwards, doc)
         return layout
 
     return add
 
 
-@register("concatenated")
+def _widest(triples: list[Triple], completion: int) -> int:
+    """The longest prompt + completion (1: chosen, 2: rejected) of a micro-batch's pairs."""
+    return max(t[0] + t[completion] for t in triples)
+
+
+@register(
+    "concatenated",
+    padding_free=False,
+    shares_prompt=False,
+    forwards=lambda t: [2 * len(t) * max(_widest(t, 1), _widest(t, 2))],
+)
 def concatenated_layout(batch: PairBatch, pad_id: int, device: torch.device) -> list[ModelInputs]:
     """Chosen and rejected stacked into one padded batch of 2B rows: one forward, one
     all-gather per block under FSDP."""
     return [padded_rows(both_sequences(batch), pad_id, device)]
 
 
-@register("separate")
+@register(
+    "separate",
+    padding_free=False,
+    shares_prompt=False,
+    forwards=lambda t: [len(t) * _widest(t, 1), len(t) * _widest(t, 2)],
+)
 def separate_layout(batch: PairBatch, pad_id: int, device: torch.device) -> list[ModelInputs]:
     """Two forwards of B rows (chosen, then rejected): lower peak activation memory."""
     return [
@@ -386,15 +438,23 @@ def separate_layout(batch: PairBatch, pad_id: int, device: torch.device) -> list
     ]
 
 
-@register("packed")
+@register(
+    "packed", padding_free=True, shares_prompt=False, forwards=lambda t: [sum(2 * p + c + r for p, c, r in t)]
+)
 def packed_layout(batch: PairBatch, pad_id: int, device: torch.device) -> list[ModelInputs]:
     """All 2B sequences in one row without padding, attention confined to each sequence."""
     return [packed_row(both_sequences(batch), device)]
 
 
-@register("prefix_shared")
+@register(
+    "prefix_shared",
+    padding_free=True,
+    shares_prompt=True,
+    forwards=lambda t: [sum(p + c + r for p, c, r in t)],
+)
 def prefix_shared_layout(batch: PairBatch, pad_id: int, device: torch.device) -> list[ModelInputs]:
-    """One `[prompt | chosen | rejected]` sequence per pair, packed: each prompt computed once."""
+    """One `[prompt | chosen | rejected]` sequence per pair, packed: each prompt computed once
+    (rejected attends to the prompt, not to chosen)."""
     return [shared_prefix_row(batch, device)]
 
 
@@ -407,3 +467,85 @@ def policy_logps(
     with_logweights: bool = False,
 ) -> PreferenceLogps:
     return FORWARD_MODES[mode](model, batch, pad_id, device, with_logweights)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a forward mode computes: positions, attention pairs, scored tokens
+
+
+@dataclass
+class Work:
+    """What forwards compute, summed over them (`forward_work`)."""
+
+    positions: int = 0  # positions run through the model, padding included
+    real_positions: int = 0  # of which not padding
+    attention_pairs: int = 0  # (query, key) pairs attended, per layer and query head
+    scored: int = 0  # positions through the LM head
+    forwards: list[int] = field(default_factory=list)  # positions of each forward
+
+    def __iadd__(self, other: Work) -> Work:
+        self.positions += other.positions
+        self.real_positions += other.real_positions
+        self.attention_pairs += other.attention_pairs
+        self.scored += other.scored
+        self.forwards += other.forwards
+        return self
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the positions run through the model that are padding."""
+        return 1.0 - self.real_positions / self.positions if self.positions else 0.0
+
+
+def forward_work(mode: str, lengths: Sequence[Sequence[int]]) -> Work:
+    """The work of one micro-batch of pairs, (prompt, chosen, rejected) token counts each, laid
+    out by forward `mode` (its `ForwardMode.forwards`). Padded rows attend over their real length
+    only (one causal sequence per prompt + completion), as a shared prompt attends once."""
+    triples = [(int(p), int(c), int(r)) for p, c, r in lengths]
+    forward = FORWARD_MODES[mode]
+    if forward.shares_prompt:
+        segments = AttentionSegments.for_shared_prefix(triples)
+    else:
+        segments = AttentionSegments.for_sequences(
+            [p + c for p, c, _ in triples] + [p + r for p, _, r in triples]
+        )
+    forwards = forward.forwards(triples)
+    return Work(
+        positions=sum(forwards),
+        real_positions=segments.length,
+        attention_pairs=segments.visible_pairs(),
+        scored=sum(c + r for _, c, r in triples),
+        forwards=forwards,
+    )
+
+
+def padding_fraction(
+    dataset: PreferenceDataset,
+    micro_batch_size: int,
+    mode: str = "concatenated",
+    *,
+    global_batch_size: int | None = None,
+    group_by_length: bool = False,
+    seed: int = 0,
+) -> float:
+    """Share of the positions forward `mode` runs through the model that are padding, over one
+    epoch of the sampler in micro-batches of `micro_batch_size` pairs (`Work.padding_fraction`).
+
+    Micro-batches are contiguous slices of each global batch whatever the world size, so this
+    does not depend on the number of ranks. 0 for a padding-free mode.
+    """
+    m = micro_batch_size
+    sampler = GlobalBatchSampler(
+        len(dataset),
+        global_batch_size or m,
+        m,
+        0,
+        1,
+        seed,
+        lengths=dataset.sequence_lengths() if group_by_length else None,
+        group_by_length=group_by_length,
+    )
+    lengths = dataset.lengths()[sampler.epoch_order(0).numpy()].reshape(-1, m, 3)
+    forward = FORWARD_MODES[mode]
+    computed = sum(sum(forward.forwards(micro.tolist())) for micro in lengths)
+    return 1.0 - int(forward.real_positions(lengths).sum()) / computed

@@ -1,10 +1,10 @@
 """What TRL, open-instruct and torchtune call things, for the recipe's "did you mean" hints.
 
-Pure data, read by engine.config when a recipe key or a loss name is unknown. `PEER_KEYS` maps a
+Pure data, read by engine.recipe when a recipe key or a loss name is unknown. `PEER_KEYS` maps a
 peer's config name (bare, or `table.name` where a peer nests it in a table fsdpo also has) to
 (fsdpo key or table, note); an empty key means fsdpo has no counterpart and the note says what
 to do instead. Names that are fsdpo keys in another table (`beta` -> `loss.beta`, `seed`,
-`max_length`, ...) need no entry: engine.config finds those in the schema itself.
+`max_length`, ...) need no entry: engine.recipe finds those in the schema itself.
 tests/test_recipe_hints.py checks that every key and loss named here exists.
 """
 

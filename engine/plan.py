@@ -63,10 +63,12 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from engine.config import Config, LoraConfig, TrainingConfig, to_toml
+from engine.config import Config, LoraConfig, TrainingConfig
 from engine.errors import UserError
-from engine.metrics import ModelShape, forward_work, model_flops, model_shape
+from engine.forward import forward_work
+from engine.metrics import ModelShape, model_flops, model_shape
 from engine.parallel import defers_gradient_sync, edge_units, mesh_shape, shard_size
+from engine.recipe import to_toml
 
 GIB = 2**30
 
@@ -444,15 +446,14 @@ def check_inputs(cfg: Config) -> tuple[list[str], list[str], Any | None, np.ndar
     sample of each local data source (`check_data`). Returns (one line per input, notes, the
     model's HF config or None: `load_model_config`, the sampled training pairs' lengths);
     raises the real run's UserError on the first problem."""
-    from engine.checkpoint import CheckpointManager
+    from engine.checkpoint import resume_path
     from engine.config import is_local_path
     from engine.data.tokenize import resolve_chat_template
     from engine.model import build_tokenizer
-    from engine.run_dir import RunDir, check_output_dir  # the very checks a real run makes
+    from engine.run_dir import check_output_dir  # the very checks a real run makes
 
     output_dir = Path(cfg.job.output_dir)
-    checkpoints = CheckpointManager(RunDir(output_dir, is_main=False), cfg.checkpoint, rank=0, world_size=1)
-    resume = checkpoints.resume_path()
+    resume = resume_path(cfg.checkpoint, output_dir)
     check_output_dir(output_dir, cfg.job.overwrite, resuming=resume is not None)
 
     hf_config, note = load_model_config(cfg)  # the model folder first, as build_tokenizer checks it

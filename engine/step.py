@@ -37,7 +37,7 @@ from engine import losses
 from engine.config import Config
 from engine.data import PairBatch
 from engine.distributed import World, stop_signal
-from engine.forward import LAYOUTS, ModelInputs, SequenceLogprobs, score_pairs, to_device
+from engine.forward import FORWARD_MODES, ModelInputs, SequenceLogprobs, score_pairs, to_device
 from engine.loading import materialize_and_load
 from engine.metrics import PairMetrics, peak_memory_gib
 from engine.model import build_policy, sharded_weights_dir
@@ -119,7 +119,7 @@ class TrainStep:
     def prepare(self, batch: PairBatch) -> MicroBatch:
         """Build `batch`'s inputs on the host and start their copies to the device."""
         return MicroBatch(
-            LAYOUTS[self.mode](batch, self.pad_id, self.device),
+            FORWARD_MODES[self.mode].layout(batch, self.pad_id, self.device),
             to_device(batch.valid, self.device),
             to_device(batch.pair_ids, self.device),
             batch.real_tokens,

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from engine.config import toml_value
+from engine.recipe import toml_value
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "recipes" / "assets"

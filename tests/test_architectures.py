@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from engine import metrics
 from engine import trainer as trainer_module
 from engine.attention import AttentionSegments, segment_attention
-from engine.config import DataConfig, DataSource, LoraConfig, ModelConfig, ParallelConfig, load_config
+from engine.config import DataConfig, DataSource, LoraConfig, ModelConfig, ParallelConfig
 from engine.data import PairBatch, build_dataset, collate
 from engine.errors import UserError
 from engine.export import full_hf_state_dict
@@ -27,6 +27,7 @@ from engine.forward import FORWARD_MODES, SequenceLogprobs, policy_logps
 from engine.loading import hf_name, materialize_and_load
 from engine.model import build_model, build_policy, build_tokenizer
 from engine.parallel import parallelize
+from engine.recipe import load_config
 from tests.conftest import ASSETS, LN2, base_tables, train_rows, write_recipe
 
 CPU = torch.device("cpu")

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 import torchrun_train
-from engine.config import Config, field_docs, load_config, reference_doc, to_toml
+from engine.config import Config, field_docs
 from engine.errors import UserError
+from engine.recipe import load_config, reference_doc, to_toml
 from tests.conftest import REPO, write_recipe
 
 GOOD = {
@@ -258,7 +259,7 @@ def test_cli_exit_code_and_no_traceback(tmp_path: Path) -> None:
 def test_readme_recipe_reference_is_in_sync() -> None:
     readme = (REPO / "README.md").read_text()
     assert reference_doc() in readme, (
-        "regenerate the README's recipe reference: python -m engine.config --doc"
+        "regenerate the README's recipe reference: python -m engine.recipe --doc"
     )
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import DataConfig, DataSource, ModelConfig, load_config, to_toml
+from engine.config import DataConfig, DataSource, ModelConfig
 from engine.data import GlobalBatchSampler, build_dataset, shard_for_inference
 from engine.errors import UserError
 from engine.model import build_tokenizer
+from engine.recipe import load_config, to_toml
 from tests.conftest import ASSETS, write_recipe
 
 

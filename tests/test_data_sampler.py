@@ -5,15 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.data import (
-    GlobalBatchSampler,
-    PreferenceDataset,
-    TokenizedPair,
-    padding_fraction,
-    pair_token_counts,
-)
+from engine.data import GlobalBatchSampler, PreferenceDataset, TokenizedPair
 from engine.data.sampler import fewest_micro_batches, split_by_tokens
 from engine.errors import UserError
+from engine.forward import FORWARD_MODES, padding_fraction
 
 
 def synthetic(n: int, seed: int = 0) -> PreferenceDataset:
@@ -118,7 +113,7 @@ def test_token_budget_sampler_keeps_ranks_in_step_and_the_global_batch(world: in
     micro-batch exceeds the budget, and a step reads the same pairs as with micro_batch_size.
     The lengths are chosen so that ranks often need different counts on their own."""
     data = synthetic(512, seed=1)
-    tokens = pair_token_counts(data.lengths(), "packed")
+    tokens = FORWARD_MODES["packed"].pair_positions(data.lengths())
     budget, gbs = int(tokens.max()) + 100, 16
     fixed = GlobalBatchSampler(len(data), gbs, 1, 0, 1, 5)
     samplers = [
@@ -137,12 +132,14 @@ def test_token_budget_sampler_keeps_ranks_in_step_and_the_global_batch(world: in
     if world > 1:
         assert uneven > 0
     # prefix_shared counts the prompt once
-    assert (pair_token_counts(data.lengths(), "prefix_shared") == tokens - data.lengths()[:, 0]).all()
+    assert (
+        FORWARD_MODES["prefix_shared"].pair_positions(data.lengths()) == tokens - data.lengths()[:, 0]
+    ).all()
 
 
 def test_token_budget_rejects_a_pair_longer_than_the_budget() -> None:
     data = synthetic(64)
-    tokens = pair_token_counts(data.lengths(), "packed")
+    tokens = FORWARD_MODES["packed"].pair_positions(data.lengths())
     with pytest.raises(
         UserError, match=rf"micro_batch_tokens=10 .*pair {int(tokens.argmax())}: {tokens.max()} tokens"
     ):

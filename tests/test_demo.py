@@ -57,7 +57,7 @@ def test_export_reproduces_the_trained_model_logits(
     """Every position's next-token log-probs from the trained FSDP model equal final/'s (1e-6)."""
     from transformers import AutoModelForCausalLM
 
-    from engine.config import load_config
+    from engine.recipe import load_config
     from engine.trainer import Trainer
 
     out = tmp_path / "run"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import load_config
-from engine.export import parse_size
+from engine.config import parse_size
+from engine.recipe import load_config
 from engine.trainer import Trainer
 from tests.conftest import base_tables, every_position_logps, write_recipe
 
@@ -101,7 +101,7 @@ def test_demo_lora_adapter_loads_with_auto_peft_from_anywhere(tmp_path: Path, wo
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    from engine.config import load_config
+    from engine.recipe import load_config
     from engine.trainer import Trainer
     from tests.conftest import REPO
 

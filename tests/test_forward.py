@@ -263,3 +263,33 @@ def test_forward_modes_in_bf16_under_fsdp(setup, varied_batch, world) -> None:
         assert out.chosen_logps.dtype == torch.float32
         assert (out.chosen_logps.detach() != base.chosen_logps).any(), "bf16 was not applied"
         _assert_same(out, grads, base, base_grads, 5e-3, f"bf16 {mode}", grad_rtol=5e-2)
+
+
+def test_the_forward_mode_registry_is_the_schema_and_the_readme(varied_batch) -> None:
+    """One registry entry is a whole forward mode: its facts match what its layout builds, the
+    recipe accepts exactly its names, and the README lists every one."""
+    from engine.config import TrainingConfig
+    from engine.recipe import reference_doc
+
+    assert TrainingConfig().forward_mode in FORWARD_MODES
+    lengths = [
+        (len(p), len(c), len(r))
+        for p, c, r in zip(varied_batch.prompts, varied_batch.chosen, varied_batch.rejected)
+    ]
+    for mode in FORWARD_MODES.values():
+        inputs = mode.layout(varied_batch, 0, torch.device("cpu"))
+        assert mode.forwards(lengths) == [x.computed_tokens for x in inputs]
+        assert mode.padding_free == all(x.attention_mask is None for x in inputs)
+        real = sum(x.real_tokens for x in inputs)
+        assert real == int(mode.real_positions(lengths).sum())
+        assert mode.shares_prompt == (real == sum(map(sum, lengths)))
+        if mode.padding_free:
+            assert mode.pair_positions(lengths).tolist() == [mode.forwards([t])[0] for t in lengths]
+        else:
+            with pytest.raises(ValueError):
+                mode.pair_positions(lengths)
+    row = next(line for line in reference_doc().splitlines() if line.startswith("| `training.forward_mode`"))
+    assert row.startswith("| `training.forward_mode` | " + " | ".join(f'"{n}"' for n in FORWARD_MODES) + " | `")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### Forward modes (`training.forward_mode`)")[1].split("\n### ")[0]
+    assert all(f"- `{n}`" in section for n in FORWARD_MODES)

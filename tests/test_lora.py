@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import load_config
 from engine.data import collate
 from engine.forward import SequenceLogprobs, policy_logps
+from engine.recipe import load_config
 from engine.trainer import Trainer
 from tests.conftest import (
     LN2,

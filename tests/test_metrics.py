@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from engine import metrics
-from engine.config import LoraConfig, load_config
-from engine.forward import LAYOUTS
-from engine.metrics import ModelShape, Work, forward_work, model_flops, model_shape
+from engine.config import LoraConfig
+from engine.forward import FORWARD_MODES, Work, forward_work
+from engine.metrics import ModelShape, model_flops, model_shape
+from engine.recipe import load_config
 from tests.conftest import ASSETS, base_tables, train_rows, write_recipe
 
 # (prompt, chosen, rejected) tokens of the 2-pair batch of the hand computation
@@ -102,10 +103,10 @@ def test_flops_of_a_two_pair_batch_by_hand(mode: str) -> None:
     assert model_flops(model_shape(_meta_model()), work) == expected[mode]
 
 
-@pytest.mark.parametrize("mode", list(LAYOUTS))
+@pytest.mark.parametrize("mode", list(FORWARD_MODES))
 def test_forward_work_is_what_the_layouts_compute(mode: str) -> None:
     """The arithmetic from pair lengths equals the model inputs engine.forward builds."""
-    from engine.bench import pair_batch
+    from engine.bench.common import pair_batch
 
     g = torch.Generator().manual_seed(1)
     pairs = [
@@ -116,7 +117,7 @@ def test_forward_work_is_what_the_layouts_compute(mode: str) -> None:
     ]
     batch = pair_batch(pairs, list(range(len(pairs))))
     built = Work()
-    for inputs in LAYOUTS[mode](batch, 0, torch.device("cpu")):
+    for inputs in FORWARD_MODES[mode].layout(batch, 0, torch.device("cpu")):
         if inputs.segments is not None:
             pairs_attended = inputs.segments.visible_pairs()
         else:
@@ -186,8 +187,8 @@ def test_training_rows_count_the_model_inputs_and_leave_out_eval_and_checkpoints
     )
     tables.update(logging={"interval_steps": 2}, checkpoint={"interval_steps": 3}, export={"enabled": False})
     trainer = trainer_module.Trainer(load_config(write_recipe(tmp_path / "r.toml", tables)), world)
-    assert trainer.peak.flops == 1e11
-    assert trainer.flop_shape == model_shape(_meta_model())  # the hand-counted shape, sharded
+    assert trainer.meter.peak.flops == 1e11
+    assert trainer.meter.shape == model_shape(_meta_model())  # the hand-counted shape, sharded
 
     steps: list[dict] = []  # per training step: its duration and the inputs of its forwards
 

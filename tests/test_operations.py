@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import load_config
 from engine.post_train import finish
+from engine.recipe import load_config
 from engine.trainer import Trainer
 from tests.conftest import (
     REPO,

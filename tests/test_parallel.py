@@ -187,8 +187,8 @@ def test_the_compiler_check_comes_before_any_loading(
     tmp_path: Path, small_data: dict, monkeypatch, world
 ) -> None:
     """A model folder that does not exist would fail at loading: the compiler check fails first."""
-    from engine.config import load_config
     from engine.errors import UserError
+    from engine.recipe import load_config
     from engine.trainer import Trainer
     from tests.conftest import base_tables, write_recipe
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Config, load_config
+from engine.config import Config
 from engine.errors import UserError
 from engine.losses import LOSSES
 from engine.peer_names import PEER_KEYS, PEER_LOSSES
+from engine.recipe import load_config
 from tests.conftest import write_recipe
 
 GOOD = {"model": {"path": "m"}, "data": {"train": ["t.jsonl"]}}

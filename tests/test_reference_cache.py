@@ -21,7 +21,7 @@ from engine.config import DataConfig, DataSource, ModelConfig
 from engine.data import PreferenceDataset, TokenizedPair, build_dataset
 from engine.errors import UserError
 from engine.model import build_tokenizer
-from engine.reference import ReferenceLogps
+from engine.reference_cache import ReferenceLogps
 from tests.conftest import ASSETS
 
 # ----------------------------------------------------------------------------------------------

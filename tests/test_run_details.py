@@ -14,9 +14,10 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from engine import metrics
-from engine.config import LoggingConfig, load_config
+from engine.config import LoggingConfig
 from engine.data import GlobalBatchSampler
 from engine.model import save_tokenizer_and_generation_config
+from engine.recipe import load_config
 from engine.trainer import Trainer, startup_warnings
 from tests.conftest import ASSETS, base_tables, train_rows, write_recipe
 

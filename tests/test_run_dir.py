@@ -82,7 +82,7 @@ def test_a_foreign_file_at_any_run_path_is_refused_overwrite_or_not(tmp_path: Pa
 
 
 def _train(recipe: Path, overrides: list[str], world) -> None:
-    from engine.config import load_config
+    from engine.recipe import load_config
     from engine.trainer import Trainer
 
     Trainer(load_config(recipe, overrides), world).train()

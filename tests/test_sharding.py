@@ -75,7 +75,7 @@ def test_gradient_sync_defaults_and_conflicts(recipe: Path) -> None:
     assert not defers_gradient_sync(ParallelConfig(sharding="full"))
     assert reshard_after_forward(ParallelConfig(sharding="full"))
     assert not reshard_after_forward(ParallelConfig(sharding="grad_op"))
-    from engine.config import load_config
+    from engine.recipe import load_config
 
     with pytest.raises(UserError, match=r"parallel\.reshard_after_forward=true conflicts"):
         load_config(recipe, ["parallel.sharding=grad_op", "parallel.reshard_after_forward=true"])

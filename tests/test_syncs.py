@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import load_config
 from engine.data import collate
 from engine.forward import FORWARD_MODES
 from engine.losses import LossOutput, PreferenceLogps
 from engine.metrics import PairMetrics
+from engine.recipe import load_config
 from engine.step import TrainStep
 from engine.syncs import ReadCounter
 from tests.conftest import base_tables, write_recipe

@@ -102,7 +102,7 @@ def test_metrics_rows_carry_the_contract_keys(runs: dict[str, Path]) -> None:
 def test_resolved_recipe_and_export(runs: dict[str, Path], tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.config import load_config
+    from engine.recipe import load_config
 
     out = runs["two"]
     cfg = load_config(out / "recipe.toml")

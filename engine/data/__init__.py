@@ -27,8 +27,6 @@ from engine.data.sampler import (
     GlobalBatchSampler,
     PairBatch,
     collate,
-    padding_fraction,
-    pair_token_counts,
     shard_for_inference,
     token_budget_micro_batches,
 )
@@ -42,8 +40,6 @@ __all__ = [
     "TokenizedPair",
     "build_dataset",
     "collate",
-    "padding_fraction",
-    "pair_token_counts",
     "resolve_chat_template",
     "shard_for_inference",
     "split_eval",
