@@ -33,6 +33,8 @@ else, and on CPU, the measured matmul rate (`matmul_peak`).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import re
@@ -306,12 +308,12 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
-    _sync(device)
+    synchronize(device)
     repeats, start = 0, time.perf_counter()
     while repeats < 3 or time.perf_counter() - start < 0.3:
         a @ b
         repeats += 1
-    _sync(device)
+    synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
@@ -342,17 +344,34 @@ def matmul_peak_once(device: torch.device, dtype: torch.dtype) -> tuple[float, s
     return _MEASURED_PEAKS[key]
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA; nothing queues on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def peak_memory_gib(device: torch.device) -> float:
-    """Peak accelerator memory allocated (CUDA) or peak resident set size (CPU) of this rank."""
+    """Peak accelerator memory allocated (CUDA) or peak resident set size (CPU: the kernel's
+    high-water mark, VmHWM, which `reset_peak_memory` resets; ru_maxrss where there is no /proc)
+    of this rank since the process started or the last `reset_peak_memory`."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 2**20
+    with contextlib.suppress(OSError, AttributeError):
+        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start `peak_memory_gib` afresh from the memory in use now. On CPU the allocator's free
+    heap is handed back first (glibc keeps it resident, all of it with a large
+    MALLOC_TRIM_THRESHOLD_), so that the next peak is the next work's own."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError):  # Linux: "5" resets the peak resident set (VmHWM) to now
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 class MetricsLogger:

@@ -7,6 +7,7 @@ or a hub id both work; `trust_remote_code` is off unless the recipe asks for it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -97,8 +98,11 @@ def sharded_weights_dir(cfg: ModelConfig) -> Path | None:
     return folder if index is not None else None
 
 
-def build_model(cfg: ModelConfig, seed: int, defer_weights: bool = False) -> torch.nn.Module:
-    """The causal LM in fp32 on the CPU (parallelize() shards it).
+def build_model(
+    cfg: ModelConfig, seed: int, defer_weights: bool = False, config_overrides: dict[str, Any] | None = None
+) -> torch.nn.Module:
+    """The causal LM in fp32 on the CPU (parallelize() shards it). `config_overrides` set fields
+    of its config before it is built (the bench's `--model-config`: with `random_init`).
 
     With `defer_weights`, parameters are created on the meta device and nothing is loaded:
     `engine.loading.materialize_and_load` fills each rank's shards after sharding.
@@ -108,6 +112,10 @@ def build_model(cfg: ModelConfig, seed: int, defer_weights: bool = False) -> tor
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.path: cannot load a model config from {cfg.path} ({first})") from None
+    for key, value in (config_overrides or {}).items():
+        if not hasattr(config, key):
+            raise UserError(f"--model-config: {type(config).__name__} has no field {key!r}")
+        setattr(config, key, value)
     if cfg.disable_dropout:  # before the model is built: modules copy these at init
         disable_config_dropout(config)
     kwargs = dict(
@@ -204,11 +212,15 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int) -> torch.nn.M
 
 
 def build_policy(
-    model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int, defer_weights: bool = False
+    model_cfg: ModelConfig,
+    lora_cfg: LoraConfig,
+    seed: int,
+    defer_weights: bool = False,
+    config_overrides: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
-    """The model that is trained: the causal LM, with LoRA adapters when enabled (adapters are
-    always created for real, seeded, even when the base weights are deferred)."""
-    model = build_model(model_cfg, seed, defer_weights)
+    """The model that is trained: the causal LM (`build_model`), with LoRA adapters when enabled
+    (adapters are always created for real, seeded, even when the base weights are deferred)."""
+    model = build_model(model_cfg, seed, defer_weights, config_overrides)
     if not lora_cfg.enabled:
         return model
     model = apply_lora(model, lora_cfg, seed)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import bench
+from engine.bench import cli, logprob_memory
+from engine.bench.modes import RESULT_KEYS, mode_parallel
 from engine.errors import UserError
 from tests.conftest import REPO, base_tables, run_sweep, write_recipe
 
@@ -27,7 +28,7 @@ def recipe(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small
 
 def test_bench_reports_every_mode(recipe: Path, tmp_path: Path, world) -> None:
     out = tmp_path / "bench.json"
-    report = bench.main(
+    report = cli.main(
         [str(recipe), "data.max_length=96", "--steps", "2", "--warmup", "1", "--synthetic-pairs", "8",
          "--prompt-len", "20", "--completion-len", "5,40", "--matmul-size", "256", "--out", str(out),
          "--modes", "concatenated,separate,packed,prefix_shared,packed@192"]
@@ -35,7 +36,7 @@ def test_bench_reports_every_mode(recipe: Path, tmp_path: Path, world) -> None:
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert set(report["modes"]) == {"concatenated", "separate", "packed", "prefix_shared", "packed@192"}
     for mode, row in report["modes"].items():
-        assert set(bench.RESULT_KEYS) <= set(row), mode
+        assert set(RESULT_KEYS) <= set(row), mode
         assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_mem_gib"] > 0, mode
         assert len(row["step_times_s"]) == 2
         assert math.isclose(
@@ -100,7 +101,7 @@ def test_bench_under_torchrun(recipe: Path, tmp_path: Path) -> None:
 )
 def test_bench_rejects_bad_token_budgets(recipe: Path, world, spec: str, words: str) -> None:
     with pytest.raises(UserError, match=words):
-        bench.main([str(recipe), "--modes", spec, "--synthetic-pairs", "8", "--prompt-len", "20"])
+        cli.main([str(recipe), "--modes", spec, "--synthetic-pairs", "8", "--prompt-len", "20"])
 
 
 def test_bench_against_trl_without_trl_stops_before_any_mode_runs(
@@ -110,15 +111,15 @@ def test_bench_against_trl_without_trl_stops_before_any_mode_runs(
         raise AssertionError("an fsdpo mode ran before TRL was found missing")
 
     monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` raises ImportError
-    monkeypatch.setattr(bench, "run_mode", ran)
-    monkeypatch.setattr(bench, "load_config", ran)
+    monkeypatch.setattr(cli, "run_mode", ran)
+    monkeypatch.setattr(cli, "load_config", ran)
     with pytest.raises(UserError, match=r"--against trl: TRL is not installed \(pip install trl\)"):
-        bench.main([str(recipe), "--modes", "packed", "--steps", "1", "--warmup", "0", "--against", "trl"])
+        cli.main([str(recipe), "--modes", "packed", "--steps", "1", "--warmup", "0", "--against", "trl"])
 
 
 def test_logprob_step_memory_probe_runs() -> None:
     for variant in ("full_logits", "unchunked", "chunked"):
-        result = bench.logprob_step(variant, vocab=64, hidden=8, rows=2, seq_len=16, chunk_tokens=8)
+        result = logprob_memory.logprob_step(variant, vocab=64, hidden=8, rows=2, seq_len=16, chunk_tokens=8)
         # at these toy sizes the RSS delta is allocator noise and can be slightly negative
         assert result["variant"] == variant and math.isfinite(result["peak_delta_gib"])
 
@@ -158,22 +159,41 @@ def test_bench_compares_recompute_choices_and_compile_in_one_run(recipe: Path, w
     eager backend keeps the compile case quick: graphs and breaks are counted the same way)."""
     import torch
 
-    from engine.config import load_config
+    from engine.recipe import load_config
 
     common = [str(recipe), "data.max_length=96", "--steps", "1", "--warmup", "1", "--synthetic-pairs", "8",
               "--prompt-len", "20", "--completion-len", "5,40", "--matmul-size", "128"]  # fmt: skip
-    report = bench.main([*common, "--modes", "packed,packed:full,packed:selective,concatenated:selective"])
+    report = cli.main([*common, "--modes", "packed,packed:full,packed:selective,concatenated:selective"])
     modes = report["modes"]
     assert [modes[m]["recompute"] for m in modes] == ["none", "full", "selective", "selective"]
     # recompute changes the work done, never the model FLOPs counted (MFU counts no recompute)
     assert modes["packed:full"]["model_flops_per_step"] == modes["packed"]["model_flops_per_step"]
     with pytest.raises(UserError, match="unknown option 'fast'"):
-        bench.mode_parallel("packed:fast", load_config(recipe))
-    parallel = bench.mode_parallel("packed@64:selective:compile", load_config(recipe))
+        mode_parallel("packed:fast", load_config(recipe))
+    parallel = mode_parallel("packed@64:selective:compile", load_config(recipe))
     assert parallel.activation_checkpointing == "selective" and parallel.compile
     real_compile = torch.nn.Module.compile
     monkeypatch.setattr(
         torch.nn.Module, "compile", lambda self, **kw: real_compile(self, **kw, backend="eager")
     )
-    compiled = bench.main([*common, "--modes", "packed:compile"])["modes"]["packed:compile"]
+    compiled = cli.main([*common, "--modes", "packed:compile"])["modes"]["packed:compile"]
     assert compiled["compile"]["graphs"] >= 1 and compiled["compile"]["graph_breaks"] == 0
+
+
+def test_peak_memory_is_each_modes_own() -> None:
+    """The CPU peak (engine.metrics.peak_memory_gib: the kernel's high-water mark) starts afresh
+    at `reset_peak_memory`, as the bench does before each mode's timed steps: memory freed before
+    the reset is out of the peak, memory touched after it is in."""
+    import torch
+
+    from engine.metrics import peak_memory_gib, reset_peak_memory
+
+    cpu, block_gib = torch.device("cpu"), 0.125
+    block = torch.ones(int(block_gib * 2**30) // 4)  # written, so resident
+    held = peak_memory_gib(cpu)
+    del block
+    reset_peak_memory(cpu)
+    after_reset = peak_memory_gib(cpu)
+    assert after_reset < held - 0.75 * block_gib
+    torch.ones(int(block_gib * 2**30) // 4)  # freed at once: the high-water mark keeps it
+    assert peak_memory_gib(cpu) > after_reset + 0.75 * block_gib

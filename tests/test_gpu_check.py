@@ -1,4 +1,4 @@
-"""The GPU check (engine/gpu_check.py) runs whole at its tiny size on CPU, through the bench's
+"""The GPU check (engine/bench/gpu_check.py) runs whole at its tiny size on CPU, through the bench's
 `--gpu-check` flag: every phase writes its file with the documented keys and sane values, a
 failing phase is recorded and the next one runs, a spent time cap skips what is left. The compile
 phase (tens of seconds of C++ builds on CPU) has its own slow test."""
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import bench, gpu_check
+from engine.bench import cli, gpu_check
 from engine.errors import UserError
 from engine.forward import FORWARD_MODES
 
@@ -27,7 +27,7 @@ def run_check(out: Path, *flags: str) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return bench.main(["--gpu-check", str(out), "--gpu-check-size", "tiny", *flags])
+        return cli.main(["--gpu-check", str(out), "--gpu-check-size", "tiny", *flags])
     finally:
         torch.set_num_threads(threads)
 

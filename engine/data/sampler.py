@@ -139,6 +139,28 @@ def token_budget_micro_batches(
     return split_by_tokens(rank_tokens[rank], budget, count)
 
 
+def rank_micro_batches(
+    step_pairs: Sequence[int],
+    rank: int,
+    world_size: int,
+    micro_batch_size: int,
+    micro_batch_tokens: int = 0,
+    pair_tokens: np.ndarray | None = None,
+) -> list[list[int]]:
+    """Rank `rank`'s micro-batches (pair indices) of one step's global batch `step_pairs`: its
+    contiguous slice, cut into `micro_batch_size` pairs, or with `micro_batch_tokens` by that
+    token budget (`pair_tokens[i]`: positions of pair i; `token_budget_micro_batches`)."""
+    ranks = np.asarray(step_pairs, dtype=np.int64).reshape(world_size, -1)
+    mine = ranks[rank]
+    if micro_batch_tokens:
+        batches = token_budget_micro_batches(
+            [pair_tokens[pairs] for pairs in ranks], rank, micro_batch_tokens
+        )
+        return [[int(mine[i]) for i in batch] for batch in batches]
+    m = micro_batch_size
+    return [mine[i : i + m].tolist() for i in range(0, len(mine), m)]
+
+
 def split_global_batch(
     global_batch_size: int, micro_batch_size: int, world_size: int, micro_batch_tokens: int = 0
 ) -> int:
@@ -251,17 +273,14 @@ class GlobalBatchSampler:
         """This rank's pairs of optimizer step `step`, as a list of micro-batches."""
         order = self.epoch_order(self.epoch_of(step))
         first = (step % self.steps_per_epoch) * self.global_batch_size
-        if self.micro_batch_tokens:
-            ranks = order[first : first + self.global_batch_size].view(self.world_size, self.per_rank).numpy()
-            batches = token_budget_micro_batches(
-                [self.pair_tokens[pairs] for pairs in ranks], self.rank, self.micro_batch_tokens
-            )
-            mine = ranks[self.rank]
-            return [[int(mine[i]) for i in batch] for batch in batches]
-        start = first + self.rank * self.per_rank
-        mine = order[start : start + self.per_rank].tolist()
-        m = self.micro_batch_size
-        return [mine[i : i + m] for i in range(0, len(mine), m)]
+        return rank_micro_batches(
+            order[first : first + self.global_batch_size].numpy(),
+            self.rank,
+            self.world_size,
+            self.micro_batch_size,
+            self.micro_batch_tokens,
+            self.pair_tokens,
+        )
 
 
 def shard_for_inference(

@@ -4,7 +4,7 @@
                            [--gpu-check-phases environment,numerics,...]
 
 Everything is built from configs (random init from recipes/assets/tiny-llama's config with
-overrides) and synthetic pairs (`engine.bench.synthetic_pairs`): no download, no data file, no
+overrides) and synthetic pairs (`engine.bench.common.synthetic_pairs`): no download, no data file, no
 `datasets`. Phases run in priority order, each in its own try/except; each writes
 OUT_DIR/<phase>.json as soon as it ends (a long phase also rewrites it after every item), so a
 timeout keeps what was done. A failing phase records its error and traceback and the next one
@@ -38,8 +38,8 @@ Phases (`PHASES`), what each measures:
 4. throughput: a random-init Llama-3-8B-width model with 8 layers (2.80B parameters: 1.75B in
    the blocks, 1.05B in embedding and head), pairs of 2048 tokens at most (prompt ~300, completions
    100-800), 16 pairs per step, in `RUNS` order (mode @ token budget, activation checkpointing):
-   timed steps of the trainer's own step through `engine.bench.run_mode`, tokens/s, MFU against
-   the table's dense peak (`engine.bench.summarize`, engine.metrics' one FLOP count), peak
+   timed steps of the trainer's own step through `engine.bench.modes.run_mode`, tokens/s, MFU against
+   the table's dense peak (`engine.bench.modes.summarize`, engine.metrics' one FLOP count), peak
    allocated and reserved memory against the dry run's estimate (`engine.plan.estimate_memory`).
 5. syncs: host-device synchronisations per step, as the difference between a run of 1 and of 2
    timed steps (the model build and the warm-up step fall out): on CUDA the warnings of
@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import importlib
 import importlib.metadata
@@ -106,13 +107,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine import attention, bench
-from engine.config import Config, load_config
+from engine import attention
+from engine.bench import common, modes
+from engine.config import Config
 from engine.distributed import World, init_distributed, log
-from engine.errors import UserError
+from engine.errors import UserError, first_line
 from engine.metrics import Peak, device_peak, format_rate, matmul_peak, measure_matmul_flops, table_peak
+from engine.parallel import compute_dtype
+from engine.recipe import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "demo.toml"  # the tiny Llama's config and tokenizer; its data is never read
 PHASES = ("environment", "numerics", "attention", "throughput", "syncs", "compile")
 LN2 = math.log(2)
@@ -133,15 +137,15 @@ LLAMA3_8B_WIDTH_8_LAYERS = {
 
 @dataclass(frozen=True)
 class PairSpec:
-    """Synthetic pairs (`engine.bench.synthetic_pairs`)."""
+    """Synthetic pairs (`engine.bench.common.synthetic_pairs`)."""
 
     count: int
     prompt_len: int
     completion_len: tuple[int, int]
     max_length: int
 
-    def make(self, vocab: int, seed: int) -> list[bench.Pair]:
-        return bench.synthetic_pairs(
+    def make(self, vocab: int, seed: int) -> list[common.Pair]:
+        return common.synthetic_pairs(
             self.count, self.prompt_len, self.completion_len, vocab, self.max_length, seed
         )
 
@@ -284,12 +288,13 @@ class Check:
             if torch.cuda.is_available()
             else torch.device("cpu")
         )
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.deadline = math.inf
         self._world: World | None = None
         self._peak: Peak | None = None
         self._model_configs: dict[str, Any] = {}
         self._pad_id: int | None = None
+        # the runs' compute dtype (the recipe's `parallel.mixed_precision`: bf16 on CUDA)
+        self.dtype = compute_dtype(self.config(size.numerics_pairs, (1, 1)).parallel, self.device)
 
     @property
     def world(self) -> World:
@@ -307,12 +312,12 @@ class Check:
         return self._peak
 
     def model_config(self, overrides: dict[str, Any]):
-        """The Hugging Face config `engine.bench.build_causal_lm` builds for `overrides` (built
+        """The Hugging Face config `engine.bench.common.build_causal_lm` builds for `overrides` (built
         on the meta device: no memory, no init)."""
         key = json.dumps(overrides, sort_keys=True)
         if key not in self._model_configs:
             with torch.device("meta"):
-                model = bench.build_causal_lm(self.config(self.size.numerics_pairs, (1, 1)), overrides)
+                model = common.build_causal_lm(self.config(self.size.numerics_pairs, (1, 1)), overrides)
             self._model_configs[key] = model.config
         return self._model_configs[key]
 
@@ -429,7 +434,7 @@ def _sdpa_probes(device: torch.device, dtype: torch.dtype, heads: tuple[int, int
                     run().sum().backward()
                 results[backend.lower()][case] = "ok"
             except Exception as e:  # an unsupported combination is an answer, not a failure
-                results[backend.lower()][case] = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                results[backend.lower()][case] = first_line(e)[:200]
     return results
 
 
@@ -511,10 +516,10 @@ def phase_environment(check: Check, record: dict[str, Any]) -> None:
 def _token_logps(model: torch.nn.Module, mode: str, batch, pad_id: int, device: torch.device) -> torch.Tensor:
     """Per-token log-probs [N] of `batch` laid out by `mode`: each scored position made its own
     sequence of the layout's inputs, through the model's forward."""
-    from engine.forward import LAYOUTS
+    from engine.forward import FORWARD_MODES
 
     parts = []
-    for inputs in LAYOUTS[mode](batch, pad_id, device):
+    for inputs in FORWARD_MODES[mode].layout(batch, pad_id, device):
         n = inputs.score_sequences.shape[0]
         inputs.score_sequences = torch.arange(n, device=device)
         inputs.sequence_tokens = torch.ones(n, dtype=torch.long, device=device)
@@ -541,7 +546,7 @@ def _delta_stats(delta: torch.Tensor) -> dict[str, float]:
     }
 
 
-def _step0(model, mode: str, pairs: list[bench.Pair], cfg: Config, pad_id: int, device) -> dict[str, float]:
+def _step0(model, mode: str, pairs: list[common.Pair], cfg: Config, pad_id: int, device) -> dict[str, float]:
     """Step 0 of DPO: reference log-probs scored as the trainer scores them (its layout, its
     batch of 4 x micro-batch pairs, eval mode), the policy's in `mode`'s micro-batches."""
     from engine.forward import policy_logps
@@ -558,7 +563,7 @@ def _step0(model, mode: str, pairs: list[bench.Pair], cfg: Config, pad_id: int, 
         model.eval()
         ref = [
             policy_logps(
-                reference_layout(mode), model, bench.pair_batch([pairs[i] for i in ids], ids), pad_id, device
+                reference_layout(mode), model, common.pair_batch([pairs[i] for i in ids], ids), pad_id, device
             )
             for ids in chunks(ref_batch)
         ]
@@ -567,7 +572,7 @@ def _step0(model, mode: str, pairs: list[bench.Pair], cfg: Config, pad_id: int, 
         ref_r = torch.cat([r.rejected_logps for r in ref])
         losses, correct, logratios = [], [], []
         for ids in chunks(t.micro_batch_size):
-            logps = policy_logps(mode, model, bench.pair_batch([pairs[i] for i in ids], ids), pad_id, device)
+            logps = policy_logps(mode, model, common.pair_batch([pairs[i] for i in ids], ids), pad_id, device)
             logps.ref_chosen_logps, logps.ref_rejected_logps = ref_c[ids], ref_r[ids]
             out = compute_loss(logps, cfg.loss)
             losses.append(out.losses.double())
@@ -590,7 +595,7 @@ def phase_numerics(check: Check, record: dict[str, Any]) -> None:
     spec = size.numerics_pairs
     batch = (spec.count, size.numerics_micro)
     cfgs = {p: check.config(spec, batch, f"parallel.mixed_precision={p}") for p in ("fp32", "bf16")}
-    causal_lm = bench.build_causal_lm(cfgs["fp32"], size.numerics_model)
+    causal_lm = common.build_causal_lm(cfgs["fp32"], size.numerics_model)
     pad_id = check.pad_id
     pairs = spec.make(causal_lm.config.vocab_size, cfgs["fp32"].job.seed)
     sample = [token for pair in pairs for part in pair for token in part][: spec.max_length]
@@ -602,7 +607,7 @@ def phase_numerics(check: Check, record: dict[str, Any]) -> None:
         p: attention.kernel_plan(causal_lm.config, device, dt)
         for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))
     }
-    everything = bench.pair_batch(pairs, list(range(len(pairs))))
+    everything = common.pair_batch(pairs, list(range(len(pairs))))
 
     with torch.no_grad():
         sums = {m: policy_logps(m, models["fp32"], everything, pad_id, device) for m in FORWARD_MODES}
@@ -822,32 +827,33 @@ def _run(
     warmup: int | None = None,
     steps: int | None = None,
 ) -> dict[str, Any]:
-    """One `engine.bench.run_mode` run of `mode` (`engine.bench.parse_mode`'s syntax) with
+    """One `engine.bench.modes.run_mode` run of `mode` (`engine.bench.modes.parse_mode`'s syntax) with
     `parallel.activation_checkpointing` = `ac`, summarised as the bench summarises it, with peak
     memory against the dry run's estimate."""
     from engine.plan import estimate_memory, measure_model
 
     size, device, world = check.size, check.device, check.world
-    layout, _, budget = mode.partition("@")
     cfg = check.config(
         size.throughput_pairs,
         size.throughput_batch,
-        f"training.forward_mode={layout}",
-        f"training.micro_batch_tokens={budget or 0}",
         f"parallel.activation_checkpointing={ac}",
         f"parallel.compile={str(compile).lower()}",
+    )
+    layout, budget = modes.parse_mode(mode, cfg)  # the recipe's layout, for the memory estimate
+    cfg = dataclasses.replace(
+        cfg, training=dataclasses.replace(cfg.training, forward_mode=layout, micro_batch_tokens=budget)
     )
     hf_config = check.model_config(model)
     pairs = size.throughput_pairs.make(hf_config.vocab_size, cfg.job.seed)
     warmup = size.warmup if warmup is None else warmup
     steps = size.steps if steps is None else steps
-    setup = bench.Setup(cfg, pairs, check.pad_id, steps, warmup, 1, model)
+    setup = modes.Setup(cfg, pairs, check.pad_id, steps, warmup, 1, model)
     _free(device)
     start = time.perf_counter()
-    raw = bench.run_mode(mode, setup, world, range(warmup, warmup + steps))
+    raw = modes.run_mode(mode, setup, world, range(warmup, warmup + steps))
     wall = time.perf_counter() - start
     reserved = torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else None
-    row = bench.summarize(raw, check.peak().flops, world.world_size)
+    row = modes.summarize(raw, check.peak().flops, world.world_size)
     estimate = estimate_memory(cfg, measure_model(hf_config, cfg.lora), 1, 1, device.type)
     row.update(
         mode=mode,
