@@ -28,7 +28,6 @@ from typing import NoReturn
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from tqdm import tqdm
 
 
@@ -38,7 +37,7 @@ class World:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: DeviceMesh
+    ranks_per_node: int  # ranks on this node (`ranks_per_node`): the device mesh's shard groups
 
     @property
     def is_main(self) -> bool:
@@ -46,8 +45,8 @@ class World:
 
 
 def init_distributed(timeout_s: int = 600) -> World:
-    """Initialise the default process group and a 1-D data-parallel device mesh; collectives
-    wait at most `timeout_s` for a peer (`parallel.collective_timeout_s`)."""
+    """Initialise the default process group (the device mesh is `engine.parallel.build_mesh`'s);
+    collectives wait at most `timeout_s` for a peer (`parallel.collective_timeout_s`)."""
     single = not launched()  # plain `python torchrun_train.py`: a world of one
     local_rank = 0 if single else int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
@@ -69,8 +68,13 @@ def init_distributed(timeout_s: int = 600) -> World:
                 rank=int(os.environ["RANK"]),
                 world_size=int(os.environ["WORLD_SIZE"]),
             )
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
-    return World(dist.get_rank(), dist.get_world_size(), local_rank, device, mesh)
+    world_size = dist.get_world_size()
+    return World(dist.get_rank(), world_size, local_rank, device, ranks_per_node(world_size))
+
+
+def ranks_per_node(world_size: int) -> int:
+    """Ranks per node: torchrun's LOCAL_WORLD_SIZE, or every rank on one node without it."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
 
 
 def cuda_device_index(local_rank: int, device_count: int) -> int:

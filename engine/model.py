@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from engine.config import LoraConfig, ModelConfig, is_local_path
-from engine.errors import UserError
+from engine.errors import UserError, first_line
 from engine.loading import parameters_on_meta, safetensors_index
 
 
@@ -64,7 +64,7 @@ def build_tokenizer(cfg: ModelConfig, local_files_only: bool = False) -> PreTrai
             cfg.path, trust_remote_code=cfg.trust_remote_code, local_files_only=local_files_only
         )
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"model.path: cannot load a tokenizer from {cfg.path} ({first})") from None
     if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
         raise UserError(
@@ -77,23 +77,36 @@ def build_tokenizer(cfg: ModelConfig, local_files_only: bool = False) -> PreTrai
     return tokenizer
 
 
+def model_folder(
+    path: str, download: bool = False, patterns: list[str] | None = None
+) -> tuple[Path | None, str]:
+    """(The local folder of `model.path`, how it was found), or (None, why not). A folder is
+    itself; a hub id is its snapshot in the local Hugging Face cache, fetched (its files matching
+    `patterns`) when `download` and not there yet."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder.resolve(), "folder"
+    try:
+        from huggingface_hub import snapshot_download
+
+        found = snapshot_download(path, local_files_only=not download, allow_patterns=patterns)
+        return Path(found).resolve(), "hub snapshot"
+    except Exception:  # not in the local hub cache, not a repo id, offline
+        return None, "hub id (no local snapshot)"
+
+
 def sharded_weights_dir(cfg: ModelConfig) -> Path | None:
     """The local folder with the model's safetensors, for shard-by-shard loading; None when the
     weights must be loaded whole (random init, or only .bin/.pt files)."""
     if cfg.random_init:
         return None
-    folder = Path(cfg.path).expanduser()
-    if not folder.is_dir():  # a hub id: its snapshot in the local cache (downloaded if needed)
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(cfg.path, allow_patterns=["*.json", "*.safetensors"]))
-        except Exception:
-            return None
+    folder, _ = model_folder(cfg.path, download=True, patterns=["*.json", "*.safetensors"])
+    if folder is None:
+        return None
     try:
         index = safetensors_index(folder)
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # a truncated file, a bad index
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"model.path: cannot read the safetensors weights in {cfg.path} ({first})") from None
     return folder if index is not None else None
 
@@ -110,7 +123,7 @@ def build_model(
     try:
         config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"model.path: cannot load a model config from {cfg.path} ({first})") from None
     for key, value in (config_overrides or {}).items():
         if not hasattr(config, key):
@@ -133,7 +146,7 @@ def build_model(
         else:
             model = AutoModelForCausalLM.from_pretrained(cfg.path, config=config, **kwargs)
     except (OSError, ValueError, ImportError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if "attention implementation" in first:  # e.g. Gemma 2 has no sdpa attention
             hint = '; set model.attn_implementation = "eager"' if cfg.attn_implementation != "eager" else ""
             raise UserError(f"model.attn_implementation: {first.split('. ')[0]}{hint}") from None

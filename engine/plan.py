@@ -64,7 +64,8 @@ from urllib.parse import urlparse
 import numpy as np
 
 from engine.config import Config, LoraConfig, TrainingConfig
-from engine.errors import UserError
+from engine.distributed import ranks_per_node as node_ranks
+from engine.errors import UserError, first_line
 from engine.forward import forward_work
 from engine.metrics import ModelShape, model_flops, model_shape
 from engine.parallel import defers_gradient_sync, edge_units, mesh_shape, shard_size
@@ -403,28 +404,25 @@ def load_model_config(cfg: Config) -> tuple[Any | None, str | None]:
     from transformers import AutoConfig
 
     from engine.config import is_local_path
-    from engine.model import check_model_folder
+    from engine.model import check_model_folder, model_folder
 
     path = cfg.model.path
     check_model_folder(path)
-    local = is_local_path(path)
     note = (
         f"note: the memory estimate needs the model config; {path} is not in the Hugging Face "
         "cache and the hub cannot be reached from here (give model.path=<a folder with its config.json>)"
     )
-    for local_files_only in (True, False):  # the cache first; the hub only if it resolves
-        if not local_files_only and (local or not _hub_reachable()):
-            return None, note
-        try:
-            config = AutoConfig.from_pretrained(
-                path, trust_remote_code=cfg.model.trust_remote_code, local_files_only=local_files_only
-            )
-            return config, None
-        except (OSError, ValueError, KeyError) as e:
-            if local:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise UserError(f"model.path: cannot load a model config from {path} ({first})") from None
-    return None, note
+    folder, _ = model_folder(path)  # the folder, or the hub id's snapshot in the local cache
+    if folder is None and not _hub_reachable():
+        return None, note
+    try:
+        return AutoConfig.from_pretrained(
+            str(folder or path), trust_remote_code=cfg.model.trust_remote_code
+        ), None
+    except (OSError, ValueError, KeyError) as e:
+        if is_local_path(path):
+            raise UserError(f"model.path: cannot load a model config from {path} ({first_line(e)})") from None
+        return None, note
 
 
 def _hub_reachable() -> bool:
@@ -558,7 +556,7 @@ def dry_run(cfg: Config, world_size: int | None = None, ranks_per_node: int | No
     """Validate `cfg` against the file system and return the printed plan (no weights loaded,
     no process group)."""
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    ranks_per_node = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    ranks_per_node = ranks_per_node or node_ranks(world_size)
     if world_size % ranks_per_node and ranks_per_node < world_size:
         raise UserError(f"--ranks-per-node={ranks_per_node} must divide --world-size={world_size}")
     ranks_per_node = min(ranks_per_node, world_size)

@@ -25,7 +25,6 @@ the model's own (transformers' mask preparation: see there).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -54,8 +53,7 @@ def build_model(
     if causal_lm is None:
         causal_lm = build_policy(cfg.model, cfg.lora, cfg.job.seed, defer_weights=weights_dir is not None)
     t = cfg.training
-    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
-    mesh = build_mesh(cfg.parallel, world.world_size, ranks_per_node, world.device.type)
+    mesh = build_mesh(cfg.parallel, world.world_size, world.ranks_per_node, world.device.type)
     model = parallelize(
         SequenceLogprobs(causal_lm, t.logprob_chunk_tokens, t.attention_kernel),
         cfg.parallel,

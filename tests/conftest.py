@@ -172,6 +172,14 @@ def world():
     return init_distributed()
 
 
+def data_mesh(world):
+    """The device mesh the engine builds for `world` with the default `[parallel]` table."""
+    from engine.config import ParallelConfig
+    from engine.parallel import build_mesh
+
+    return build_mesh(ParallelConfig(), world.world_size, world.ranks_per_node, world.device.type)
+
+
 def every_position_logps(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """log p(x[t+1] | x[<=t]) for every position of one row `ids` [1, T], through a
     SequenceLogprobs model (each position scored as its own one-token sequence)."""

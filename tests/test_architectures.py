@@ -28,7 +28,7 @@ from engine.loading import hf_name, materialize_and_load
 from engine.model import build_model, build_policy, build_tokenizer
 from engine.parallel import parallelize
 from engine.recipe import load_config
-from tests.conftest import ASSETS, LN2, base_tables, train_rows, write_recipe
+from tests.conftest import ASSETS, LN2, base_tables, data_mesh, train_rows, write_recipe
 
 CPU = torch.device("cpu")
 SIZES = dict(
@@ -196,7 +196,7 @@ def test_a_tied_weight_the_checkpoint_lacks_is_read_from_its_source(model_dirs: 
     checkpoint has no lm_head.weight, so the copy starts from the embeddings, as in peft."""
     lora = LoraConfig(enabled=True, r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
     lm = build_policy(ModelConfig(path=str(model_dirs["qwen2"])), lora, seed=0, defer_weights=True)
-    model = parallelize(SequenceLogprobs(lm), ParallelConfig(), world.mesh, world.device)
+    model = parallelize(SequenceLogprobs(lm), ParallelConfig(), data_mesh(world), world.device)
     materialize_and_load(model, model_dirs["qwen2"], world.device)
     state = full_hf_state_dict(model)
     copy = state["base_model.model.lm_head.modules_to_save.default.weight"]
@@ -217,7 +217,7 @@ def test_a_missing_or_misshapen_weight_is_a_user_error(tmp_path: Path, model_dir
         change(weights)
         save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
         lm = build_policy(ModelConfig(path=str(folder)), LoraConfig(), seed=0, defer_weights=True)
-        model = parallelize(SequenceLogprobs(lm), ParallelConfig(), world.mesh, world.device)
+        model = parallelize(SequenceLogprobs(lm), ParallelConfig(), data_mesh(world), world.device)
         with pytest.raises(UserError) as error:
             materialize_and_load(model, folder, world.device)
         assert all(w in str(error.value) for w in ["model.path", *words]), error.value

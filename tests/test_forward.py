@@ -23,6 +23,7 @@ from engine.forward import (
     shared_prefix_row,
 )
 from engine.model import build_tokenizer
+from tests.conftest import data_mesh
 
 CPU = torch.device("cpu")
 FIELDS = (
@@ -163,7 +164,7 @@ def _fsdp_against_plain(setup, batch, world, parallel: ParallelConfig):
     from engine.parallel import parallelize
 
     base, base_grads = _run(SequenceLogprobs(copy.deepcopy(setup[2])), "concatenated", batch)
-    sharded = parallelize(SequenceLogprobs(copy.deepcopy(setup[2])), parallel, world.mesh, world.device)
+    sharded = parallelize(SequenceLogprobs(copy.deepcopy(setup[2])), parallel, data_mesh(world), world.device)
     for mode in FORWARD_MODES:
         out, grads = _run(sharded, mode, batch)
         grads = {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in grads.items()}
@@ -242,7 +243,7 @@ def test_compiled_blocks_match_eager(setup, world) -> None:
     batch = collate(data, list(range(4)))
     eager_model = SequenceLogprobs(copy.deepcopy(lm))
     compiled_model = parallelize(
-        SequenceLogprobs(copy.deepcopy(lm)), ParallelConfig(compile=True), world.mesh, world.device
+        SequenceLogprobs(copy.deepcopy(lm)), ParallelConfig(compile=True), data_mesh(world), world.device
     )
     with torch.no_grad():
         for mode in FORWARD_MODES:
@@ -289,7 +290,9 @@ def test_the_forward_mode_registry_is_the_schema_and_the_readme(varied_batch) ->
             with pytest.raises(ValueError):
                 mode.pair_positions(lengths)
     row = next(line for line in reference_doc().splitlines() if line.startswith("| `training.forward_mode`"))
-    assert row.startswith("| `training.forward_mode` | " + " | ".join(f'"{n}"' for n in FORWARD_MODES) + " | `")
+    assert row.startswith(
+        "| `training.forward_mode` | " + " | ".join(f'"{n}"' for n in FORWARD_MODES) + " | `"
+    )
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme.split("### Forward modes (`training.forward_mode`)")[1].split("\n### ")[0]
     assert all(f"- `{n}`" in section for n in FORWARD_MODES)

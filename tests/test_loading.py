@@ -14,7 +14,7 @@ from engine.forward import SequenceLogprobs, policy_logps
 from engine.loading import materialize_and_load
 from engine.model import build_policy, sharded_weights_dir
 from engine.parallel import parallelize
-from tests.conftest import base_tables, run_training, write_recipe
+from tests.conftest import base_tables, data_mesh, run_training, write_recipe
 
 
 def test_meta_built_sharded_model_equals_from_pretrained(tiny_model_dir: Path, world) -> None:
@@ -31,7 +31,7 @@ def test_meta_built_sharded_model_equals_from_pretrained(tiny_model_dir: Path, w
     lm = build_policy(cfg, LoraConfig(), seed=0, defer_weights=True)
     assert all(p.is_meta for p in lm.parameters())  # nothing materialised before sharding
     model = parallelize(
-        SequenceLogprobs(lm), ParallelConfig(activation_checkpointing="full"), world.mesh, world.device
+        SequenceLogprobs(lm), ParallelConfig(activation_checkpointing="full"), data_mesh(world), world.device
     )
     materialize_and_load(model, weights, world.device)
     plain = SequenceLogprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))

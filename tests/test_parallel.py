@@ -15,6 +15,7 @@ from engine.data import build_dataset, collate
 from engine.forward import SequenceLogprobs, policy_logps
 from engine.model import build_tokenizer, decoder_blocks
 from engine.parallel import edge_units, parallelize
+from tests.conftest import data_mesh
 
 CPU = torch.device("cpu")
 
@@ -34,7 +35,7 @@ def _is_unit(module: torch.nn.Module) -> bool:
 
 def test_units_are_embedding_blocks_and_norm_with_head(llama, world) -> None:
     lm, _ = llama
-    model = parallelize(SequenceLogprobs(copy.deepcopy(lm)), ParallelConfig(), world.mesh, CPU)
+    model = parallelize(SequenceLogprobs(copy.deepcopy(lm)), ParallelConfig(), data_mesh(world), CPU)
     inner = model.causal_lm
     assert _is_unit(inner.get_input_embeddings())
     assert all(_is_unit(block) for block in decoder_blocks(model))
@@ -93,9 +94,9 @@ def _train(model: torch.nn.Module, data, mode: str, steps: int = 3) -> list[floa
 @pytest.mark.parametrize("mode", ["concatenated", "prefix_shared"])
 def test_new_units_train_the_old_layouts_curve(llama, world, mode: str) -> None:
     lm, data = llama
-    old = _train(_old_layout(SequenceLogprobs(copy.deepcopy(lm)), world.mesh), data, mode)
+    old = _train(_old_layout(SequenceLogprobs(copy.deepcopy(lm)), data_mesh(world)), data, mode)
     new = _train(
-        parallelize(SequenceLogprobs(copy.deepcopy(lm)), ParallelConfig(), world.mesh, CPU), data, mode
+        parallelize(SequenceLogprobs(copy.deepcopy(lm)), ParallelConfig(), data_mesh(world), CPU), data, mode
     )
     assert old[0] != old[-1]  # the curve moves, so agreement means something
     torch.testing.assert_close(torch.tensor(new), torch.tensor(old), rtol=1e-6, atol=1e-6)
@@ -120,7 +121,7 @@ def test_recompute_choices_give_the_same_gradients(llama, world) -> None:
             parallelize(
                 SequenceLogprobs(copy.deepcopy(lm)),
                 ParallelConfig(activation_checkpointing=ac),
-                world.mesh,
+                data_mesh(world),
                 CPU,
             ),
             data,

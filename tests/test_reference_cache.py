@@ -169,8 +169,8 @@ def test_weight_hash_memo_is_used_and_invalidated(tmp_path, model_copy, tokenize
     def no_hashing(path):
         raise AssertionError(f"{path} hashed again")
 
-    real_hash_file = rc._hash_file
-    monkeypatch.setattr(rc, "_hash_file", no_hashing)
+    real_hash_file = rc.sha256_file
+    monkeypatch.setattr(rc, "sha256_file", no_hashing)
     assert key_for(model_copy, tokenizer, dataset, data_cfg, cache_dir=cache).digest == first.digest
 
     weights = model_copy / "model.safetensors"
@@ -183,7 +183,7 @@ def test_weight_hash_memo_is_used_and_invalidated(tmp_path, model_copy, tokenize
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # stat differs for certain
     with pytest.raises(AssertionError, match="hashed again"):
         key_for(model_copy, tokenizer, dataset, data_cfg, cache_dir=cache)
-    monkeypatch.setattr(rc, "_hash_file", real_hash_file)
+    monkeypatch.setattr(rc, "sha256_file", real_hash_file)
     assert key_for(model_copy, tokenizer, dataset, data_cfg, cache_dir=cache).digest != first.digest
 
 
@@ -472,7 +472,7 @@ def _hash_on_two_ranks(rank: int, store_path: str, files: list[str], out: str) -
         dist.destroy_process_group()
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     if rank == 1:  # rank 1 must not read a byte of the weights
-        rc._hash_file = lambda path: (_ for _ in ()).throw(AssertionError(f"rank 1 hashed {path}"))
+        rc.sha256_file = lambda path: (_ for _ in ()).throw(AssertionError(f"rank 1 hashed {path}"))
     digests = rc.hash_files_on_rank_zero([Path(f) for f in files])
     Path(out, f"rank-{rank}.json").write_text(json.dumps(digests))
     dist.destroy_process_group()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ from engine.data import tokenize
 from engine.data.sources import ResolvedSource
 from engine.distributed import log
 from engine.errors import UserError
+from engine.hashing import sha256_json
 
 if TYPE_CHECKING:
     import datasets
@@ -93,10 +93,6 @@ class TokenizedSource:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "fsdpo" / "tokenized"
-
-
-def _sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def _num_proc(setting: int, rows: int) -> int:
@@ -235,7 +231,7 @@ def ensure_tokenized(
             "format": fmt,
             "columns": columns,
         }
-        folder = cache_dir / _sha256_json(identity)[:24]
+        folder = cache_dir / sha256_json(identity)[:24]
         if load_cached(folder, source.name) is None:
             _build(source, folder, identity, tokenizer, chat_template, fmt, columns, num_proc)
         names.append(folder.name)

@@ -53,18 +53,6 @@ def collate(dataset: PreferenceDataset, indices: list[int], valid: list[bool] | 
 # Token-budget micro-batches
 
 
-def pair_token_counts(lengths: np.ndarray, mode: str) -> np.ndarray:
-    """[N] positions each pair takes in a packed forward, from `PreferenceDataset.lengths()`:
-    both sequences (2 x prompt + chosen + rejected) in `packed`, prompt + chosen + rejected in
-    `prefix_shared`."""
-    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1, 3)
-    if mode == "packed":
-        return 2 * lengths[:, 0] + lengths[:, 1] + lengths[:, 2]
-    if mode == "prefix_shared":
-        return lengths.sum(axis=1)
-    raise ValueError(f"token-budget micro-batches need a packed forward mode, not {mode!r}")
-
-
 def fewest_micro_batches(tokens: Sequence[int], budget: int) -> int:
     """How many micro-batches of at most `budget` tokens first-fit-decreasing packs `tokens`
     into (within 11/9 of the optimum; every single pair must fit)."""
@@ -297,44 +285,3 @@ def shard_for_inference(
     valid = [True] * len(mine) + [False] * (num_batches * batch_size - len(mine))
     mine += [0] * (len(valid) - len(mine))
     return [(mine[i : i + batch_size], valid[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
-
-
-def padding_fraction(
-    dataset: PreferenceDataset,
-    micro_batch_size: int,
-    mode: str = "concatenated",
-    *,
-    global_batch_size: int | None = None,
-    group_by_length: bool = False,
-    seed: int = 0,
-) -> float:
-    """Share of the padded token slots that are padding over one epoch of the sampler.
-
-    Micro-batches are contiguous slices of each global batch whatever the world size, so this
-    does not depend on the number of ranks. `concatenated`: one [2B, T] batch per micro-batch;
-    `separate`: chosen [B, Tc] and rejected [B, Tr]; `packed`: no padding.
-    """
-    m = micro_batch_size
-    sampler = GlobalBatchSampler(
-        len(dataset),
-        global_batch_size or m,
-        m,
-        0,
-        1,
-        seed,
-        lengths=dataset.sequence_lengths() if group_by_length else None,
-        group_by_length=group_by_length,
-    )
-    lengths = dataset.lengths()[sampler.epoch_order(0).numpy()].reshape(-1, m, 3)
-    prompt, chosen, rejected = lengths[..., 0], lengths[..., 1], lengths[..., 2]
-    real = int((2 * prompt + chosen + rejected).sum())
-    chosen_width, rejected_width = (prompt + chosen).max(axis=1), (prompt + rejected).max(axis=1)
-    if mode == "concatenated":
-        slots = int(2 * m * np.maximum(chosen_width, rejected_width).sum())
-    elif mode == "separate":
-        slots = int(m * (chosen_width + rejected_width).sum())
-    elif mode == "packed":
-        return 0.0
-    else:
-        raise ValueError(f"unknown forward mode {mode!r}")
-    return 1.0 - real / slots

@@ -19,7 +19,6 @@ fingerprint of the loaded split together with the path, subset, split and revisi
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,8 @@ import pyarrow.parquet as pq
 
 from engine.config import DataSource
 from engine.data.formats import check_columns
-from engine.errors import UserError
+from engine.errors import UserError, first_line
+from engine.hashing import sha256_file
 
 if TYPE_CHECKING:
     import datasets
@@ -127,11 +127,7 @@ def _file_identity(path: Path) -> dict[str, Any]:
     st = path.stat()
     identity: dict[str, Any] = {"path": str(path.resolve()), "size": st.st_size}
     if st.st_size <= HASH_LIMIT:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(2**22), b""):
-                digest.update(block)
-        identity["sha256"] = digest.hexdigest()
+        identity["sha256"] = sha256_file(path)
     else:
         identity["mtime_ns"] = st.st_mtime_ns
     return identity
@@ -226,7 +222,7 @@ def _load_hub(source: ResolvedSource) -> datasets.Dataset:
             c.path, name=c.subset or None, split=c.split, revision=c.revision or None
         )
     except (OSError, ValueError, ImportError, ConnectionError, datasets.exceptions.DatasetsError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(
             f"{source.name}: not a local file or folder, and loading it as a hub data set failed ({first})"
         ) from None

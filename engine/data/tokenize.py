@@ -37,6 +37,7 @@ from transformers import PreTrainedTokenizerBase
 
 from engine.data.formats import COLUMNS, BadRow, Pair, normalise_row
 from engine.errors import UserError
+from engine.hashing import canonical_json
 
 OK, BAD_ROW, TEMPLATE, EMPTY, IDENTICAL = "", "bad_row", "template", "empty_completion", "identical"
 # keys of tokenizer_config.json that say where it was loaded from, not what it does
@@ -77,7 +78,7 @@ def tokenizer_file_digests(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]
             data = path.read_bytes()
             if path.suffix == ".json" and path.name != "tokenizer.json":
                 settings = {k: v for k, v in json.loads(data).items() if k not in _LOAD_CONTEXT}
-                data = json.dumps(settings, sort_keys=True).encode()
+                data = canonical_json(settings).encode()
             files[path.relative_to(tmp).as_posix()] = hashlib.sha256(data).hexdigest()
     return files
 
