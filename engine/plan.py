@@ -62,13 +62,15 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
+import torch
 
-from engine.config import Config, LoraConfig, TrainingConfig
+from engine.config import Config, LoraConfig
+from engine.data.sampler import BatchPlan, plan_batches
 from engine.distributed import ranks_per_node as node_ranks
 from engine.errors import UserError, first_line
 from engine.forward import forward_work
 from engine.metrics import ModelShape, model_flops, model_shape
-from engine.parallel import defers_gradient_sync, edge_units, mesh_shape, shard_size
+from engine.parallel import compute_dtype, defers_gradient_sync, edge_units, mesh_shape, shard_size
 from engine.recipe import to_toml
 
 GIB = 2**30
@@ -76,29 +78,6 @@ GIB = 2**30
 
 # ----------------------------------------------------------------------------------------------
 # World-size arithmetic and the mesh
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    world_size: int
-    global_batch_size: int
-    micro_batch_size: int
-    pairs_per_rank: int
-    accumulation_steps: int  # 0: set by the token budget, step by step
-    micro_batch_tokens: int = 0
-
-
-def plan_batches(training: TrainingConfig, world_size: int) -> BatchPlan:
-    """Split the global batch over ranks and micro-batches, as the sampler will (its rule)."""
-    from engine.data.sampler import split_global_batch
-
-    if world_size < 1:
-        raise UserError(f"--world-size: expected an integer >= 1, got {world_size}")
-    gbs, micro, budget = training.global_batch_size, training.micro_batch_size, training.micro_batch_tokens
-    per_rank = split_global_batch(gbs, micro, world_size, budget)
-    if budget:
-        return BatchPlan(world_size, gbs, micro, per_rank, 0, budget)
-    return BatchPlan(world_size, gbs, micro, per_rank, per_rank // micro)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +189,7 @@ def estimate_memory(
     """Bytes per rank of each kind of memory a training step needs (see the module docstring)."""
 
     p, t = cfg.parallel, cfg.training
-    bf16 = p.mixed_precision == "bf16" or (p.mixed_precision == "auto" and device_type == "cuda")
+    bf16 = compute_dtype(p, torch.device(device_type)) == torch.bfloat16
     dtype_bytes = 2 if bf16 else 4
     dtype = "bf16" if bf16 else "fp32"
     shard = shard_size(p, world_size, ranks_per_node)

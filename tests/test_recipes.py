@@ -20,8 +20,9 @@ import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import torchrun_train
+from engine.data.sampler import plan_batches
 from engine.parallel import mesh_shape
-from engine.plan import estimate_memory, measure_model, plan_batches, plan_run
+from engine.plan import estimate_memory, measure_model, plan_run
 from engine.recipe import load_config
 from tests.conftest import ASSETS, REPO
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from engine.bench.common import recipe_pairs, reduce_over_ranks, synthetic_pairs
 from engine.bench.modes import Setup, merge_rounds, paired_speedup, parse_mode, run_mode, summarize
 from engine.bench.trl import import_trl, run_trl
-from engine.data.sampler import split_global_batch
+from engine.data.sampler import BatchPlan
 from engine.errors import UserError
 from engine.forward import FORWARD_MODES
 from engine.recipe import load_config
@@ -131,7 +131,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     t = cfg.training
     layouts = {m: parse_mode(m, cfg) for m in modes}
     for _, budget in layouts.values():  # the sampler's rule: pairs split over ranks and micro-batches
-        split_global_batch(t.global_batch_size, t.micro_batch_size, world.world_size, budget)
+        BatchPlan.split(t.global_batch_size, t.micro_batch_size, world.world_size, budget)
     tokenizer = build_tokenizer(cfg.model)
     overrides = _parse_model_config(args.model_config)
     if args.synthetic_pairs:

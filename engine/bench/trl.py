@@ -14,7 +14,7 @@ import torch
 
 from engine.bench.common import build_causal_lm
 from engine.bench.modes import Setup, step_pair_ids, step_records
-from engine.data.sampler import split_global_batch
+from engine.data.sampler import BatchPlan
 from engine.distributed import World
 from engine.errors import UserError
 from engine.metrics import model_shape, peak_memory_gib, reset_peak_memory, synchronize
@@ -39,7 +39,7 @@ def run_trl(setup: Setup, world: World, tokenizer, timed: range) -> dict[str, An
     trl = import_trl()
     cfg, device = setup.cfg, world.device
     t = cfg.training
-    accumulation = split_global_batch(t.global_batch_size, t.micro_batch_size, 1) // t.micro_batch_size
+    accumulation = BatchPlan.split(t.global_batch_size, t.micro_batch_size, 1).accumulation_steps
     step_indices = [*range(setup.warmup), *timed]
     total_steps = len(step_indices)
     order = [setup.pairs[i] for s in step_indices for i in step_pair_ids(setup, s)]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.config import TrainingConfig
 from engine.data.dataset import PreferenceDataset
 from engine.errors import UserError
 
@@ -149,22 +150,44 @@ def rank_micro_batches(
     return [mine[i : i + m].tolist() for i in range(0, len(mine), m)]
 
 
-def split_global_batch(
-    global_batch_size: int, micro_batch_size: int, world_size: int, micro_batch_tokens: int = 0
-) -> int:
-    """Pairs per rank per step; a UserError unless the global batch splits evenly over the ranks
-    and, without a token budget, into micro-batches of `micro_batch_size` pairs."""
-    per_rank, rem = divmod(global_batch_size, world_size)
-    if micro_batch_tokens and rem:
-        raise UserError(
-            f"training.global_batch_size={global_batch_size} must be a multiple of the {world_size} ranks"
+@dataclass(frozen=True)
+class BatchPlan:
+    """How each step's global batch splits over ranks and micro-batches (`BatchPlan.split`): the
+    one rule, which the sampler, the dry run and the bench all follow."""
+
+    world_size: int
+    global_batch_size: int
+    micro_batch_size: int
+    pairs_per_rank: int
+    accumulation_steps: int  # 0: set by the token budget, step by step
+    micro_batch_tokens: int = 0
+
+    @classmethod
+    def split(
+        cls, global_batch_size: int, micro_batch_size: int, world_size: int, micro_batch_tokens: int = 0
+    ) -> BatchPlan:
+        """A UserError unless the global batch splits evenly over the ranks and, without a token
+        budget, into micro-batches of `micro_batch_size` pairs."""
+        per_rank, rem = divmod(global_batch_size, world_size)
+        if micro_batch_tokens and rem:
+            raise UserError(
+                f"training.global_batch_size={global_batch_size} must be a multiple of the {world_size} ranks"
+            )
+        if not micro_batch_tokens and (rem or per_rank % micro_batch_size):
+            raise UserError(
+                f"training.global_batch_size={global_batch_size} must be a multiple of "
+                f"training.micro_batch_size={micro_batch_size} x {world_size} ranks"
+            )
+        accumulation = 0 if micro_batch_tokens else per_rank // micro_batch_size
+        return cls(
+            world_size, global_batch_size, micro_batch_size, per_rank, accumulation, micro_batch_tokens
         )
-    if not micro_batch_tokens and (rem or per_rank % micro_batch_size):
-        raise UserError(
-            f"training.global_batch_size={global_batch_size} must be a multiple of "
-            f"training.micro_batch_size={micro_batch_size} x {world_size} ranks"
-        )
-    return per_rank
+
+
+def plan_batches(training: TrainingConfig, world_size: int) -> BatchPlan:
+    """`BatchPlan.split` of a recipe's `[training]` table over `world_size` ranks."""
+    t = training
+    return BatchPlan.split(t.global_batch_size, t.micro_batch_size, world_size, t.micro_batch_tokens)
 
 
 class GlobalBatchSampler:
@@ -202,7 +225,7 @@ class GlobalBatchSampler:
         micro_batch_tokens: int = 0,
         pair_tokens: Sequence[int] | np.ndarray | None = None,
     ) -> None:
-        per_rank = split_global_batch(global_batch_size, micro_batch_size, world_size, micro_batch_tokens)
+        split = BatchPlan.split(global_batch_size, micro_batch_size, world_size, micro_batch_tokens)
         if micro_batch_tokens:
             if pair_tokens is None or len(pair_tokens) != num_pairs:
                 raise ValueError("micro_batch_tokens needs the tokens of every pair")
@@ -222,11 +245,10 @@ class GlobalBatchSampler:
             raise ValueError("group_by_length needs one length per pair")
         self.num_pairs, self.global_batch_size = num_pairs, global_batch_size
         self.micro_batch_size, self.rank, self.seed = micro_batch_size, rank, seed
-        self.world_size, self.per_rank = world_size, per_rank
+        self.world_size, self.per_rank = world_size, split.pairs_per_rank
         self.micro_batch_tokens = micro_batch_tokens
         self.pair_tokens = np.asarray(pair_tokens, dtype=np.int64) if micro_batch_tokens else None
-        # fixed with micro_batch_size; with a token budget it varies by step (0 here)
-        self.accumulation_steps = 0 if micro_batch_tokens else per_rank // micro_batch_size
+        self.accumulation_steps = split.accumulation_steps  # 0: varies by step (a token budget)
         self.steps_per_epoch = num_pairs // global_batch_size
         # pairs each epoch leaves out (a different random set each epoch)
         self.unused_per_epoch = num_pairs - self.steps_per_epoch * global_batch_size
