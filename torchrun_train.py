@@ -21,7 +21,6 @@ itself exits 1 when a worker fails (its summary shows the worker's code and line
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import os
 import signal
@@ -74,7 +73,7 @@ def main(argv: list[str]) -> int:
 
 def _run(argv: list[str], recipe: list[Config]) -> int:
     from engine import distributed
-    from engine.config import load_config
+    from engine.recipe import load_config
 
     overrides, flags = _parse_args(argv[1:])
     cfg = load_config(argv[0], overrides)
@@ -87,7 +86,7 @@ def _run(argv: list[str], recipe: list[Config]) -> int:
         return 0
 
     from engine.post_train import finish
-    from engine.trainer import Trainer
+    from engine.trainer import Trainer, build_reference_cache
 
     recipe.append(cfg)  # after the imports _resume_hint reads (a stop's line never waits on one)
     world = distributed.init_distributed(cfg.parallel.collective_timeout_s)
@@ -95,10 +94,10 @@ def _run(argv: list[str], recipe: list[Config]) -> int:
     try:
         _fault_user_error(world.rank)
         if "--build-reference-only" in flags:
-            Trainer(cfg, world, reference_only=True)
+            build_reference_cache(cfg, world)
         else:
             trainer = Trainer(cfg, world)
-            trainer.train()
+            trainer.train()  # ends with the export of final/, a collective
     except BaseException as e:
         # a stop skips the teardown: it waits for pending collectives, and peers may have left
         if not (isinstance(e, distributed.Interrupted) or distributed.stop_signal()):
@@ -116,7 +115,7 @@ VALUE_FLAGS = ("--world-size", "--ranks-per-node")  # integers, only with --dry-
 
 def _parse_args(args: list[str]) -> tuple[list[str], dict[str, int | None]]:
     """(overrides, flags): `--flag`, `--flag N` or `--flag=N` anywhere after the recipe."""
-    from engine.errors import UserError
+    from engine.errors import UserError, did_you_mean
 
     overrides: list[str] = []
     flags: dict[str, int | None] = {}
@@ -137,9 +136,8 @@ def _parse_args(args: list[str]) -> tuple[list[str], dict[str, int | None]]:
         elif name in FLAGS and not eq:
             flags[name] = None
         else:
-            hint = difflib.get_close_matches(name, [*FLAGS, *VALUE_FLAGS], n=1)
-            extra = f' (did you mean "{hint[0]}"?)' if hint else ""
-            raise UserError(f"{arg}: unknown flag{extra} (known: {', '.join([*FLAGS, *VALUE_FLAGS])})")
+            hint = did_you_mean(name, [*FLAGS, *VALUE_FLAGS])
+            raise UserError(f"{arg}: unknown flag{hint} (known: {', '.join([*FLAGS, *VALUE_FLAGS])})")
     if "--dry-run" not in flags and any(name in flags for name in VALUE_FLAGS):
         name = next(name for name in VALUE_FLAGS if name in flags)
         raise UserError(f"{name}: only with --dry-run (a real run takes its ranks from torchrun)")

@@ -1,4 +1,4 @@
-"""DCP checkpoints: sharded save, atomic publish, retention, resume on any world size.
+"""DCP checkpoints: when to save, sharded save, atomic publish, retention, resume on any world size.
 
 A checkpoint is `output_dir/checkpoints/step-N/`:
 - the DCP files of the model and optimizer state (sharded: every rank writes its own shards;
@@ -9,6 +9,10 @@ A checkpoint is `output_dir/checkpoints/step-N/`:
 - `recipe.toml`: the resolved recipe, so `python -m engine.export` needs nothing else;
 - `COMPLETE`: written last, after every rank has finished writing.
 
+`CheckpointManager` owns what a checkpoint holds and when one is due (`checkpoint.interval_steps`,
+`checkpoint.interval_epochs`): the trainer hands it the model, optimizer and scheduler once and
+asks `due(step)` after each step.
+
 Saves go to `.step-N.incomplete/` and are renamed to `step-N/` only when complete, so a crash
 mid-save never leaves a half checkpoint that looks complete. Retention deletes only older
 `step-N` folders this engine published.
@@ -17,6 +21,7 @@ mid-save never leaves a half checkpoint that looks complete. Retention deletes o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -33,8 +38,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from engine.config import CheckpointConfig
-from engine.distributed import log
-from engine.errors import UserError
+from engine.distributed import World, log
+from engine.errors import UserError, first_line
 from engine.run_dir import RunDir
 
 # Frozen parameters (LoRA's base weights) are not saved: they come from model.path on resume.
@@ -67,7 +72,7 @@ def read_trainer_state(path: Path) -> TrainerState:
         raise UserError(f"checkpoint.resume: {file} is missing (not a complete fsdpo checkpoint)") from None
     except (OSError, ValueError, TypeError) as e:
         raise UserError(
-            f"checkpoint.resume: {file} is corrupt ({str(e).splitlines()[0]}); resume from another "
+            f"checkpoint.resume: {file} is corrupt ({first_line(e)}); resume from another "
             "checkpoint (checkpoint.resume=PATH) or start over in another job.output_dir"
         ) from None
     if not (isinstance(state.step, int) and state.step >= 0 and isinstance(state.global_batch_size, int)):
@@ -94,8 +99,7 @@ def _failure(error: BaseException) -> tuple[BaseException, str]:
         error = next(iter(error.failures.values()))[0]
     if isinstance(error, OSError) and error.strerror:
         return error, error.strerror
-    text = str(error).strip()
-    return error, text.splitlines()[0] if text else type(error).__name__
+    return error, first_line(error)
 
 
 def complete_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
@@ -123,72 +127,120 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-class CheckpointManager:
-    """Saves, publishes, prunes and loads checkpoints of one run. Collective methods are marked."""
+def resume_path(cfg: CheckpointConfig, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from, per `checkpoint.resume`, or None to start fresh (checked
+    as a resume reads it: `check_checkpoint`)."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        found = complete_checkpoints(output_dir / "checkpoints")
+        if found:
+            check_checkpoint(found[-1][1])
+        return found[-1][1] if found else None
+    path = Path(cfg.resume).expanduser()
+    if not (path / COMPLETE).is_file():
+        what = "not found" if not path.exists() else "not a complete fsdpo checkpoint"
+        raise UserError(f"checkpoint.resume: {path} is {what}")
+    check_checkpoint(path)
+    return path
 
-    def __init__(self, run_dir: RunDir, cfg: CheckpointConfig, rank: int, world_size: int) -> None:
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+
+class CheckpointManager:
+    """Decides when to save, and saves, publishes, prunes and resumes the checkpoints of one run:
+    the model, optimizer and scheduler it was given, the trainer state and RNG states handed to
+    `save`. Collective methods are marked.
+
+    `recipe` (the resolved recipe TOML) is stored in every checkpoint, so `python -m engine.export`
+    can rebuild the model from the checkpoint alone.
+    """
+
+    def __init__(
+        self,
+        run_dir: RunDir,
+        cfg: CheckpointConfig,
+        world: World,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        steps_per_epoch: int,
+        recipe: str,
+    ) -> None:
+        self.cfg, self.rank, self.world_size = cfg, world.rank, world.world_size
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.steps_per_epoch, self.recipe = steps_per_epoch, recipe
         self.run_dir = run_dir  # saving, publishing and pruning touch only fsdpo's own files
         self.dir = run_dir.path / "checkpoints"
         self._pending: tuple[Any, Path, Path] | None = None  # (future, staging, final) of an async save
         self._async_group = None
 
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is saved once `step` optimizer steps are done: every
+        `checkpoint.interval_steps` steps, and at the end of every `checkpoint.interval_epochs`-th
+        epoch (a step that is both saves once)."""
+        every, epochs, per_epoch = self.cfg.interval_steps, self.cfg.interval_epochs, self.steps_per_epoch
+        at_interval = bool(every) and step % every == 0
+        at_epoch = bool(epochs) and step % per_epoch == 0 and (step // per_epoch) % epochs == 0
+        return step > 0 and (at_interval or at_epoch)
+
     # -- resume ---------------------------------------------------------------------------------
 
-    def resume_path(self) -> Path | None:
-        """The checkpoint to resume from, per `checkpoint.resume`, or None to start fresh."""
-        if self.cfg.resume == "never":
-            return None
-        if self.cfg.resume == "auto":
-            found = complete_checkpoints(self.dir)
-            if found:
-                check_checkpoint(found[-1][1])
-            return found[-1][1] if found else None
-        path = Path(self.cfg.resume).expanduser()
-        if not (path / COMPLETE).is_file():
-            what = "not found" if not path.exists() else "not a complete fsdpo checkpoint"
-            raise UserError(f"checkpoint.resume: {path} is {what}")
-        check_checkpoint(path)
-        return path
-
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
-        """Collective: load model, optimizer and trainer state from `path` (any world size)."""
-        state = read_trainer_state(path)
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_OPTIONS)
+    def resume(self, path: Path, state: TrainerState) -> TrainerState:
+        """Collective: load the model, optimizer, scheduler and RNG states of checkpoint `path`
+        (saved on any world size) into this run, whose fresh `state` holds its global batch size,
+        world size and schedule length. Returns the state to continue from."""
+        saved = read_trainer_state(path)
+        gbs = state.global_batch_size
+        if saved.global_batch_size != gbs:
+            raise UserError(
+                f"training.global_batch_size: the checkpoint {path} was trained with "
+                f"{saved.global_batch_size} pairs per step, this run asks for {gbs}"
+            )
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=STATE_OPTIONS)
         to_load = {"model": model_sd, "optim": optim_sd}
         try:
             dcp.load(to_load, checkpoint_id=str(path))
         except (OSError, CheckpointException) as e:  # unreadable files, or not this model's state
             raise UserError(f"checkpoint.resume: cannot load {path} ({_failure(e)[1]})") from None
         set_state_dict(
-            model,
-            optimizer,
+            self.model,
+            self.optimizer,
             model_state_dict=to_load["model"],
             optim_state_dict=to_load["optim"],
             options=STATE_OPTIONS,
         )
         rng_file = path / "rng" / f"rank-{self.rank}.pt"
-        if state.world_size == self.world_size and rng_file.is_file():
+        if saved.world_size == self.world_size and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=True))
         else:
-            log(f"resume: saved on {state.world_size} ranks, now {self.world_size}: RNG states not restored")
-        log(f"resumed from {path} at step {state.step} ({state.consumed_pairs} pairs consumed)")
-        return state
+            log(f"resume: saved on {saved.world_size} ranks, now {self.world_size}: RNG states not restored")
+        log(f"resumed from {path} at step {saved.step} ({saved.consumed_pairs} pairs consumed)")
+        self._resume_schedule(path, saved, state.total_steps)
+        return dataclasses.replace(saved, world_size=self.world_size, total_steps=state.total_steps)
+
+    def _resume_schedule(self, path: Path, saved: TrainerState, total_steps: int) -> None:
+        """The saved scheduler state; a schedule planned for another length is followed from the
+        next step on (a warning says what changes)."""
+        self.scheduler.load_state_dict(saved.scheduler)
+        if saved.total_steps and saved.total_steps != total_steps:
+            before = self.scheduler.get_last_lr()[0]
+            self.scheduler.last_epoch -= 1
+            self.scheduler.step()  # the new schedule's learning rate, from the next step on
+            log(
+                f"warning: resuming {path}: its schedule was planned for {saved.total_steps} steps, this run "
+                f"has {total_steps} (training.max_steps, epochs or the data changed); the learning rate "
+                f"follows the new schedule from step {saved.step + 1}: {self.scheduler.get_last_lr()[0]:.4g} "
+                f"instead of {before:.4g}"
+            )
 
     # -- save -----------------------------------------------------------------------------------
 
-    def save(
-        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState, recipe: str
-    ) -> None:
-        """Collective: write checkpoint `step-N` (waits for a previous async save first).
-
-        `recipe` (the resolved recipe TOML) is stored inside, so `python -m engine.export` can
-        rebuild the model from the checkpoint alone.
-        """
+    def save(self, step: int, state: TrainerState) -> None:
+        """Collective: write checkpoint `step-N` of the model, optimizer and scheduler, `state`
+        and the RNG states (waits for a previous async save first)."""
         self.wait()
         final = self.dir / f"step-{step}"
         if final.exists():
-            return  # already saved (e.g. the epoch end coincides with an interval step)
+            return  # kept: a run resumed from an earlier checkpoint of this folder reaches it again
         staging = self.dir / f".step-{step}.incomplete"
         error: OSError | None = None
         if self.rank == 0:
@@ -196,8 +248,9 @@ class CheckpointManager:
                 self.run_dir.remove(staging)  # a previous crash's leftovers, if the manifest has them
                 self.run_dir.claim(staging)
                 (staging / "rng").mkdir(parents=True)
-                (staging / "trainer_state.json").write_text(json.dumps(state.__dict__))
-                (staging / "recipe.toml").write_text(recipe)
+                saved = dataclasses.replace(state, scheduler=self.scheduler.state_dict())
+                (staging / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(saved)))
+                (staging / "recipe.toml").write_text(self.recipe)
             except OSError as e:
                 error = e
         if dist.is_initialized():  # every rank learns whether the folder is there to write into
@@ -206,7 +259,7 @@ class CheckpointManager:
             error = shared[0]
         if error is not None:
             self._save_failed(error, staging)
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_OPTIONS)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=STATE_OPTIONS)
         to_save = {"model": model_sd, "optim": optim_sd}
         try:
             # the collective write first: a full disk then fails on every rank alike

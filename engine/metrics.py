@@ -4,7 +4,7 @@ Per-pair values are summed locally over the micro-batches of the logging window 
 one all-reduce of a single vector per log step; means are taken over the global pair count, so
 the numbers do not depend on how a batch was split across ranks and micro-batches.
 
-Model FLOPs and MFU: one count (`model_flops` of the `forward_work` of a forward mode's
+Model FLOPs and MFU: one count (`model_flops` of the `engine.forward.forward_work` of a forward mode's
 micro-batches), used by the trainer's rows, the bench and the dry run. Per optimizer step:
 - linear layers: (4 x B + 2 x T) x positions computed, B the non-embedding parameters (all but
   the input embedding and the LM head; of a mixture of experts only the experts a token is
@@ -42,29 +42,18 @@ import resource
 import secrets
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from engine.attention import AttentionSegments
 from engine.config import LoggingConfig
-from engine.forward import to_device
+from engine.forward import Work, forward_work, to_device
 from engine.losses import LossOutput, PreferenceLogps
 from engine.run_dir import RunDir
-
-PAIR_METRICS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-)
 
 
 class PairMetrics:
@@ -115,54 +104,6 @@ class PairMetrics:
 
 # ----------------------------------------------------------------------------------------------
 # Model FLOPs (see the module docstring)
-
-
-@dataclass
-class Work:
-    """What forwards compute, summed over them (`forward_work`)."""
-
-    positions: int = 0  # positions run through the model, padding included
-    real_positions: int = 0  # of which not padding
-    attention_pairs: int = 0  # (query, key) pairs attended, per layer and query head
-    scored: int = 0  # positions through the LM head
-    forwards: list[int] = field(default_factory=list)  # positions of each forward
-
-    def __iadd__(self, other: Work) -> Work:
-        self.positions += other.positions
-        self.real_positions += other.real_positions
-        self.attention_pairs += other.attention_pairs
-        self.scored += other.scored
-        self.forwards += other.forwards
-        return self
-
-
-def forward_work(mode: str, lengths: Sequence[Sequence[int]]) -> Work:
-    """The work of one micro-batch of pairs, (prompt, chosen, rejected) token counts each, laid
-    out by forward `mode` as engine.forward lays it out: `concatenated` one forward of 2B rows
-    as wide as the longest sequence, `separate` two of B rows (chosen, rejected), `packed` one
-    row of the 2B sequences, `prefix_shared` one row of prompt + chosen + rejected per pair."""
-    triples = [(int(p), int(c), int(r)) for p, c, r in lengths]
-    sequences = [p + c for p, c, _ in triples] + [p + r for p, _, r in triples]
-    if mode == "prefix_shared":
-        segments = AttentionSegments.for_shared_prefix(triples)
-    else:  # one causal sequence per (prompt, completion); padded rows attend over their real length
-        segments = AttentionSegments.for_sequences(sequences)
-    b = len(triples)
-    if mode in ("packed", "prefix_shared"):
-        forwards = [segments.length]
-    elif mode == "concatenated":
-        forwards = [2 * b * max(sequences)]
-    elif mode == "separate":
-        forwards = [b * max(sequences[:b]), b * max(sequences[b:])]
-    else:
-        raise ValueError(f"unknown forward mode {mode!r}")
-    return Work(
-        positions=sum(forwards),
-        real_positions=segments.length,
-        attention_pairs=segments.visible_pairs(),
-        scored=sum(c + r for _, c, r in triples),
-        forwards=forwards,
-    )
 
 
 @dataclass(frozen=True)
@@ -372,6 +313,63 @@ def reset_peak_memory(device: torch.device) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     with contextlib.suppress(OSError):  # Linux: "5" resets the peak resident set (VmHWM) to now
         Path("/proc/self/clear_refs").write_text("5")
+
+
+class ThroughputMeter:
+    """The throughput columns of the training rows, over a window of optimizer steps: the work of
+    the micro-batches this rank ran (`add`) and the window's time, evaluation and checkpoints
+    left out (`paused`). `reduce` closes the window.
+
+    `tokens_per_s`: real pair tokens (prompt twice, chosen, rejected: TRL's count, whatever the
+    forward mode computes); `positions_per_s`: positions the model computed (padding included,
+    a shared prompt once); `mfu`: `model_flops` of the window over the peak of every rank
+    (`device_peak`, in the compute dtype); `peak_mem_gib`: `peak_memory_gib` of this rank."""
+
+    def __init__(
+        self, mode: str, causal_lm: torch.nn.Module, device: torch.device, dtype: torch.dtype, ranks: int
+    ) -> None:
+        self.mode, self.device, self.ranks = mode, device, ranks
+        self.shape = model_shape(causal_lm)
+        self.peak = device_peak(device, dtype, matmul_peak_once(device, dtype))
+        self.start()
+
+    def start(self) -> None:
+        """Open a window now."""
+        self.work, self.started = Work(), time.perf_counter()
+
+    def add(self, lengths: Sequence[Sequence[int]]) -> None:
+        """A micro-batch this rank ran: its pairs' (prompt, chosen, rejected) token counts."""
+        self.work += forward_work(self.mode, lengths)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The time spent inside is not the window's (an evaluation, a checkpoint)."""
+        paused = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - paused
+
+    def reduce(self, window: PairMetrics) -> tuple[dict[str, float], dict[str, float]]:
+        """Collective: (the global means of `window`'s pair metrics, the throughput columns of
+        the window), in one all-reduce; the next window opens when it returns."""
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        totals = {
+            "tokens": float(window.tokens),
+            "positions": float(self.work.positions),
+            "flops": model_flops(self.shape, self.work),
+        }
+        means = window.reduce(self.device, totals)
+        tokens, positions, flops = (means.pop(k) for k in totals)
+        means.pop("pairs")
+        throughput = {
+            "tokens_per_s": tokens / seconds,
+            "positions_per_s": positions / seconds,
+            "mfu": mfu(flops, seconds, self.peak.flops, self.ranks),
+            "peak_mem_gib": peak_memory_gib(self.device),
+        }
+        self.start()
+        return means, throughput
 
 
 class MetricsLogger:

@@ -1,6 +1,8 @@
-"""After training, on rank 0 once the process group is torn down: push final/ to the Hugging Face
-Hub, run the user's command (`finish`). No other rank waits for it in a collective, so an evaluation
-that takes hours cannot trip a collective timeout.
+"""Post-training, in the two phases its work needs: the export of final/ (`export_final`,
+collective: every rank gathers its shards, so it ends the trainer's `train()`, before the process
+group goes), then on rank 0 once the process group is torn down the push of final/ to the Hugging
+Face Hub and the user's command (`finish`). No other rank waits for the latter in a collective,
+so a command (an evaluation) that takes hours cannot trip a collective timeout.
 
 The hub token is never read from the recipe: `huggingface_hub` takes it from the environment
 (`HF_TOKEN`) or its login cache, and nothing here writes it anywhere.
@@ -14,10 +16,25 @@ import subprocess
 import time
 from pathlib import Path
 
-from engine.config import HubConfig, PostTrainConfig
-from engine.distributed import log, log_error
-from engine.errors import UserError
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from engine.config import Config, HubConfig, PostTrainConfig
+from engine.distributed import World, log, log_error
+from engine.errors import UserError, first_line
+from engine.export import export_hf
 from engine.run_dir import RunDir
+
+
+def export_final(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: Config, world: World, run_dir: RunDir
+) -> None:
+    """Collective: the trained model as a Hugging Face folder, output_dir/final (`[export]`)."""
+    if not cfg.export.enabled:
+        return
+    final = run_dir.path / "final"
+    export_hf(model, tokenizer, cfg.model, final, cfg.export, cfg.lora, world.is_main, run_dir)
+    log(f"exported {final}")
 
 
 def finish(hub: HubConfig, post_train: PostTrainConfig, run_dir: RunDir) -> None:
@@ -43,7 +60,7 @@ def push_to_hub(model_dir: Path, cfg: HubConfig) -> str:
             commit_message=cfg.commit_message,
         )
     except Exception as e:  # network, auth, quota: the model is saved; say so and stop with 2
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(
             f"hub.repo_id: upload of {model_dir} to {cfg.repo_id} failed ({first}); final/ is intact"
         ) from None

@@ -9,44 +9,42 @@ missing.
 The pairs are laid out by the training forward mode when it is padding-free (`packed`,
 `prefix_shared`), else as `concatenated` (one forward; `separate` gives the same numbers). All
 modes agree to fp32 rounding, so a cache built under one mode serves the others.
+
+`ReferenceProvider` is the one path from a data set to its reference log-probs: key it
+(`engine.reference_cache.reference_cache_key`), load the cache file, else compute them (adapters
+off: the reference is the base model), rank 0 saves the file, every rank waits for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
+from engine import losses
+from engine.config import Config, DataSource
 from engine.data import PreferenceDataset, collate, shard_for_inference
-from engine.distributed import log
-from engine.forward import policy_logps, to_device
+from engine.distributed import World, log
+from engine.errors import UserError
+from engine.forward import FORWARD_MODES, policy_logps, to_device
+from engine.model import adapter_description
 from engine.progress import Progress
-
-
-@dataclass
-class ReferenceLogps:
-    """The reference log-probs of every pair of a dataset. Training keeps them on the device
-    (`to`, once: 8 bytes a pair) and looks a micro-batch up there, so no step copies them."""
-
-    chosen: torch.Tensor  # [N] fp32, summed reference log-probs of each pair's chosen completion
-    rejected: torch.Tensor  # [N]
-
-    def to(self, device: torch.device) -> ReferenceLogps:
-        return ReferenceLogps(self.chosen.to(device), self.rejected.to(device))
-
-    def lookup(self, pair_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pairs `pair_ids`, indexed where the table lives, on `device` (with the table and
-        the ids on `device` already: no copy)."""
-        ids = pair_ids.to(self.chosen.device)
-        return self.chosen.index_select(0, ids).to(device), self.rejected.index_select(0, ids).to(device)
+from engine.reference_cache import (
+    ReferenceLogps,
+    load_reference_cache,
+    reference_cache_key,
+    save_reference_cache,
+)
 
 
 def reference_layout(training_mode: str) -> str:
     """The forward mode reference log-probs are scored with (see the module docstring)."""
-    return training_mode if training_mode in ("packed", "prefix_shared") else "concatenated"
+    return training_mode if FORWARD_MODES[training_mode].padding_free else "concatenated"
 
 
 @torch.no_grad()
@@ -90,3 +88,63 @@ def compute_reference_logps(
     )
     model.train(was_training)
     return ReferenceLogps(sums[0].float().cpu(), sums[1].float().cpu())
+
+
+class ReferenceProvider:
+    """The reference log-probs of a run's data sets, from the model's current (initial) weights:
+    `get` keys a data set, loads its cache file or computes and saves it. `forwards` counts the
+    data sets computed rather than loaded."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        world: World,
+        dtype: torch.dtype,
+        resuming: bool = False,
+    ) -> None:
+        self.cfg, self.model, self.tokenizer, self.world = cfg, model, tokenizer, world
+        self.dtype, self.resuming = dtype, resuming
+        self.batch_size = cfg.reference.batch_size or 4 * cfg.training.micro_batch_size
+        self.dir = Path(cfg.reference.cache_dir or Path(cfg.job.output_dir) / "reference")
+        if self.dir.exists() and not self.dir.is_dir():  # before hours of forwards
+            raise UserError(f"reference.cache_dir: {self.dir} is not a folder")
+        self.forwards = 0
+
+    def get(
+        self, dataset: PreferenceDataset | None, name: str, sources: list[DataSource]
+    ) -> ReferenceLogps | None:
+        """Collective: the reference log-probs of `dataset` (built from `sources`) on the device,
+        or None when there is no data set or the loss needs none."""
+        if dataset is None or not losses.needs_reference(self.cfg.loss):
+            return None
+        cfg, world = self.cfg, self.world
+        key = reference_cache_key(
+            cfg.model, cfg.job.seed, self.tokenizer, dataset, cfg.data,
+            adapter=adapter_description(cfg.lora), sources=sources,
+            extra={"compute_dtype": str(self.dtype)}, cache_dir=self.dir,
+        )  # fmt: skip
+        cached = load_reference_cache(self.dir, key, dataset)
+        if cached is not None:
+            log(f"reference log-probs ({name}): loaded {self.dir / key.file_name}")
+            return cached.to(world.device)
+        self.forwards += 1
+        if self.resuming:
+            log(
+                f"reference log-probs ({name}): no cache on resume; rebuilding from the initial weights of model.path"
+            )
+        adapters_off = (
+            self.model.causal_lm.disable_adapter() if cfg.lora.enabled else contextlib.nullcontext()
+        )
+        with adapters_off:  # the reference is the base model
+            reference = compute_reference_logps(
+                self.model, dataset, self.tokenizer.pad_token_id, world.device, self.batch_size,
+                world.rank, world.world_size, name, reference_layout(cfg.training.forward_mode),
+            )  # fmt: skip
+        if world.is_main:
+            path = save_reference_cache(self.dir, key, dataset, reference)
+            log(f"reference log-probs ({name}): cached in {path}")
+        if dist.is_initialized():
+            dist.barrier()
+        return reference.to(world.device)

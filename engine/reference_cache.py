@@ -22,6 +22,9 @@ Hashing multi-GB weights is memoised in `<cache_dir>/file-hashes.json`, keyed by
 path, size, mtime, ctime and inode. Like git's "racily clean" rule, a file whose mtime or ctime
 is younger than `RACY_WINDOW_NS` is hashed but not memoised: file-system timestamps are coarse
 (a jiffy on Linux), so a rewrite right after hashing could otherwise keep the same stat.
+
+The table itself (`ReferenceLogps`) lives here, below `engine.reference`, which computes it and
+reads and writes it through this module (key -> load -> compute -> save: `ReferenceProvider`).
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ from transformers import PreTrainedTokenizerBase
 from engine.config import DataConfig, DataSource, ModelConfig
 from engine.data import PreferenceDataset
 from engine.data.tokenize import tokenizer_file_digests
-from engine.errors import UserError
-from engine.reference import ReferenceLogps
+from engine.errors import UserError, first_line
+from engine.hashing import canonical_json, sha256_file, sha256_json
+from engine.model import model_folder
 
 LOGPROB_CODE_VERSION = 1
 """Bump when the log-prob math changes (masking, summation, dtype policy): old caches go stale."""
@@ -61,7 +65,6 @@ CACHE_FORMAT_VERSION = 1
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.index.json")
 REMOTE_CODE_PATTERNS = ("*.py",)  # hashed too when the model runs its own modelling code
-HASH_CHUNK_BYTES = 8 << 20
 PAIR_HASH_BYTES = 16
 RACY_WINDOW_NS = 2_000_000_000
 MEMO_FILE = "file-hashes.json"
@@ -69,6 +72,24 @@ _METADATA_KEY = "fsdpo_reference_cache"
 _TENSOR_NAMES = ("chosen_logps", "chosen_tokens", "pair_hashes", "rejected_logps", "rejected_tokens")
 # keys of config.json that do not change the model
 _CONFIG_VOLATILE = ("_name_or_path", "transformers_version")
+
+
+@dataclass
+class ReferenceLogps:
+    """The reference log-probs of every pair of a dataset. Training keeps them on the device
+    (`to`, once: 8 bytes a pair) and looks a micro-batch up there, so no step copies them."""
+
+    chosen: torch.Tensor  # [N] fp32, summed reference log-probs of each pair's chosen completion
+    rejected: torch.Tensor  # [N]
+
+    def to(self, device: torch.device) -> ReferenceLogps:
+        return ReferenceLogps(self.chosen.to(device), self.rejected.to(device))
+
+    def lookup(self, pair_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs `pair_ids`, indexed where the table lives, on `device` (with the table and
+        the ids on `device` already: no copy)."""
+        ids = pair_ids.to(self.chosen.device)
+        return self.chosen.index_select(0, ids).to(device), self.rejected.index_select(0, ids).to(device)
 
 
 @dataclass(frozen=True)
@@ -88,22 +109,6 @@ class CacheKey:
 # Hashing helpers
 
 
-def _sha256_json(value: Any) -> str:
-    return hashlib.sha256(_canonical_json(value).encode()).hexdigest()
-
-
-def _canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _stat_fingerprint(st: os.stat_result) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
 
@@ -120,7 +125,7 @@ def _read_memo(memo_path: Path | None) -> dict[str, Any]:
 
 def _write_memo(memo_path: Path, files: dict[str, Any]) -> None:
     files = {p: v for p, v in files.items() if os.path.exists(p)}
-    _write_atomically(memo_path, _canonical_json({"version": 1, "files": files}).encode())
+    _write_atomically(memo_path, canonical_json({"version": 1, "files": files}).encode())
 
 
 def hash_files(paths: list[Path], memo_dir: str | Path | None = None) -> list[str]:
@@ -141,7 +146,7 @@ def hash_files(paths: list[Path], memo_dir: str | Path | None = None) -> list[st
     todo = [i for i, d in enumerate(digests) if d is None]
     if todo:
         with ThreadPoolExecutor(max_workers=min(8, len(todo), os.cpu_count() or 1)) as pool:
-            for i, digest in zip(todo, pool.map(lambda i: _hash_file(Path(real[i])), todo)):
+            for i, digest in zip(todo, pool.map(lambda i: sha256_file(Path(real[i])), todo)):
                 digests[i] = digest
         if memo_path is not None:
             now = time.time_ns()
@@ -210,22 +215,9 @@ def _load_config_json(folder: Path) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in _CONFIG_VOLATILE}
 
 
-def _resolve_model_folder(path: str) -> tuple[Path | None, str]:
-    """(local folder or None, how it was found). A hub id resolves to its cached snapshot."""
-    folder = Path(path).expanduser()
-    if folder.is_dir():
-        return folder.resolve(), "folder"
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(path, local_files_only=True)).resolve(), "hub snapshot"
-    except (ImportError, OSError, ValueError):  # not in the local hub cache, or not a repo id
-        return None, "hub id (no local snapshot)"
-
-
 def _model_component(model_cfg: ModelConfig, seed: int, memo_dir: str | Path | None) -> dict[str, Any]:
     """Model identity by content, not location: a copied or moved folder keeps its key."""
-    folder, source = _resolve_model_folder(model_cfg.path)
+    folder, source = model_folder(model_cfg.path)
     facts: dict[str, Any] = {"path": model_cfg.path, "source": source}
     identity: dict[str, Any] = {"attn_implementation": model_cfg.attn_implementation}
     if folder is None:
@@ -233,10 +225,10 @@ def _model_component(model_cfg: ModelConfig, seed: int, memo_dir: str | Path | N
         # keying, so this is reached only when the model came from elsewhere; the id is the best
         # identity left, and an upstream change under the same id would go unnoticed.
         identity["hub_id"] = model_cfg.path
-        identity["revision"] = getattr(model_cfg, "revision", None) or "unresolved"
+        identity["revision"] = "unresolved"  # no snapshot: no commit to name
     else:
         facts["folder"] = str(folder)
-        identity["config_sha256"] = _sha256_json(_load_config_json(folder))
+        identity["config_sha256"] = sha256_json(_load_config_json(folder))
         if model_cfg.random_init:
             # weights are drawn from the seed by torch + transformers' init code
             identity["random_init"] = {
@@ -251,16 +243,16 @@ def _model_component(model_cfg: ModelConfig, seed: int, memo_dir: str | Path | N
             identity["files"] = [
                 {"name": p.name, "size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)
             ]
-    return {"digest": _sha256_json(identity), **identity, **facts}
+    return {"digest": sha256_json(identity), **identity, **facts}
 
 
 def _tokenizer_component(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """The tokenizer's files (`tokenizer_file_digests`) and the facts a reader checks by eye."""
     files = tokenizer_file_digests(tokenizer)
     template = tokenizer.chat_template
-    template_text = template if isinstance(template, str) else _canonical_json(template)
+    template_text = template if isinstance(template, str) else canonical_json(template)
     return {
-        "digest": _sha256_json(files),
+        "digest": sha256_json(files),
         "class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer),
         "eos_token": tokenizer.eos_token,
@@ -288,7 +280,7 @@ def _data_component(
     ]
     pairs_sha256 = hashlib.sha256(b"".join(sorted(pair_hashes(dataset)))).hexdigest()
     identity = {"settings": settings, "sources": source_list, "pairs_sha256": pairs_sha256}
-    return {"digest": _sha256_json(identity), **identity, "pairs": len(dataset)}
+    return {"digest": sha256_json(identity), **identity, "pairs": len(dataset)}
 
 
 def reference_cache_key(
@@ -318,18 +310,18 @@ def reference_cache_key(
         "tokenizer": _tokenizer_component(tokenizer),
         "data": _data_component(dataset, data_cfg, data_cfg.train if sources is None else sources),
     }
-    components["code"]["digest"] = _sha256_json(dict(components["code"]))
+    components["code"]["digest"] = sha256_json(dict(components["code"]))
     if adapter is not None:
-        components["adapter"] = {"digest": _sha256_json(adapter), "description": adapter}
+        components["adapter"] = {"digest": sha256_json(adapter), "description": adapter}
     if extra:
-        components["extra"] = {"digest": _sha256_json(dict(extra)), "values": dict(extra)}
-    digest = _sha256_json({name: c["digest"] for name, c in components.items()})
+        components["extra"] = {"digest": sha256_json(dict(extra)), "values": dict(extra)}
+    digest = sha256_json({name: c["digest"] for name, c in components.items()})
     metadata = {
         "digest": digest,
         "components": components,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
-    return CacheKey(digest=digest[:16], metadata=json.loads(_canonical_json(metadata)))
+    return CacheKey(digest=digest[:16], metadata=json.loads(canonical_json(metadata)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,10 +346,10 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def _checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
     """sha256 over the metadata (except the checksum itself) and every tensor's dtype, shape and
     bytes, so a flipped bit anywhere in the file is caught."""
-    digest = hashlib.sha256(_canonical_json({k: v for k, v in metadata.items() if k != "checksum"}).encode())
+    digest = hashlib.sha256(canonical_json({k: v for k, v in metadata.items() if k != "checksum"}).encode())
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()
-        digest.update(_canonical_json([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(canonical_json([name, str(tensor.dtype), list(tensor.shape)]).encode())
         digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()
 
@@ -387,7 +379,7 @@ def save_reference_cache(
         "pair_hashes": _hashes_tensor(pair_hashes(dataset)),
     }
     metadata = {
-        _METADATA_KEY: _canonical_json({"format": CACHE_FORMAT_VERSION, "key": key.metadata}),
+        _METADATA_KEY: canonical_json({"format": CACHE_FORMAT_VERSION, "key": key.metadata}),
     }
     metadata["checksum"] = _checksum(tensors, metadata)
     folder = Path(cache_dir)
@@ -410,7 +402,7 @@ def _read_verified(path: Path, key: CacheKey, dataset: PreferenceDataset) -> Ref
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name).clone() for name in f.keys()}  # noqa: SIM118
     except (OSError, ValueError, safetensors.SafetensorError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise _Corrupt(f"unreadable: {first}") from None
     if "checksum" not in metadata or _METADATA_KEY not in metadata:
         raise _Corrupt("no fsdpo metadata")

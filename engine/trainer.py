@@ -4,60 +4,52 @@ Why the loss is divided by the global pair count: every micro-batch contributes
 sum(per-pair losses) / global_batch_size and FSDP *sums* gradients across ranks (its averaging
 is switched off in parallel.py), so the optimizer sees the mean over the global batch however
 it is split into ranks x micro-batches x accumulation steps.
+
+Each rule has its component: the checkpoint manager decides when to save and saves the model,
+optimizer and scheduler (`engine.checkpoint`); the reference provider keys, loads, computes and
+saves the reference log-probs (`engine.reference`); the throughput meter times the logging
+window and counts its work (`engine.metrics`); post-training exports final/ at the end of
+`train()`, and `engine.post_train.finish` pushes and runs the command once the process group is
+gone. `build_reference_cache` builds the reference cache alone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
-from engine import losses
 from engine.attention import kernel_plan
-from engine.checkpoint import CheckpointManager, TrainerState
-from engine.config import Config, DataSource, to_toml
+from engine.checkpoint import CheckpointManager, TrainerState, resume_path
+from engine.config import Config
 from engine.data import (
     GlobalBatchSampler,
     PreferenceDataset,
     build_dataset,
     collate,
-    padding_fraction,
-    pair_token_counts,
     resolve_chat_template,
     shard_for_inference,
     split_eval,
 )
 from engine.distributed import Interrupted, World, log, stopping_at
 from engine.errors import UserError
-from engine.export import export_hf
-from engine.metrics import (
-    MetricsLogger,
-    PairMetrics,
-    Work,
-    device_peak,
-    format_rate,
-    format_row,
-    forward_work,
-    matmul_peak_once,
-    mfu,
-    model_flops,
-    model_shape,
-    peak_memory_gib,
-)
-from engine.model import adapter_description, build_tokenizer
+from engine.forward import FORWARD_MODES, padding_fraction
+from engine.metrics import MetricsLogger, PairMetrics, ThroughputMeter, format_rate, format_row
+from engine.model import build_tokenizer
 from engine.optim import build_optimizer, build_scheduler, lr_factor, warmup_steps
 from engine.parallel import check_compiler, compute_dtype
+from engine.post_train import export_final
 from engine.progress import Progress
-from engine.reference import ReferenceLogps, compute_reference_logps, reference_layout
-from engine.reference_cache import load_reference_cache, reference_cache_key, save_reference_cache
+from engine.recipe import to_toml
+from engine.reference import ReferenceProvider
 from engine.run_dir import RunDir, check_output_dir, prepare_output_dir
 from engine.step import TrainStep, build_model
 
@@ -87,53 +79,83 @@ def startup_warnings(cfg: Config, total_steps: int, sampler: GlobalBatchSampler)
     return lines
 
 
+def build_data(cfg: Config) -> tuple[PreTrainedTokenizerBase, PreferenceDataset, PreferenceDataset | None]:
+    """(The tokenizer, the training set, the evaluation set or None), the tokenizer with the
+    recipe's chat template (trained with it, so exported with it)."""
+    tokenizer = build_tokenizer(cfg.model)
+    template = resolve_chat_template(cfg.data.chat_template)
+    if template:
+        tokenizer.chat_template = template
+    train_data = build_dataset(cfg.data.train, tokenizer, cfg.data, cfg.job.seed)
+    eval_data = None
+    if cfg.data.eval:
+        eval_data = build_dataset(cfg.data.eval, tokenizer, cfg.data, cfg.job.seed)
+    elif cfg.data.eval_fraction > 0:
+        train_data, eval_data = split_eval(train_data, cfg.data.eval_fraction, cfg.job.seed)
+    log(train_data.summary())
+    return tokenizer, train_data, eval_data
+
+
+def build_sampler(cfg: Config, train_data: PreferenceDataset, world: World) -> GlobalBatchSampler:
+    """This rank's share of every global batch, in micro-batches of pairs or of tokens."""
+    t, d = cfg.training, cfg.data
+    return GlobalBatchSampler(
+        len(train_data), t.global_batch_size, t.micro_batch_size, world.rank, world.world_size, cfg.job.seed,
+        lengths=train_data.sequence_lengths() if d.group_by_length else None,
+        group_by_length=d.group_by_length,
+        micro_batch_tokens=t.micro_batch_tokens,
+        pair_tokens=FORWARD_MODES[t.forward_mode].pair_positions(train_data.lengths()) if t.micro_batch_tokens else None,
+    )  # fmt: skip
+
+
+def attention_plan(cfg: Config, causal_lm: nn.Module, world: World, dtype: torch.dtype) -> dict[str, str]:
+    """The attention kernel of each layer kind (logged): a padding-free mode's segment kernels
+    (a forced one that is missing stops here), else transformers' `model.attn_implementation`."""
+    t = cfg.training
+    if FORWARD_MODES[t.forward_mode].padding_free:
+        plan = kernel_plan(causal_lm.config, world.device, dtype, t.attention_kernel)
+    else:
+        plan = {"all layers": f"transformers {cfg.model.attn_implementation}"}
+    log(f"attention ({t.forward_mode}): " + ", ".join(f"{kind} {k}" for kind, k in plan.items()))
+    return plan
+
+
+def build_reference_cache(cfg: Config, world: World) -> None:
+    """Collective: the reference log-prob cache of the recipe's data sets and nothing else, for
+    precomputing it on other hardware (no checkpoint is read, nothing else is written)."""
+    check_compiler(cfg.parallel, world.device.type)
+    torch.manual_seed(cfg.job.seed)
+    tokenizer, train_data, eval_data = build_data(cfg)
+    model, _ = build_model(cfg, world)
+    dtype = compute_dtype(cfg.parallel, world.device)
+    attention_plan(cfg, model.causal_lm, world, dtype)
+    references = ReferenceProvider(cfg, model, tokenizer, world, dtype)
+    references.get(train_data, "train", cfg.data.train)
+    references.get(eval_data, "eval", cfg.data.eval)
+
+
 class Trainer:
-    """Builds every component from its own recipe table, then `train()` runs the loop.
+    """Builds every component from its own recipe table, then `train()` runs the loop."""
 
-    With `reference_only`, it stops after the reference log-prob cache is built (nothing else is
-    written to the output folder), for precomputing the cache on other hardware.
-    """
-
-    def __init__(self, cfg: Config, world: World, reference_only: bool = False) -> None:
+    def __init__(self, cfg: Config, world: World) -> None:
         self.cfg, self.world = cfg, world
+        t = cfg.training
         self.output_dir = Path(cfg.job.output_dir)
         self.run_dir = RunDir(self.output_dir, world.is_main)  # the files fsdpo wrote there
-        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, world.rank, world.world_size)
-        resume_from = None if reference_only else self.checkpoints.resume_path()
-        self.resuming = resume_from is not None
-        if not reference_only:  # look now; change the folder only once every input has loaded
-            check_output_dir(self.output_dir, cfg.job.overwrite, self.resuming)
+        resume_from = resume_path(cfg.checkpoint, self.output_dir)
+        # look now; change the folder only once every input has loaded
+        check_output_dir(self.output_dir, cfg.job.overwrite, resume_from is not None)
         check_compiler(cfg.parallel, world.device.type)  # before hours of loading, not after
         torch.manual_seed(cfg.job.seed)
 
-        # data
-        self.tokenizer = build_tokenizer(cfg.model)
-        template = resolve_chat_template(cfg.data.chat_template)
-        if template:  # trained with it, so exported with it
-            self.tokenizer.chat_template = template
+        self.tokenizer, self.train_data, self.eval_data = build_data(cfg)
         self.pad_id = self.tokenizer.pad_token_id
-        self.train_data = build_dataset(cfg.data.train, self.tokenizer, cfg.data, cfg.job.seed)
-        self.eval_data = None
-        if cfg.data.eval:
-            self.eval_data = build_dataset(cfg.data.eval, self.tokenizer, cfg.data, cfg.job.seed)
-        elif cfg.data.eval_fraction > 0:
-            self.train_data, self.eval_data = split_eval(
-                self.train_data, cfg.data.eval_fraction, cfg.job.seed
-            )
-        log(self.train_data.summary())
-        t = cfg.training
-        self.sampler = GlobalBatchSampler(
-            len(self.train_data), t.global_batch_size, t.micro_batch_size, world.rank, world.world_size, cfg.job.seed,
-            lengths=self.train_data.sequence_lengths() if cfg.data.group_by_length else None,
-            group_by_length=cfg.data.group_by_length,
-            micro_batch_tokens=t.micro_batch_tokens,
-            pair_tokens=pair_token_counts(self.train_data.lengths(), t.forward_mode) if t.micro_batch_tokens else None,
-        )  # fmt: skip
+        self.pair_lengths = self.train_data.lengths()
+        self.sampler = build_sampler(cfg, self.train_data, world)
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.sampler.steps_per_epoch
         for line in startup_warnings(cfg, self.total_steps, self.sampler):
             log(line)
 
-        # model, sharded
         # pretrained safetensors: parameters start on the meta device and every rank reads only
         # its own shards after sharding (no rank ever holds the whole model)
         self.model, mesh = build_model(cfg, world)
@@ -143,61 +165,54 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.scheduler)
         self.dtype = compute_dtype(cfg.parallel, world.device)
-        if t.forward_mode in ("packed", "prefix_shared"):  # per layer kind; a forced one missing stops here
-            self.attention = kernel_plan(causal_lm.config, world.device, self.dtype, t.attention_kernel)
-        else:
-            self.attention = {"all layers": f"transformers {cfg.model.attn_implementation}"}
-        log(
-            f"attention ({t.forward_mode}): " + ", ".join(f"{kind} {k}" for kind, k in self.attention.items())
-        )
+        self.attention = attention_plan(cfg, causal_lm, world, self.dtype)
 
         # reference log-probs, from the initial weights (so before any checkpoint is loaded)
-        self.reference_forwards = 0
-        self.reference_batch = cfg.reference.batch_size or 4 * t.micro_batch_size
-        self.reference_dir = Path(cfg.reference.cache_dir or self.output_dir / "reference")
-        if self.reference_dir.exists() and not self.reference_dir.is_dir():  # before hours of forwards
-            raise UserError(f"reference.cache_dir: {self.reference_dir} is not a folder")
-        self.train_reference = self._reference(self.train_data, "train", cfg.data.train)
-        self.eval_reference = self._reference(self.eval_data, "eval", cfg.data.eval)
-        if reference_only:
-            return
+        self.references = ReferenceProvider(
+            cfg, self.model, self.tokenizer, world, self.dtype, resume_from is not None
+        )
+        self.train_reference = self.references.get(self.train_data, "train", cfg.data.train)
+        self.eval_reference = self.references.get(self.eval_data, "eval", cfg.data.eval)
         self.step = TrainStep(
             self.model, self.optimizer, self.scheduler, cfg, world.device, self.pad_id, self.train_reference
         )
+        self.state_bytes: dict[str, int] | None = None  # this rank's state, once the first update made it
 
+        self.checkpoints = CheckpointManager(
+            self.run_dir, cfg.checkpoint, world, self.model, self.optimizer, self.scheduler,
+            self.sampler.steps_per_epoch, to_toml(cfg),
+        )  # fmt: skip
         self.state = TrainerState(
             global_batch_size=t.global_batch_size, world_size=world.world_size, total_steps=self.total_steps
         )
         if resume_from is not None:
-            self._resume(resume_from)
-        prepare_output_dir(self.run_dir, cfg.job.overwrite, self.state.step if self.resuming else None)
+            self.state = self.checkpoints.resume(resume_from, self.state)
+        prepare_output_dir(self.run_dir, cfg.job.overwrite, self.state.step if resume_from else None)
         if world.is_main:
-            (self.output_dir / "recipe.toml").write_text(to_toml(cfg))
-            self._write_data_stats()
-            self.run_dir.record(self.output_dir / "recipe.toml", self.output_dir / "data_stats.json")
-        self.peak = device_peak(world.device, self.dtype, matmul_peak_once(world.device, self.dtype))
-        self.flop_shape = model_shape(self.model.causal_lm)  # for `mfu` (engine.metrics)
-        self.pair_lengths = self.train_data.lengths()
+            self._write_run_files()
+        self.meter = ThroughputMeter(t.forward_mode, causal_lm, world.device, self.dtype, world.world_size)
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, world.is_main, dataclasses.asdict(cfg))
+        log(self._summary(mesh.shape))
+
+    def _summary(self, mesh_shape: tuple[int, ...]) -> str:
+        """The start-up line: model size, ranks, sharding, batching, steps, dtype, MFU peak."""
+        t = self.cfg.training
         if t.micro_batch_tokens:
             batching = f"micro-batches of up to {t.micro_batch_tokens} tokens (as many per step as the fullest rank needs)"
         else:
             batching = f"{self.sampler.accumulation_steps} accumulation steps of {t.micro_batch_size} pairs"
-        log(
+        peak = self.meter.peak
+        return (
             f"model: {self.num_params / 1e6:.2f}M parameters ({self.trainable_params / 1e6:.2f}M trained), "
-            f"{world.world_size} ranks, sharding {cfg.parallel.sharding} over mesh {tuple(mesh.shape)}, "
+            f"{self.world.world_size} ranks, sharding {self.cfg.parallel.sharding} over mesh {tuple(mesh_shape)}, "
             f"{batching}, {self.total_steps} steps, compute {self.dtype}, "
-            f"MFU peak {format_rate(self.peak.flops)} per rank ({self.peak.why})"
+            f"MFU peak {format_rate(peak.flops)} per rank ({peak.why})"
         )
 
-    def _adapters_disabled(self) -> contextlib.AbstractContextManager:
-        if self.cfg.lora.enabled:
-            return self.model.causal_lm.disable_adapter()
-        return contextlib.nullcontext()
-
-    def _write_data_stats(self) -> None:
-        """output_dir/data_stats.json: per-source filter counts, token-length percentiles, and the
-        padding fraction each padded forward mode would pay at this batch size."""
+    def _write_run_files(self) -> None:
+        """output_dir/recipe.toml, the resolved recipe, and output_dir/data_stats.json: per-source
+        filter counts, token-length percentiles, and the padding fraction each padded forward mode
+        would pay at this batch size."""
         t, d = self.cfg.training, self.cfg.data
         padding = {
             mode: padding_fraction(
@@ -221,62 +236,9 @@ class Trainer:
                 "unused_pairs_per_epoch": self.sampler.unused_per_epoch,
             },
         }
+        (self.output_dir / "recipe.toml").write_text(to_toml(self.cfg))
         (self.output_dir / "data_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-
-    def _resume(self, path: Path) -> None:
-        saved = self.checkpoints.load(path, self.model, self.optimizer)
-        gbs = self.cfg.training.global_batch_size
-        if saved.global_batch_size != gbs:
-            raise UserError(
-                f"training.global_batch_size: the checkpoint {path} was trained with "
-                f"{saved.global_batch_size} pairs per step, this run asks for {gbs}"
-            )
-        self.scheduler.load_state_dict(saved.scheduler)
-        if saved.total_steps and saved.total_steps != self.total_steps:
-            before = self.scheduler.get_last_lr()[0]
-            self.scheduler.last_epoch -= 1
-            self.scheduler.step()  # the new schedule's learning rate, from the next step on
-            log(
-                f"warning: resuming {path}: its schedule was planned for {saved.total_steps} steps, this run "
-                f"has {self.total_steps} (training.max_steps, epochs or the data changed); the learning rate "
-                f"follows the new schedule from step {saved.step + 1}: {self.scheduler.get_last_lr()[0]:.4g} "
-                f"instead of {before:.4g}"
-            )
-        self.state = dataclasses.replace(
-            saved, world_size=self.world.world_size, total_steps=self.total_steps
-        )
-
-    def _reference(
-        self, dataset: PreferenceDataset | None, name: str, sources: list[DataSource]
-    ) -> ReferenceLogps | None:
-        """Load the cached reference log-probs of `dataset`, or compute and cache them."""
-        if dataset is None or not losses.needs_reference(self.cfg.loss):
-            return None
-        key = reference_cache_key(
-            self.cfg.model, self.cfg.job.seed, self.tokenizer, dataset, self.cfg.data,
-            adapter=adapter_description(self.cfg.lora), sources=sources,
-            extra={"compute_dtype": str(self.dtype)}, cache_dir=self.reference_dir,
-        )  # fmt: skip
-        cached = load_reference_cache(self.reference_dir, key, dataset)
-        if cached is not None:
-            log(f"reference log-probs ({name}): loaded {self.reference_dir / key.file_name}")
-            return cached.to(self.world.device)
-        self.reference_forwards += 1
-        if self.resuming:
-            log(
-                f"reference log-probs ({name}): no cache on resume; rebuilding from the initial weights of model.path"
-            )
-        with self._adapters_disabled():  # the reference is the base model
-            reference = compute_reference_logps(
-                self.model, dataset, self.pad_id, self.world.device, self.reference_batch,
-                self.world.rank, self.world.world_size, name, reference_layout(self.cfg.training.forward_mode),
-            )  # fmt: skip
-        if self.world.is_main:
-            path = save_reference_cache(self.reference_dir, key, dataset, reference)
-            log(f"reference log-probs ({name}): cached in {path}")
-        if dist.is_initialized():
-            dist.barrier()
-        return reference.to(self.world.device)
+        self.run_dir.record(self.output_dir / "recipe.toml", self.output_dir / "data_stats.json")
 
     # ------------------------------------------------------------------------------------------
 
@@ -284,9 +246,12 @@ class Trainer:
         """One optimizer step over this rank's micro-batches (`engine.step.TrainStep`). Returns
         (lr, grad norm: a 0-d tensor, read it when logging; skipped, stop): `stop` is the stop
         signal some rank received (0: none), the same on every rank."""
-        batches = [collate(self.train_data, indices) for indices in self.sampler.micro_batches(step)]
+        micro_batches = self.sampler.micro_batches(step)
+        batches = [collate(self.train_data, indices) for indices in micro_batches]
         result = self.step(batches, window, poison=_fault_nan_step() == step + 1)
-        if self.step.state_bytes is not None and not hasattr(self, "state_bytes"):  # first update
+        for indices in micro_batches:
+            self.meter.add(self.pair_lengths[indices])
+        if self.step.state_bytes is not None and self.state_bytes is None:  # the first update
             self.state_bytes = self.step.state_bytes
             mib = {k: f"{v / 2**20:.2f} MiB" for k, v in self.state_bytes.items()}
             print(
@@ -302,7 +267,7 @@ class Trainer:
         self.model.eval()
         window = PairMetrics()
         shards = shard_for_inference(
-            len(self.eval_data), self.reference_batch, self.world.rank, self.world.world_size
+            len(self.eval_data), self.references.batch_size, self.world.rank, self.world.world_size
         )
         progress = Progress(len(shards), f"eval at step {step}", "batch", enabled=self.world.is_main)
         for indices, valid in shards:
@@ -319,124 +284,80 @@ class Trainer:
         return row
 
     def train(self) -> dict[str, Any]:
-        t, lg, ck = self.cfg.training, self.cfg.logging, self.cfg.checkpoint
-        state = self.state
+        """Evaluate, train from `state.step` to the last step (rows, evaluations, checkpoints),
+        evaluate again and export final/ (collective)."""
+        state, total, t = self.state, self.total_steps, self.cfg.training
         self.model.train()
         stopping_at("during the evaluation at step 0")
         before = self.evaluate(0) if state.step == 0 else None
-        window, window_start = PairMetrics(), state.step
-        last_time = time.perf_counter()  # moved on by the time evaluation and checkpoints take
-        row: dict[str, Any] = {}
-        progress = Progress(self.total_steps, "training", "step", enabled=self.world.is_main)
+        window, row = PairMetrics(), {}
+        progress = Progress(total, "training", "step", enabled=self.world.is_main)
         progress.update(state.step)
+        self.meter.start()
         stopping_at(f"at step {state.step}", deferred=True)  # a stop signal waits for the step's end
-        for step in range(state.step, self.total_steps):
+        for step in range(state.step, total):
             lr, grad_norm, skipped, stop = self.train_step(step, window)
             progress.update(
                 1, loss=f"{row.get('loss', float('nan')):.4f}", acc=f"{row.get('rewards/accuracies', 0):.3f}"
             )
             _fault_kill_at_step(step + 1)
-            state.step, state.consumed_pairs = step + 1, (step + 1) * t.global_batch_size
-            stopping_at(f"at step {state.step}", deferred=True)
-            state.skipped_steps += skipped
-            state.skipped_in_row = state.skipped_in_row + 1 if skipped else 0
-            if skipped:
-                log(f"step {state.step}: non-finite loss on some rank, update skipped")
-            if state.skipped_in_row >= t.max_skipped_steps:
-                raise UserError(
-                    f"training: {state.skipped_in_row} consecutive steps had a NaN/inf loss "
-                    f"(training.max_skipped_steps={t.max_skipped_steps}); stopping"
-                )
-            done = state.step
-            if done % lg.interval_steps == 0 or done == self.total_steps:
-                elapsed = time.perf_counter() - last_time
-                steps = range(window_start, done)
-                row = self._log_row(done, lr, float(grad_norm), state.skipped_steps, window, steps, elapsed)
-                window, window_start = PairMetrics(), done
-                last_time = time.perf_counter()
+            done = self._advance(step + 1, skipped)
+            if done % self.cfg.logging.interval_steps == 0 or done == total:
+                row = self._log_row(done, lr, float(grad_norm), window)
+                window = PairMetrics()
             if stop:  # every rank is here, after the same step: no collective is left half-done
                 progress.close()
                 self.checkpoints.wait()  # an async save in flight is finished and published
                 raise Interrupted(stop)
-            if t.eval_interval_steps and done % t.eval_interval_steps == 0 and done != self.total_steps:
-                paused = time.perf_counter()
-                self.evaluate(done)
-                last_time += time.perf_counter() - paused
-            epoch_end = done % self.sampler.steps_per_epoch == 0
-            if (ck.interval_steps and done % ck.interval_steps == 0) or (
-                ck.interval_epochs
-                and epoch_end
-                and (done // self.sampler.steps_per_epoch) % ck.interval_epochs == 0
-            ):
-                state.scheduler = self.scheduler.state_dict()
-                paused = time.perf_counter()
-                self.checkpoints.save(done, self.model, self.optimizer, state, to_toml(self.cfg))
-                last_time += time.perf_counter() - paused
+            if t.eval_interval_steps and done % t.eval_interval_steps == 0 and done != total:
+                with self.meter.paused():
+                    self.evaluate(done)
+            if self.checkpoints.due(done):
+                with self.meter.paused():
+                    self.checkpoints.save(done, state)
         progress.close()
         self.checkpoints.close()
         stopping_at("during the final evaluation and export")
-        after = self.evaluate(self.total_steps)
+        after = self.evaluate(total)
         if before and after:
             log(
                 "held-out preference accuracy (strict: ties, as at step 0, count as wrong): "
                 f"before {before['eval/rewards/accuracies']:.3f} -> after {after['eval/rewards/accuracies']:.3f}"
             )
-        if self.cfg.export.enabled:
-            export_hf(
-                self.model,
-                self.tokenizer,
-                self.cfg.model,
-                self.output_dir / "final",
-                self.cfg.export,
-                self.cfg.lora,
-                self.world.is_main,
-                self.run_dir,
-            )
-            log(f"exported {self.output_dir / 'final'}")
+        export_final(self.model, self.tokenizer, self.cfg, self.world, self.run_dir)
         # rank 0's hub push and post-train command come after the process group is gone
         # (engine.post_train.finish): an evaluation may take hours, no peer waits in a collective
         self.metrics.close()
         return {"train": row, "eval_before": before, "eval_after": after}
 
-    def _log_row(
-        self,
-        step: int,
-        lr: float,
-        grad_norm: float,
-        skipped: int,
-        window: PairMetrics,
-        steps: range,
-        elapsed: float,
-    ) -> dict[str, Any]:
-        """The training row of the window of optimizer `steps` (indices) that took `elapsed`
-        seconds, evaluation and checkpoints left out. `tokens_per_s`: real pair tokens (prompt
-        twice, chosen, rejected: TRL's count, whatever the forward mode computes);
-        `positions_per_s`: positions the model computed (padding included, a shared prompt
-        once); `mfu`: `engine.metrics.model_flops` of those steps over the peak of every rank."""
-        work = Work()
-        for s in steps:  # this rank's micro-batches, as train_step ran them
-            for indices in self.sampler.micro_batches(s):
-                work += forward_work(self.cfg.training.forward_mode, self.pair_lengths[indices])
-        totals = {
-            "tokens": float(window.tokens),
-            "positions": float(work.positions),
-            "flops": model_flops(self.flop_shape, work),
-        }
-        reduced = window.reduce(self.world.device, totals)
-        tokens, positions, flops = (reduced.pop(k) for k in totals)
-        reduced.pop("pairs")
-        seconds = max(elapsed, 1e-9)
+    def _advance(self, done: int, skipped: bool) -> int:
+        """Count optimizer step `done` (1-based) in the state; returns `done`. Too many skipped
+        steps in a row stop the run."""
+        state, t = self.state, self.cfg.training
+        state.step, state.consumed_pairs = done, done * t.global_batch_size
+        stopping_at(f"at step {done}", deferred=True)
+        state.skipped_steps += skipped
+        state.skipped_in_row = state.skipped_in_row + 1 if skipped else 0
+        if skipped:
+            log(f"step {done}: non-finite loss on some rank, update skipped")
+        if state.skipped_in_row >= t.max_skipped_steps:
+            raise UserError(
+                f"training: {state.skipped_in_row} consecutive steps had a NaN/inf loss "
+                f"(training.max_skipped_steps={t.max_skipped_steps}); stopping"
+            )
+        return done
+
+    def _log_row(self, step: int, lr: float, grad_norm: float, window: PairMetrics) -> dict[str, Any]:
+        """The training row of the logging window that ends at `step` (`ThroughputMeter`)."""
+        means, throughput = self.meter.reduce(window)
         row = {
             "step": step,
             "epoch": step / self.sampler.steps_per_epoch,
-            **reduced,
+            **means,
             "lr": lr,
             "grad_norm": grad_norm,
-            "skipped_steps": skipped,
-            "tokens_per_s": tokens / seconds,
-            "positions_per_s": positions / seconds,
-            "mfu": mfu(flops, seconds, self.peak.flops, self.world.world_size),
-            "peak_mem_gib": peak_memory_gib(self.world.device),
+            "skipped_steps": self.state.skipped_steps,
+            **throughput,
         }
         self.metrics.write(row)
         log(format_row(row))

@@ -74,13 +74,14 @@ def test_wpo_logs_its_mean_weight(sweeps: dict) -> None:
 def test_simpo_trainer_does_not_call_the_reference_forward(
     tmp_path: Path, tiny_model_dir: Path, small_data: dict, world, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from engine import reference
     from engine import trainer as trainer_module
-    from engine.config import load_config
+    from engine.recipe import load_config
 
     def forbidden(*args, **kwargs):
         raise AssertionError("SimPO must not compute reference log-probs")
 
-    monkeypatch.setattr(trainer_module, "compute_reference_logps", forbidden)
+    monkeypatch.setattr(reference, "compute_reference_logps", forbidden)
     recipe = write_recipe(tmp_path / "r.toml", base_tables(tiny_model_dir, small_data, tmp_path / "out"))
     trainer = trainer_module.Trainer(
         load_config(recipe, ["loss.type=simpo", "training.max_steps=2", "export.enabled=false"]), world

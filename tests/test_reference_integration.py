@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import load_config
 from engine.data import collate
 from engine.forward import policy_logps
+from engine.recipe import load_config
 from engine.trainer import Trainer
 from tests.conftest import LN2, base_tables, run_training, train_rows, write_recipe
 
@@ -50,10 +50,10 @@ def test_second_run_reuses_the_cache_and_reproduces_the_curve(
 ) -> None:
     cache = tmp_path / "cache"
     first = _trainer(tmp_path, "first", tiny_model_dir, small_data, cache, world=world)
-    assert first.reference_forwards == 2  # train and eval
+    assert first.references.forwards == 2  # train and eval
     first.train()
     second = _trainer(tmp_path, "second", tiny_model_dir, small_data, cache, world=world)
-    assert second.reference_forwards == 0
+    assert second.references.forwards == 0
     assert torch.equal(second.train_reference.chosen, first.train_reference.chosen)
     assert torch.equal(second.eval_reference.rejected, first.eval_reference.rejected)
     second.train()
@@ -75,7 +75,7 @@ def test_every_change_of_key_builds_a_new_cache_beside_the_old(
     cache = tmp_path / "cache"
 
     def forwards(name: str, overrides=()) -> int:
-        return _trainer(tmp_path, name, model_dir, data, cache, overrides, world).reference_forwards
+        return _trainer(tmp_path, name, model_dir, data, cache, overrides, world).references.forwards
 
     assert forwards("base") == 2
     assert forwards("again") == 0

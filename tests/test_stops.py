@@ -24,8 +24,8 @@ import pytest
 
 import torchrun_train
 from engine.checkpoint import complete_checkpoints
-from engine.config import load_config
 from engine.errors import UserError
+from engine.recipe import load_config
 from tests.conftest import (
     REPO,
     base_tables,
@@ -302,11 +302,11 @@ def test_a_stop_in_the_training_loop_waits_for_the_step_end(
 def test_a_stop_outside_the_training_loop_ends_the_run_where_it_is(
     recipe: Path, world, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import engine.trainer
+    import engine.reference
 
-    reference = engine.trainer.compute_reference_logps
+    reference = engine.reference.compute_reference_logps
     monkeypatch.setattr(
-        engine.trainer,
+        engine.reference,
         "compute_reference_logps",
         lambda *a, **k: _signal_self(signal.SIGTERM) or reference(*a, **k),
     )

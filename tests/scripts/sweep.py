@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from engine.config import load_config
 from engine.distributed import exit_process, init_distributed, shutdown
 from engine.export import full_hf_state_dict
+from engine.recipe import load_config
 from engine.trainer import Trainer
 
 
@@ -37,7 +37,7 @@ def main(recipe: str, out_dir: str, runs_file: str, common: list[str]) -> None:
             torch.save(weights, run_dir / "weights.pt")
         results[name] = {
             "losses": [r["loss"] for r in rows if "loss" in r],
-            "reference_forwards": trainer.reference_forwards,
+            "reference_forwards": trainer.references.forwards,
             "wpo_weight": [r.get("wpo/weight") for r in rows if "loss" in r],
             "state_bytes": trainer.state_bytes,
             "seconds_per_step": elapsed / trainer.total_steps,
