@@ -33,7 +33,7 @@ def first_line(error: BaseException) -> str:
     """The first line of `error`'s message, or its type's name when it has none: how a foreign
     exception (a library's, the OS's) is quoted inside a one-line UserError."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return text.splitlines()[0].strip() if text else type(error).__name__
 
 
 def closest(name: str, choices: Iterable[str]) -> str | None:

@@ -315,3 +315,14 @@ def test_bad_input_exits_2_with_one_line_and_keeps_outputs(
         assert word in lines[0], (word, lines[0])
     after = [_snapshot(p) for p in watched]
     assert after == before, f"{case.what}: the output folder changed on an error path"
+
+
+def test_a_foreign_error_is_quoted_by_its_first_line_or_its_type() -> None:
+    """One rule (engine.errors.first_line) for quoting a library's or the OS's exception inside a
+    UserError; the checkpoint's copy (`str(e).splitlines()[0]`) failed on an empty message."""
+    from engine.errors import did_you_mean, first_line
+
+    assert first_line(ValueError("\n  bad header \nmore detail")) == "bad header"
+    assert first_line(OSError()) == "OSError"
+    assert did_you_mean("packd", ["concatenated", "packed"]) == ' (did you mean "packed"?)'
+    assert did_you_mean("zzz", ["concatenated", "packed"]) == ""

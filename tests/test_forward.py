@@ -296,3 +296,22 @@ def test_the_forward_mode_registry_is_the_schema_and_the_readme(varied_batch) ->
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme.split("### Forward modes (`training.forward_mode`)")[1].split("\n### ")[0]
     assert all(f"- `{n}`" in section for n in FORWARD_MODES)
+
+
+def test_one_padding_rule_for_data_stats_and_the_bench(setup) -> None:
+    """`padding_fraction` (data_stats.json) is `Work.padding_fraction` (the bench's padding
+    column) of the sampler's micro-batches over an epoch: one method, not two."""
+    from engine.data import GlobalBatchSampler
+    from engine.forward import Work, forward_work, padding_fraction
+
+    data = setup[1]
+    sampler = GlobalBatchSampler(len(data), 8, 2, 0, 1, seed=3)
+    for mode in FORWARD_MODES:
+        work = Work()
+        for step in range(sampler.steps_per_epoch):
+            for micro in sampler.micro_batches(step):
+                work += forward_work(mode, data.lengths()[micro])
+        assert padding_fraction(data, 2, mode, global_batch_size=8, seed=3) == pytest.approx(
+            work.padding_fraction
+        )
+        assert (work.padding_fraction == 0) == FORWARD_MODES[mode].padding_free
