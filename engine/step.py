@@ -41,7 +41,7 @@ from engine.loading import materialize_and_load
 from engine.metrics import PairMetrics, peak_memory_gib
 from engine.model import build_policy, sharded_weights_dir
 from engine.parallel import build_mesh, defers_gradient_sync, local_state_bytes, parallelize
-from engine.reference import ReferenceLogps
+from engine.reference_cache import ReferenceLogps
 
 
 def build_model(

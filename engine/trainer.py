@@ -223,7 +223,8 @@ class Trainer:
                 group_by_length=d.group_by_length,
                 seed=self.cfg.job.seed,
             )
-            for mode in ("concatenated", "separate")
+            for mode, forward in FORWARD_MODES.items()
+            if not forward.padding_free
         }
         stats = {
             "train": self.train_data.stats,

@@ -142,7 +142,7 @@ def run_mode(mode: str, setup: Setup, world: World, timed: range) -> dict[str, A
     from engine.metrics import PairMetrics
     from engine.optim import build_optimizer, build_scheduler
     from engine.parallel import compile_stats, reset_compile_stats
-    from engine.reference import ReferenceLogps
+    from engine.reference_cache import ReferenceLogps
     from engine.step import TrainStep, build_model
 
     cfg = dataclasses.replace(setup.cfg, parallel=mode_parallel(mode, setup.cfg))

@@ -284,7 +284,7 @@ class GlobalBatchSampler:
         order = self.epoch_order(self.epoch_of(step))
         first = (step % self.steps_per_epoch) * self.global_batch_size
         return rank_micro_batches(
-            order[first : first + self.global_batch_size].numpy(),
+            order[first : first + self.global_batch_size].tolist(),  # the step's one read of the order
             self.rank,
             self.world_size,
             self.micro_batch_size,
