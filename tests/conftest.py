@@ -6,6 +6,7 @@ loading path runs) next to the demo tokenizer shipped in recipes/assets/.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+from engine.metrics import MATMUL_PEAK_ENV, measure_matmul_flops
 from engine.recipe import toml_value
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +132,21 @@ def training_command(
 
 
 def training_env(env: dict | None = None) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    """The environment of a launched run: one thread per rank, and this machine's one-thread
+    matmul rate measured once here (each rank would spend ~1.3 s measuring the same)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", MATMUL_PEAK_ENV: one_thread_matmul_peak(), **(env or {})}
+
+
+@functools.cache
+def one_thread_matmul_peak() -> str:
+    """FSDPO_MATMUL_PEAK for the launched ranks (engine.metrics.handed_down_peak): the fp32
+    matmul rate of one thread, as a rank under OMP_NUM_THREADS=1 measures it at start-up."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return f"cpu:float32={measure_matmul_flops(torch.device('cpu'), torch.float32)}"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_sweep(recipe: Path, out: Path, runs: dict[str, list[str]], nproc: int, timeout: int = 400) -> dict:
@@ -141,8 +157,7 @@ def run_sweep(recipe: Path, out: Path, runs: dict[str, list[str]], nproc: int, t
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         str(REPO / "tests" / "scripts" / "sweep.py"), str(recipe), str(out), str(out / "runs.json"),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=training_env())
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads((out / "results.json").read_text())
 

@@ -30,6 +30,7 @@ from tests.conftest import (
     read_metrics,
     run_training,
     train_rows,
+    training_env,
     write_recipe,
 )
 
@@ -108,7 +109,7 @@ def _run_in_terminal(cmd: list[str], cwd: Path) -> str:
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     proc = subprocess.Popen(
-        cmd, cwd=cwd, stdout=follower, stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "120"}
+        cmd, cwd=cwd, stdout=follower, stderr=subprocess.DEVNULL, env=training_env({"COLUMNS": "120"})
     )
     os.close(follower)
     chunks = []
@@ -179,7 +180,7 @@ def test_two_nodes_on_loopback_equal_one_node_with_two_processes(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env=training_env(),
         )
         for rank in (0, 1)
     ]
