@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,40 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # two workers share the two cores: one thread each (tiny models gain nothing from a second
     # thread, and two workers x two threads oversubscribe the machine)
     torch.set_num_threads(1)
+
+
+def _module_fixture_group(item: pytest.Item) -> str | None:
+    """The module of `item` when it uses a module-scoped fixture defined there (a launch or a
+    training run that several tests read), else None."""
+    module = item.nodeid.split("::")[0]
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        if defs and defs[-1].scope == "module" and defs[-1].baseid == module:
+            return module
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """For the workers of `--dist loadgroup` (pyproject.toml): the tests that share a module
+    fixture form one group, run by one worker, so that it is built once; the multi-process tier
+    goes first, its largest groups first, so that the workers finish together."""
+    groups = {item: _module_fixture_group(item) for item in items}
+    sizes = Counter(groups.values())
+    for item, group in groups.items():
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    order = {item: i for i, item in enumerate(items)}
+
+    def key(item: pytest.Item) -> tuple:
+        group = groups[item]
+        return (
+            item.get_closest_marker("slow") is None,
+            -sizes[group] if group else 0,
+            group or "",
+            order[item],
+        )
+
+    items.sort(key=key)
 
 
 @pytest.fixture(scope="session", autouse=True)
