@@ -6,7 +6,9 @@ loading path runs) next to the demo tokenizer shipped in recipes/assets/.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import os
 import shutil
@@ -14,6 +16,7 @@ import socket
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +152,26 @@ def run_training(
     )
 
 
+def main_in_process(recipe: Path, overrides: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """`python torchrun_train.py RECIPE OVERRIDES` in this process, as the one rank of the `world`
+    fixture's process group (which the caller requests; the run keeps it): the exit code and what
+    it printed, as `run_training(..., nproc=0)` returns them, without a process's ~5 s start-up."""
+    import engine.distributed
+    import torchrun_train
+
+    argv = [str(recipe), *overrides]
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        patch.setattr(engine.distributed, "shutdown", lambda: None)
+        patch.chdir(REPO)
+        code = torchrun_train.main(argv)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 def training_command(
     recipe: Path, overrides: list[str] = (), nproc: int = 1, torchrun_args: list[str] = ()
 ) -> list[str]:
@@ -185,7 +208,8 @@ def one_thread_matmul_peak() -> str:
 
 
 def run_sweep(recipe: Path, out: Path, runs: dict[str, list[str]], nproc: int, timeout: int = 400) -> dict:
-    """Train every variant in `runs` within one torchrun launch (tests/scripts/sweep.py)."""
+    """Train every variant in `runs` within one torchrun launch (tests/scripts/sweep.py), each in
+    `out`/its name; the launch's stdout is kept in `out`/stdout.txt."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "runs.json").write_text(json.dumps(runs))
     cmd = [
@@ -194,6 +218,7 @@ def run_sweep(recipe: Path, out: Path, runs: dict[str, list[str]], nproc: int, t
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=training_env())
     assert proc.returncode == 0, proc.stderr[-5000:]
+    (out / "stdout.txt").write_text(proc.stdout)
     return json.loads((out / "results.json").read_text())
 
 

@@ -162,6 +162,23 @@ def test_peak_table_matches_device_names(monkeypatch: pytest.MonkeyPatch) -> Non
     assert peak.flops == 4e11 and peak.why == "measured matmul, float32, faster than bfloat16 on this CPU"
 
 
+def test_a_launcher_hands_down_its_measured_matmul_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDPO_MATMUL_PEAK (tests/conftest.py's launches): the rate of this device type and dtype
+    is taken as measured, without a probe; another dtype is measured as without it."""
+    measured: list[torch.dtype] = []
+    monkeypatch.setattr(metrics, "_MEASURED_PEAKS", {})
+    monkeypatch.setattr(
+        metrics, "measure_matmul_flops", lambda device, dtype, size=2048: measured.append(dtype) or 3e9
+    )
+    monkeypatch.setenv(metrics.MATMUL_PEAK_ENV, "cuda:float32=5e13,cpu:float32=6.5e10")
+    cpu = torch.device("cpu")
+    assert metrics.matmul_peak_once(cpu, torch.float32) == (6.5e10, "float32") and measured == []
+    assert metrics.matmul_peak_once(cpu, torch.bfloat16) == (3e9, "bfloat16")
+    assert measured == [torch.bfloat16, torch.float32]  # bf16 on CPU is also bounded by fp32
+    monkeypatch.delenv(metrics.MATMUL_PEAK_ENV)
+    assert metrics.handed_down_peak(cpu, torch.float32) is None
+
+
 SLEEP = 0.4
 
 

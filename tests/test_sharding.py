@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,13 +36,24 @@ def recipe(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small
     return write_recipe(tmp / "r.toml", tables)
 
 
+# uninterrupted, with the checkpoints and the export of the resumed runs below (one more run of
+# the two-rank sweep, not a launch of its own)
+SAVED = ["checkpoint.interval_steps=2", "export.enabled=true"]
+STRAIGHT = ["parallel.sharding=full", *SAVED]
+RESUMES = [("full", "hybrid"), ("full", "none"), ("none", "full")]
+
+
 @pytest.fixture(scope="module")
-def sweep(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tmp = tmp_path_factory.mktemp("sweep")
-    two = run_sweep(recipe, tmp / "two", STRATEGIES, nproc=2)
+def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sweep")
+
+
+@pytest.fixture(scope="module")
+def sweep(recipe: Path, sweep_dir: Path) -> dict:
+    two = run_sweep(recipe, sweep_dir / "two", {**STRATEGIES, "straight": STRAIGHT}, nproc=2)
     four = run_sweep(
         recipe,
-        tmp / "four",
+        sweep_dir / "four",
         {"hybrid_2x2": ["parallel.sharding=hybrid", "parallel.replicate_degree=2"]},
         nproc=4,
     )
@@ -84,35 +96,46 @@ def test_gradient_sync_defaults_and_conflicts(recipe: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def straight(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("straight") / "run"
-    proc = run_training(
-        recipe, [f"job.output_dir={out}", "checkpoint.interval_steps=2", "export.enabled=true"], nproc=2
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def straight(sweep: dict, sweep_dir: Path) -> Path:
+    return sweep_dir / "two" / "straight"
+
+
+@pytest.fixture(scope="module")
+def killed(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, Path]]:
+    """Under each first strategy of RESUMES, a run whose rank 1 was killed after step 3: (exit code,
+    output folder)."""
+    runs = {}
+    for first in sorted({first for first, _ in RESUMES}):
+        tmp = tmp_path_factory.mktemp(f"killed-{first}")
+        out = tmp / "run"
+        overrides = [f"job.output_dir={out}", *SAVED, f"parallel.sharding={first}"]
+        proc = run_training(recipe, overrides, nproc=2, env={"FSDPO_FAULT_KILL": f"3:1:{tmp / 'k'}"})
+        runs[first] = (proc.returncode, out)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def resumed(recipe: Path, killed: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the killed run of each pair of RESUMES resumed under its second strategy, all
+    in one two-rank launch (tests/scripts/sweep.py): the folder of the `first-second` runs."""
+    out = tmp_path_factory.mktemp("resumed")
+    runs = {}
+    for first, second in RESUMES:
+        shutil.copytree(killed[first][1], out / f"{first}-{second}")
+        hybrid = ["parallel.replicate_degree=2"] if second == "hybrid" else []
+        runs[f"{first}-{second}"] = [*SAVED, f"parallel.sharding={second}", *hybrid]
+    run_sweep(recipe, out, runs, nproc=2)
     return out
 
 
-@pytest.mark.parametrize(
-    "first,second",
-    [("full", "hybrid"), ("full", "none"), ("none", "full")],
-)
+@pytest.mark.parametrize("first,second", RESUMES)
 def test_resume_across_strategies(
-    recipe: Path, straight: Path, tmp_path: Path, first: str, second: str
+    killed: dict, resumed: Path, straight: Path, first: str, second: str
 ) -> None:
-    out = tmp_path / "run"
-    common = [f"job.output_dir={out}", "checkpoint.interval_steps=2", "export.enabled=true"]
-    hybrid = ["parallel.replicate_degree=2"] if second == "hybrid" else []
-    proc = run_training(
-        recipe,
-        [*common, f"parallel.sharding={first}"],
-        nproc=2,
-        env={"FSDPO_FAULT_KILL": f"3:1:{tmp_path / 'k'}"},
-    )
-    assert proc.returncode != 0 and (out / "checkpoints" / "step-2" / "COMPLETE").exists()
-    proc = run_training(recipe, [*common, f"parallel.sharding={second}", *hybrid], nproc=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout
+    code, killed_out = killed[first]
+    assert code != 0 and (killed_out / "checkpoints" / "step-2" / "COMPLETE").exists()
+    out = resumed / f"{first}-{second}"
+    assert f"resumed from {out / 'checkpoints' / 'step-2'}" in (resumed / "stdout.txt").read_text()
     for a, b in zip(train_rows(straight), train_rows(out)):
         assert a["step"] == b["step"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-5, abs_tol=1e-6)
     wa, wb = load_final_weights(straight), load_final_weights(out)
