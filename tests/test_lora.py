@@ -17,6 +17,7 @@ from tests.conftest import (
     base_tables,
     every_position_logps,
     load_final_weights,
+    main_in_process,
     run_training,
     train_rows,
     write_recipe,
@@ -99,11 +100,18 @@ def test_exported_adapter_and_merged_model_reproduce_the_trained_model(
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_rank_and_resume(tmp_path: Path, tiny_model_dir: Path, small_data: dict) -> None:
+def test_two_ranks_equal_one_rank_and_resume(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world
+) -> None:
     def run(name: str, nproc: int, extra=(), env=None, ok=True):
+        """A run on 2 ranks (torchrun) or on 1: the one rank of this process."""
         out = tmp_path / name
         recipe = _recipe(tmp_path, tiny_model_dir, small_data, out)
-        proc = run_training(recipe, [*LORA, "checkpoint.interval_steps=2", *extra], nproc=nproc, env=env)
+        overrides = [*LORA, "checkpoint.interval_steps=2", *extra]
+        if nproc == 1:
+            proc = main_in_process(recipe, overrides)
+        else:
+            proc = run_training(recipe, overrides, nproc=nproc, env=env)
         assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
         return out
 

@@ -27,6 +27,7 @@ from tests.conftest import (
     base_tables,
     free_port,
     load_final_weights,
+    main_in_process,
     read_metrics,
     run_training,
     train_rows,
@@ -129,7 +130,7 @@ def _run_in_terminal(cmd: list[str], cwd: Path) -> str:
 
 @pytest.mark.slow
 def test_progress_bar_on_a_terminal_plain_lines_otherwise(
-    tmp_path: Path, tiny_model_dir: Path, small_data: dict
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world
 ) -> None:
     recipe = write_recipe(tmp_path / "r.toml", base_tables(tiny_model_dir, small_data, tmp_path / "tty"))
     cmd = [
@@ -142,7 +143,7 @@ def test_progress_bar_on_a_terminal_plain_lines_otherwise(
     shown = _run_in_terminal(cmd, REPO)
     assert ("training:" in shown and "%|" in shown and "step/s" in shown) or "s/step" in shown
     assert "reference log-probs (train):" in shown and "step 6 | loss" in shown
-    piped = run_training(recipe, [f"job.output_dir={tmp_path / 'pipe'}", "export.enabled=false"], nproc=0)
+    piped = main_in_process(recipe, [f"job.output_dir={tmp_path / 'pipe'}", "export.enabled=false"])
     assert piped.returncode == 0 and "%|" not in piped.stdout and "\r" not in piped.stdout
     assert [line for line in piped.stdout.splitlines() if line.startswith("step ")]
 

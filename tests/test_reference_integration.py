@@ -13,7 +13,7 @@ from engine.data import collate
 from engine.forward import policy_logps
 from engine.recipe import load_config
 from engine.trainer import Trainer
-from tests.conftest import LN2, base_tables, run_training, train_rows, write_recipe
+from tests.conftest import LN2, base_tables, main_in_process, run_training, train_rows, write_recipe
 
 
 def _trainer(tmp_path: Path, name: str, model_dir: Path, data: dict, cache: Path, overrides=(), world=None):
@@ -109,7 +109,7 @@ def test_every_change_of_key_builds_a_new_cache_beside_the_old(
 
 @pytest.mark.slow
 def test_cache_built_on_two_ranks_serves_one_rank_and_back(
-    tmp_path: Path, tiny_model_dir: Path, small_data: dict
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world
 ) -> None:
     tables = base_tables(tiny_model_dir, small_data, tmp_path / "unused")
     tables["training"]["micro_batch_size"] = 2
@@ -117,10 +117,10 @@ def test_cache_built_on_two_ranks_serves_one_rank_and_back(
     recipe = write_recipe(tmp_path / "r.toml", tables)
 
     def run(name: str, nproc: int, cache: str) -> tuple[list[float], str]:
+        """A run on 2 ranks (torchrun) or on 1: the one rank of this process."""
         out = tmp_path / name
-        proc = run_training(
-            recipe, [f"job.output_dir={out}", f"reference.cache_dir={tmp_path / cache}"], nproc=nproc
-        )
+        overrides = [f"job.output_dir={out}", f"reference.cache_dir={tmp_path / cache}"]
+        proc = run_training(recipe, overrides, nproc=2) if nproc == 2 else main_in_process(recipe, overrides)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return [r["loss"] for r in train_rows(out)], proc.stdout
 
@@ -134,14 +134,15 @@ def test_cache_built_on_two_ranks_serves_one_rank_and_back(
         assert all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7) for a, b in zip(x, y)), (x, y)
 
 
-@pytest.mark.slow
-def test_build_reference_only_then_train(tmp_path: Path, tiny_model_dir: Path, small_data: dict) -> None:
+def test_build_reference_only_then_train(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world
+) -> None:
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.toml", base_tables(tiny_model_dir, small_data, out))
-    proc = run_training(recipe, ["--build-reference-only", "export.enabled=false"], nproc=0)
+    proc = main_in_process(recipe, ["--build-reference-only", "export.enabled=false"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((out / "reference").glob("reference-*.safetensors"))) == 2
     assert not (out / "metrics.jsonl").exists()  # nothing but the cache was written
-    proc = run_training(recipe, ["export.enabled=false"], nproc=0)
+    proc = main_in_process(recipe, ["export.enabled=false"])
     assert proc.returncode == 0 and proc.stdout.count("reference log-probs (train): loaded") == 1
     assert proc.stdout.count("reference log-probs (eval): loaded") == 1

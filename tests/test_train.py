@@ -15,6 +15,7 @@ from tests.conftest import (
     LN2,
     base_tables,
     load_final_weights,
+    main_in_process,
     read_metrics,
     run_training,
     train_rows,
@@ -27,16 +28,22 @@ pytestmark = pytest.mark.slow
 def _launch(
     tmp: Path, name: str, nproc: int, overrides: list[str], model_dir: Path, data: dict, env=None
 ) -> Path:
+    """A run under torchrun with `nproc` ranks, or (nproc=1, no env) the one rank of this process."""
     out = tmp / name
     recipe = write_recipe(tmp / f"{name}.toml", base_tables(model_dir, data, out))
-    proc = run_training(recipe, overrides, nproc=nproc, env=env)
+    if nproc == 1 and env is None:
+        proc = main_in_process(recipe, overrides)
+    else:
+        proc = run_training(recipe, overrides, nproc=nproc, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     (out / "stdout.txt").write_text(proc.stdout)
     return out
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small_data: dict) -> dict[str, Path]:
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small_data: dict, world
+) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("runs")
     return {
         # 1 rank x micro 8 x accumulation 1: the reference split
