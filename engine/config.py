@@ -167,6 +167,15 @@ class LossConfig:
     """Clamp WPO's pair weight at 1, as the paper's released code does."""
     discopop_tau: float = 0.05
     """Temperature of DiscoPOP's log-ratio modulation."""
+    ld_alpha: float = 1.0
+    """LD-DPO (Liu et al. 2024): weight of the log-probs of a completion's tokens beyond its pair's
+    shared length l = min(chosen tokens, rejected tokens); each summed log-prob becomes
+    (sum over the first l tokens) + ld_alpha x (sum over the rest) before the losses see it
+    (every reference-based loss and `simpo`; not `sft`'s NLL). In (0, 1]; 1 = off (the forward
+    computes no shared-length sums)."""
+    ld_sides: Literal["both", "policy"] = "both"
+    """Whose log-probs `ld_alpha` reweights: `both` the policy's and the reference's (TRL),
+    `policy` the policy's only (ms-swift, LLaMA-Factory)."""
 
 
 @dataclass
@@ -565,6 +574,7 @@ def check(cfg: Config, problems: Problems) -> None:
         "a number in [0, 0.5)",
         cfg.loss.label_smoothing,
     )
+    p.expect(0 < cfg.loss.ld_alpha <= 1, "loss.ld_alpha", "a number in (0, 1] (1 = off)", cfg.loss.ld_alpha)
 
     t = cfg.training
     p.expect(t.global_batch_size >= 1, "training.global_batch_size", ">= 1", t.global_batch_size)

@@ -20,12 +20,18 @@ computes and `padding_fraction` the padding a mode pays:
 (c, r: chosen and rejected completions, with their prompt in the padded modes.)
 All give the same log-probs (fp32, up to kernel rounding). The packed modes' attention is in
 engine/attention.py.
+
+Asked for (`shared_length=True`: LD-DPO's `loss.ld_alpha`), a layout also flags each scored token
+that lies within its pair's shared length l = min(chosen tokens, rejected tokens), counted from
+the completion's start, and the forward adds a second per-sequence sum over the flagged tokens.
+The layout knows both lengths of each pair on the host, so the flags cost the device no read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -44,6 +50,7 @@ class SequenceScores:
     logps: Tensor  # summed log p(token)
     tokens: Tensor  # number of scored tokens
     logweights: Tensor | None  # WPO: mean of log p(y_t) - log sum_v p(v)^2, detached
+    shared_logps: Tensor | None = None  # LD-DPO: summed over the pair's shared length
 
 
 class SequenceLogprobs(nn.Module):
@@ -57,7 +64,9 @@ class SequenceLogprobs(nn.Module):
     tokens (the layout knows it on the host, so the device never
     counts and the host never waits). Rows and sequences need not coincide and one position may
     score several sequences (prefix sharing: the last prompt position predicts both completions'
-    first tokens), so all layouts share this one function.
+    first tokens), so all layouts share this one function. `score_in_shared` [N] bool, when
+    given, flags the scored tokens within their pair's shared length: their per-sequence sum is
+    `SequenceScores.shared_logps`.
 
     `chunk_tokens` positions go through the LM head at a time, each chunk's logits recomputed in
     backward; 0 scores all positions in one chunk and keeps its logits for backward (the
@@ -85,6 +94,7 @@ class SequenceLogprobs(nn.Module):
         sequence_tokens: Tensor,
         with_logweights: bool = False,
         segments: AttentionSegments | None = None,
+        score_in_shared: Tensor | None = None,
     ) -> SequenceScores:
         decoder = self.causal_lm.get_decoder()
         if segments is None:
@@ -116,11 +126,13 @@ class SequenceLogprobs(nn.Module):
         tokens = sequence_tokens.to(torch.float32)
         zeros = torch.zeros_like(tokens)
         logps = zeros.index_add(0, score_sequences, token_logps)
-        logweights = None
+        logweights = shared = None
         if with_logweights:
             summed = zeros.index_add(0, score_sequences, token_logweights.detach())
             logweights = summed / tokens.clamp(min=1)
-        return SequenceScores(logps, tokens, logweights)
+        if score_in_shared is not None:
+            shared = zeros.index_add(0, score_sequences, token_logps.masked_fill(~score_in_shared, 0.0))
+        return SequenceScores(logps, tokens, logweights, shared)
 
 
 def score_tokens(
@@ -192,6 +204,7 @@ class ModelInputs:
     score_sequences: Tensor
     sequence_tokens: Tensor  # [S] long: scored tokens of each sequence
     segments: AttentionSegments | None = None
+    score_in_shared: Tensor | None = None  # [N] bool: within the pair's shared length (LD-DPO)
 
     @property
     def num_sequences(self) -> int:
@@ -211,19 +224,29 @@ class ModelInputs:
 
 
 class _Scores:
-    """Collects (position, target, sequence) triples for one layout."""
+    """Collects (position, target, sequence) triples for one layout, and with `shared_lengths`
+    (each sequence's pair's shared length) the flags of the tokens within it."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared_lengths: list[int] | None = None) -> None:
         self.positions: list[Tensor] = []
         self.targets: list[Tensor] = []
         self.sequences: list[Tensor] = []
         self.counts: dict[int, int] = {}  # sequence -> scored tokens
+        self.shared_lengths = shared_lengths
+        self.in_shared: list[Tensor] = []
 
     def add(self, positions: Tensor, targets: list[int], sequence: int) -> None:
+        """Score `targets`, a completion's tokens in order from its start, at `positions`."""
         self.positions.append(positions)
         self.targets.append(torch.tensor(targets, dtype=torch.long))
         self.sequences.append(torch.full((len(targets),), sequence, dtype=torch.long))
         self.counts[sequence] = self.counts.get(sequence, 0) + len(targets)
+        if self.shared_lengths is not None:
+            self.in_shared.append(torch.arange(len(targets)) < self.shared_lengths[sequence])
+
+    def shared_flags(self, device: torch.device) -> Tensor | None:
+        """`ModelInputs.score_in_shared` on `device`, or None when no shared lengths were given."""
+        return None if self.shared_lengths is None else to_device(torch.cat(self.in_shared), device)
 
     def tensors(self, device: torch.device, num_sequences: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Positions, targets and sequences of the scored tokens, and each of the
@@ -241,14 +264,18 @@ def _check_prompt(prompt: list[int]) -> None:
 
 
 def padded_rows(
-    sequences: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device
+    sequences: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    device: torch.device,
+    shared_lengths: list[int] | None = None,
 ) -> ModelInputs:
-    """One right-padded row per (prompt, completion); row i scores sequence i's completion."""
+    """One right-padded row per (prompt, completion); row i scores sequence i's completion
+    (and flags its first `shared_lengths[i]` tokens, when given)."""
     width = max(len(p) + len(c) for p, c in sequences)
     rows = len(sequences)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((rows, width), dtype=torch.long)
-    scores = _Scores()
+    scores = _Scores(shared_lengths)
     for i, (prompt, completion) in enumerate(sequences):
         _check_prompt(prompt)
         tokens = prompt + completion
@@ -257,15 +284,24 @@ def padded_rows(
         # position t predicts token t + 1: positions len(prompt)-1 .. len(tokens)-2
         scores.add(i * width + len(prompt) - 1 + torch.arange(len(completion)), completion, i)
     return ModelInputs(
-        to_device(input_ids, device), to_device(attention_mask, device), None, *scores.tensors(device, rows)
+        to_device(input_ids, device),
+        to_device(attention_mask, device),
+        None,
+        *scores.tensors(device, rows),
+        score_in_shared=scores.shared_flags(device),
     )
 
 
-def packed_row(sequences: list[tuple[list[int], list[int]]], device: torch.device) -> ModelInputs:
+def packed_row(
+    sequences: list[tuple[list[int], list[int]]],
+    device: torch.device,
+    shared_lengths: list[int] | None = None,
+) -> ModelInputs:
     """All (prompt, completion) sequences back to back in one row, positions restarting per
-    sequence, attention confined to each sequence; sequence i scores its completion."""
+    sequence, attention confined to each sequence; sequence i scores its completion (and flags
+    its first `shared_lengths[i]` tokens, when given)."""
     ids, positions, lengths = [], [], []
-    scores = _Scores()
+    scores = _Scores(shared_lengths)
     start = 0
     for i, (prompt, completion) in enumerate(sequences):
         _check_prompt(prompt)
@@ -281,17 +317,18 @@ def packed_row(sequences: list[tuple[list[int], list[int]]], device: torch.devic
         to_device(torch.cat(positions).unsqueeze(0), device),
         *scores.tensors(device, len(sequences)),
         AttentionSegments.for_sequences(lengths),
+        scores.shared_flags(device),
     )
 
 
-def shared_prefix_row(batch: PairBatch, device: torch.device) -> ModelInputs:
+def shared_prefix_row(batch: PairBatch, device: torch.device, shared_length: bool = False) -> ModelInputs:
     """One row of `[prompt | chosen | rejected]` per pair, back to back. Rejected positions
     continue from the prompt's end and attend to the prompt, not to chosen; the last prompt
     position scores both completions' first tokens. Pair i's chosen is sequence i, its
     rejected sequence B + i (as in the concatenated layout)."""
     b = len(batch)
     ids, positions, triples = [], [], []
-    scores = _Scores()
+    scores = _Scores(2 * pair_shared_lengths(batch) if shared_length else None)
     start = 0
     for i, (prompt, chosen, rejected) in enumerate(zip(batch.prompts, batch.chosen, batch.rejected)):
         _check_prompt(prompt)
@@ -310,6 +347,7 @@ def shared_prefix_row(batch: PairBatch, device: torch.device) -> ModelInputs:
         to_device(torch.cat(positions).unsqueeze(0), device),
         *scores.tensors(device, 2 * b),
         AttentionSegments.for_shared_prefix(triples),
+        scores.shared_flags(device),
     )
 
 
@@ -322,18 +360,19 @@ def score_pairs(
     b = sum(x.num_sequences for x in inputs) // 2
     if len(parts) == 1:
         return _pair_logps(parts[0], b)
-    lws = [p.logweights for p in parts]
+    lws, shared = [p.logweights for p in parts], [p.shared_logps for p in parts]
     merged = SequenceScores(
         torch.cat([p.logps for p in parts]),
         torch.cat([p.tokens for p in parts]),
         None if lws[0] is None else torch.cat(lws),
+        None if shared[0] is None else torch.cat(shared),
     )
     return _pair_logps(merged, b)
 
 
 def _pair_logps(scores: SequenceScores, b: int) -> PreferenceLogps:
     """Split 2B sequence scores (chosen first, then rejected) into per-pair tensors."""
-    lw = scores.logweights
+    lw, shared = scores.logweights, scores.shared_logps
     return PreferenceLogps(
         chosen_logps=scores.logps[:b],
         rejected_logps=scores.logps[b:],
@@ -341,6 +380,8 @@ def _pair_logps(scores: SequenceScores, b: int) -> PreferenceLogps:
         rejected_tokens=scores.tokens[b:],
         chosen_logweights=None if lw is None else lw[:b],
         rejected_logweights=None if lw is None else lw[b:],
+        chosen_shared_logps=None if shared is None else shared[:b],
+        rejected_shared_logps=None if shared is None else shared[b:],
     )
 
 
@@ -349,10 +390,23 @@ def both_sequences(batch: PairBatch) -> list[tuple[list[int], list[int]]]:
     return list(zip(batch.prompts, batch.chosen)) + list(zip(batch.prompts, batch.rejected))
 
 
+def pair_shared_lengths(batch: PairBatch) -> list[int]:
+    """Each pair's shared length (LD-DPO): min(chosen tokens, rejected tokens)."""
+    return [min(len(c), len(r)) for c, r in zip(batch.chosen, batch.rejected)]
+
+
 # ----------------------------------------------------------------------------------------------
 # The registry: a forward mode is its layout and the facts the rest of the engine reads about it
 
-Layout = Callable[[PairBatch, int, torch.device], list[ModelInputs]]
+
+class Layout(Protocol):
+    """Pairs -> model inputs; `shared_length` adds the flags of `ModelInputs.score_in_shared`."""
+
+    def __call__(
+        self, batch: PairBatch, pad_id: int, device: torch.device, shared_length: bool = False
+    ) -> list[ModelInputs]: ...
+
+
 Triple = tuple[int, int, int]  # a pair's (prompt, chosen, rejected) token counts
 
 
@@ -386,9 +440,15 @@ class ForwardMode:
         return self.real_positions(lengths)
 
     def __call__(
-        self, model: nn.Module, batch: PairBatch, pad_id: int, device: torch.device, with_logweights: bool
+        self,
+        model: nn.Module,
+        batch: PairBatch,
+        pad_id: int,
+        device: torch.device,
+        with_logweights: bool,
+        shared_length: bool = False,
     ) -> PreferenceLogps:
-        return score_pairs(model, self.layout(batch, pad_id, device), with_logweights)
+        return score_pairs(model, self.layout(batch, pad_id, device, shared_length), with_logweights)
 
 
 FORWARD_MODES: dict[str, ForwardMode] = {}
@@ -418,10 +478,13 @@ def _widest(triples: list[Triple], completion: int) -> int:
     shares_prompt=False,
     forwards=lambda t: [2 * len(t) * max(_widest(t, 1), _widest(t, 2))],
 )
-def concatenated_layout(batch: PairBatch, pad_id: int, device: torch.device) -> list[ModelInputs]:
+def concatenated_layout(
+    batch: PairBatch, pad_id: int, device: torch.device, shared_length: bool = False
+) -> list[ModelInputs]:
     """Chosen and rejected stacked into one padded batch of 2B rows: one forward, one
     all-gather per block under FSDP."""
-    return [padded_rows(both_sequences(batch), pad_id, device)]
+    shared = 2 * pair_shared_lengths(batch) if shared_length else None
+    return [padded_rows(both_sequences(batch), pad_id, device, shared)]
 
 
 @register(
@@ -430,20 +493,26 @@ def concatenated_layout(batch: PairBatch, pad_id: int, device: torch.device) -> 
     shares_prompt=False,
     forwards=lambda t: [len(t) * _widest(t, 1), len(t) * _widest(t, 2)],
 )
-def separate_layout(batch: PairBatch, pad_id: int, device: torch.device) -> list[ModelInputs]:
+def separate_layout(
+    batch: PairBatch, pad_id: int, device: torch.device, shared_length: bool = False
+) -> list[ModelInputs]:
     """Two forwards of B rows (chosen, then rejected): lower peak activation memory."""
+    shared = pair_shared_lengths(batch) if shared_length else None
     return [
-        padded_rows(list(zip(batch.prompts, batch.chosen)), pad_id, device),
-        padded_rows(list(zip(batch.prompts, batch.rejected)), pad_id, device),
+        padded_rows(list(zip(batch.prompts, batch.chosen)), pad_id, device, shared),
+        padded_rows(list(zip(batch.prompts, batch.rejected)), pad_id, device, shared),
     ]
 
 
 @register(
     "packed", padding_free=True, shares_prompt=False, forwards=lambda t: [sum(2 * p + c + r for p, c, r in t)]
 )
-def packed_layout(batch: PairBatch, pad_id: int, device: torch.device) -> list[ModelInputs]:
+def packed_layout(
+    batch: PairBatch, pad_id: int, device: torch.device, shared_length: bool = False
+) -> list[ModelInputs]:
     """All 2B sequences in one row without padding, attention confined to each sequence."""
-    return [packed_row(both_sequences(batch), device)]
+    shared = 2 * pair_shared_lengths(batch) if shared_length else None
+    return [packed_row(both_sequences(batch), device, shared)]
 
 
 @register(
@@ -452,10 +521,12 @@ def packed_layout(batch: PairBatch, pad_id: int, device: torch.device) -> list[M
     shares_prompt=True,
     forwards=lambda t: [sum(p + c + r for p, c, r in t)],
 )
-def prefix_shared_layout(batch: PairBatch, pad_id: int, device: torch.device) -> list[ModelInputs]:
+def prefix_shared_layout(
+    batch: PairBatch, pad_id: int, device: torch.device, shared_length: bool = False
+) -> list[ModelInputs]:
     """One `[prompt | chosen | rejected]` sequence per pair, packed: each prompt computed once
     (rejected attends to the prompt, not to chosen)."""
-    return [shared_prefix_row(batch, device)]
+    return [shared_prefix_row(batch, device, shared_length)]
 
 
 def policy_logps(
@@ -465,8 +536,11 @@ def policy_logps(
     pad_id: int,
     device: torch.device,
     with_logweights: bool = False,
+    shared_length: bool = False,
 ) -> PreferenceLogps:
-    return FORWARD_MODES[mode](model, batch, pad_id, device, with_logweights)
+    """The per-pair log-probs of `batch` under forward `mode` (with LD-DPO's shared-length sums
+    when `shared_length`)."""
+    return FORWARD_MODES[mode](model, batch, pad_id, device, with_logweights, shared_length)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,13 +15,20 @@ Numerical care: log sigmoid is always F.logsigmoid (never log(sigmoid(x))), 1 - 
 written sigmoid(-x), and exponentials that could overflow are rewritten or clamped (see
 `discopop_loss`, `wpo_loss`), so values and gradients stay finite for any finite input.
 Token counts are clamped at 1 before dividing, so a padded pair with no tokens cannot make NaN.
+
+LD-DPO (`loss.ld_alpha` < 1, `length_desensitized`) is a loss-level setting: `compute_loss`
+rewrites the summed log-probs before any loss sees them, so pi_c, pi_r (and ref_c, ref_r with
+`loss.ld_sides = "both"`) in every docstring below are the desensitised sums, for every loss
+registered with `ld_weighted=True` (every reference-based loss and `simpo`; `sft`'s NLL stays the
+true likelihood, as TRL's).
+Token counts n_c, n_r stay the full lengths, as TRL divides by them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +49,11 @@ class PreferenceLogps:
     ref_rejected_logps: Tensor | None = None
     chosen_logweights: Tensor | None = None  # WPO: per-sequence mean over completion tokens of
     rejected_logweights: Tensor | None = None  # log p(y_t) - log sum_v p(v)^2 (from the policy)
+    # LD-DPO: summed over the pair's first min(n_c, n_r) tokens only (None unless ld_alpha < 1)
+    chosen_shared_logps: Tensor | None = None
+    rejected_shared_logps: Tensor | None = None
+    ref_chosen_shared_logps: Tensor | None = None  # the reference's (ld_sides = "both")
+    ref_rejected_shared_logps: Tensor | None = None
 
 
 @dataclass
@@ -61,20 +73,26 @@ class LossSpec:
     needs_reference: bool
     needs_logweights: bool = False
     pair_separable: bool = True  # False when a pair's loss depends on other pairs in the batch
+    ld_weighted: bool = True  # sees LD-DPO's desensitised log-probs (`length_desensitized`)
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
 def register(
-    name: str, *, needs_reference: bool, needs_logweights: bool = False, pair_separable: bool = True
+    name: str,
+    *,
+    needs_reference: bool,
+    needs_logweights: bool = False,
+    pair_separable: bool = True,
+    ld_weighted: bool = True,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator that adds a loss function to `LOSSES` under `name`."""
 
     def add(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is registered twice")
-        LOSSES[name] = LossSpec(fn, needs_reference, needs_logweights, pair_separable)
+        LOSSES[name] = LossSpec(fn, needs_reference, needs_logweights, pair_separable, ld_weighted)
         return fn
 
     return add
@@ -356,9 +374,10 @@ def simpo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     return _output(losses, cfg.beta * chosen, cfg.beta * rejected)
 
 
-@register("sft", needs_reference=False)
+@register("sft", needs_reference=False, ld_weighted=False)
 def sft_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
-    """SFT: negative log-likelihood of the chosen completion per token, -pi_c / n_c.
+    """SFT: negative log-likelihood of the chosen completion per token, -pi_c / n_c (the true
+    log-likelihood whatever `loss.ld_alpha`, as TRL's `sft`).
 
     Combined with DPO as ["dpo", "sft"] this is RPO (Pang et al. 2024, "Iterative Reasoning
     Preference Optimization", arXiv:2404.19733).
@@ -398,11 +417,48 @@ def needs_logweights(cfg: LossConfig) -> bool:
     return any(spec.needs_logweights for spec in _specs(cfg))
 
 
+def needs_shared_length(cfg: LossConfig) -> bool:
+    """Whether the policy's forward must sum log-probs over each pair's shared length (LD-DPO)."""
+    return cfg.ld_alpha != 1.0 and any(spec.ld_weighted for spec in _specs(cfg))
+
+
+def reference_needs_shared_length(cfg: LossConfig) -> bool:
+    """Whether the reference log-probs must carry shared-length sums (LD-DPO on both sides)."""
+    return needs_shared_length(cfg) and cfg.ld_sides == "both" and needs_reference(cfg)
+
+
+def length_desensitized(logps: PreferenceLogps, cfg: LossConfig) -> PreferenceLogps:
+    """LD-DPO: every summed log-prob s becomes s_l + ld_alpha (s - s_l), s_l its sum over the
+    pair's first l = min(n_c, n_r) tokens; the policy's, and with `loss.ld_sides = "both"` (TRL)
+    the reference's too (`"policy"`: ms-swift, LLaMA-Factory). `logps` itself at ld_alpha = 1.
+
+    Liu et al. 2024, "Length Desensitization in Direct Preference Optimization",
+    arXiv:2409.06411. Combined here at loss time from the totals and the shared-length sums
+    (the forward's and the reference cache's), so one cached reference serves every ld_alpha.
+    """
+    alpha = cfg.ld_alpha
+    if alpha == 1.0:
+        return logps
+    sides = ["chosen", "rejected"]
+    if cfg.ld_sides == "both" and logps.ref_chosen_logps is not None:
+        sides += ["ref_chosen", "ref_rejected"]
+    changed = {}
+    for side in sides:
+        shared = getattr(logps, f"{side}_shared_logps")
+        if shared is None:
+            raise ValueError(
+                f"loss.ld_alpha < 1 needs {side}_shared_logps (sums over the pair's shared length)"
+            )
+        changed[f"{side}_logps"] = shared + alpha * (getattr(logps, f"{side}_logps") - shared)
+    return replace(logps, **changed)
+
+
 def compute_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     """Weighted sum of the per-pair losses named in `cfg.type` (weights default to 1.0 each).
 
     Rewards and extras come from the first loss that is not "sft" (sft's own when it is alone),
-    so ["dpo", "sft"] (RPO) reports DPO's implicit rewards.
+    so ["dpo", "sft"] (RPO) reports DPO's implicit rewards. Losses registered `ld_weighted` see
+    `length_desensitized(logps, cfg)` (LD-DPO), the others `logps`.
     """
     names, specs = loss_names(cfg), _specs(cfg)
     if not names:
@@ -410,7 +466,8 @@ def compute_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     weights = cfg.weights or [1.0] * len(names)
     if len(weights) != len(names):
         raise ValueError(f"{len(weights)} loss weights for {len(names)} losses {names}")
-    outputs = [spec.fn(logps, cfg) for spec in specs]
+    desensitized = length_desensitized(logps, cfg) if needs_shared_length(cfg) else logps
+    outputs = [spec.fn(desensitized if spec.ld_weighted else logps, cfg) for spec in specs]
     losses = weights[0] * outputs[0].losses
     for weight, out in zip(weights[1:], outputs[1:]):
         losses = losses + weight * out.losses

@@ -67,7 +67,6 @@ PEER_KEYS: dict[str, tuple[str, str]] = {
     "cpo_alpha": ("loss.type", 'CPO-SimPO is loss.type = ["simpo", "sft"] with loss.weights = [1.0, ALPHA]'),
     "use_weighting": ("loss.type", '"wpo"'),
     "reference_free": ("loss.type", 'a reference-free loss: "simpo"'),
-    "ld_alpha": ("", "fsdpo has no LD-DPO"),
     "f_divergence_type": ("", "fsdpo's losses use the reverse KL only (no f-DPO)"),
     "precompute_ref_log_probs": (
         "reference.cache_dir",

@@ -8,7 +8,8 @@ missing.
 
 The pairs are laid out by the training forward mode when it is padding-free (`packed`,
 `prefix_shared`), else as `concatenated` (one forward; `separate` gives the same numbers). All
-modes agree to fp32 rounding, so a cache built under one mode serves the others.
+modes agree to fp32 rounding, so a cache built under one mode serves the others. With
+`shared_length` (LD-DPO on both sides) each pair's sums over its shared length come too.
 
 `ReferenceProvider` is the one path from a data set to its reference log-probs: key it
 (`engine.reference_cache.reference_cache_key`), load the cache file, else compute them (adapters
@@ -58,22 +59,26 @@ def compute_reference_logps(
     world_size: int,
     name: str = "train",
     mode: str = "concatenated",
+    shared_length: bool = False,
 ) -> ReferenceLogps:
     was_training = model.training
     model.eval()
     n = len(dataset)
-    sums = torch.zeros(3, n, dtype=torch.float64, device=device)  # chosen, rejected, filled
+    # chosen, rejected, filled (, chosen shared, rejected shared)
+    sums = torch.zeros(5 if shared_length else 3, n, dtype=torch.float64, device=device)
     start = time.perf_counter()
     shards = shard_for_inference(n, batch_size, rank, world_size)
     progress = Progress(n, f"reference log-probs ({name})", "pair", enabled=rank == 0)
     for indices, valid in shards:
         batch = collate(dataset, indices, valid)
-        logps = policy_logps(mode, model, batch, pad_id, device)
+        logps = policy_logps(mode, model, batch, pad_id, device, shared_length=shared_length)
         ids, keep = to_device(batch.pair_ids, device), to_device(batch.valid, device)
+        values = [logps.chosen_logps, logps.rejected_logps, keep]
+        if shared_length:
+            values += [logps.chosen_shared_logps, logps.rejected_shared_logps]
         # padding pairs add zeros (no boolean indexing: its output size would stop the host)
-        sums[0].index_add_(0, ids, torch.where(keep, logps.chosen_logps.double(), 0.0))
-        sums[1].index_add_(0, ids, torch.where(keep, logps.rejected_logps.double(), 0.0))
-        sums[2].index_add_(0, ids, keep.double())
+        for row, value in zip(sums, values):
+            row.index_add_(0, ids, torch.where(keep, value.double(), 0.0))
         progress.update(int(batch.valid.sum()) * world_size)  # host flags
     progress.close()
     if world_size > 1:
@@ -87,7 +92,8 @@ def compute_reference_logps(
         f"{mode} forward)"
     )
     model.train(was_training)
-    return ReferenceLogps(sums[0].float().cpu(), sums[1].float().cpu())
+    values = sums.float().cpu()
+    return ReferenceLogps(values[0], values[1], *values[3:])
 
 
 class ReferenceProvider:
@@ -120,15 +126,21 @@ class ReferenceProvider:
         if dataset is None or not losses.needs_reference(self.cfg.loss):
             return None
         cfg, world = self.cfg, self.world
+        shared_length = losses.reference_needs_shared_length(cfg.loss)
         key = reference_cache_key(
             cfg.model, cfg.job.seed, self.tokenizer, dataset, cfg.data,
             adapter=adapter_description(cfg.lora), sources=sources,
             extra={"compute_dtype": str(self.dtype)}, cache_dir=self.dir,
         )  # fmt: skip
         cached = load_reference_cache(self.dir, key, dataset)
-        if cached is not None:
+        if cached is not None and shared_length and not cached.has_shared:
+            log(
+                f"reference log-probs ({name}): {self.dir / key.file_name} has no shared-length sums "
+                "(loss.ld_alpha); recomputing"
+            )
+        elif cached is not None:
             log(f"reference log-probs ({name}): loaded {self.dir / key.file_name}")
-            return cached.to(world.device)
+            return (cached if shared_length else cached.totals()).to(world.device)
         self.forwards += 1
         if self.resuming:
             log(
@@ -141,6 +153,7 @@ class ReferenceProvider:
             reference = compute_reference_logps(
                 self.model, dataset, self.tokenizer.pad_token_id, world.device, self.batch_size,
                 world.rank, world.world_size, name, reference_layout(cfg.training.forward_mode),
+                shared_length,
             )  # fmt: skip
         if world.is_main:
             path = save_reference_cache(self.dir, key, dataset, reference)

@@ -13,6 +13,13 @@ Identical pairs share a hash and therefore a value, which is right because they 
 pair. World size and batch size are not part of the key: each pair's value is computed from that
 pair alone.
 
+A file may also hold LD-DPO's shared-length sums (`ReferenceLogps.chosen_shared`), which a run
+with `loss.ld_alpha` < 1 on both sides needs; they change no total, so they are not part of the
+key: the file says whether it has them (its tensors, under the checksum), and a run that needs
+them treats a file without them as a miss (`ReferenceProvider`), recomputes and replaces it with
+one that has them, which then serves both kinds of run. Format 1 files (before them) are under
+other keys and never read.
+
 A file is written atomically (temp file in the same folder, then `os.replace`) and carries a
 sha256 checksum over its tensors and metadata in the safetensors header, so one file is the
 whole truth and a half-written, truncated or bit-flipped file is detected, reported in one line,
@@ -38,7 +45,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +67,7 @@ from engine.model import model_folder
 
 LOGPROB_CODE_VERSION = 1
 """Bump when the log-prob math changes (masking, summation, dtype policy): old caches go stale."""
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 """Layout of the cache file; part of the key, so a new layout never reads an old file."""
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.index.json")
@@ -70,6 +77,7 @@ RACY_WINDOW_NS = 2_000_000_000
 MEMO_FILE = "file-hashes.json"
 _METADATA_KEY = "fsdpo_reference_cache"
 _TENSOR_NAMES = ("chosen_logps", "chosen_tokens", "pair_hashes", "rejected_logps", "rejected_tokens")
+_SHARED_NAMES = ("chosen_shared_logps", "rejected_shared_logps")  # optional: LD-DPO
 # keys of config.json that do not change the model
 _CONFIG_VOLATILE = ("_name_or_path", "transformers_version")
 
@@ -81,15 +89,34 @@ class ReferenceLogps:
 
     chosen: torch.Tensor  # [N] fp32, summed reference log-probs of each pair's chosen completion
     rejected: torch.Tensor  # [N]
+    chosen_shared: torch.Tensor | None = None  # [N] LD-DPO: summed over the pair's shared length
+    rejected_shared: torch.Tensor | None = None
+
+    @property
+    def has_shared(self) -> bool:
+        return self.chosen_shared is not None and self.rejected_shared is not None
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ReferenceLogps:
+        fields = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return ReferenceLogps(*(None if t is None else fn(t) for t in fields))
 
     def to(self, device: torch.device) -> ReferenceLogps:
-        return ReferenceLogps(self.chosen.to(device), self.rejected.to(device))
+        return self._map(lambda t: t.to(device))
 
-    def lookup(self, pair_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pairs `pair_ids`, indexed where the table lives, on `device` (with the table and
+    def totals(self) -> ReferenceLogps:
+        """Without the shared-length sums (a run that does not need them keeps 8 bytes a pair)."""
+        return ReferenceLogps(self.chosen, self.rejected)
+
+    def select(self, pair_ids: torch.Tensor, device: torch.device) -> ReferenceLogps:
+        """The rows `pair_ids`, indexed where the table lives, on `device` (with the table and
         the ids on `device` already: no copy)."""
         ids = pair_ids.to(self.chosen.device)
-        return self.chosen.index_select(0, ids).to(device), self.rejected.index_select(0, ids).to(device)
+        return self._map(lambda t: t.index_select(0, ids).to(device))
+
+    def lookup(self, pair_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) of the pairs `pair_ids` on `device` (`select`)."""
+        rows = self.select(pair_ids, device)
+        return rows.chosen, rows.rejected
 
 
 @dataclass(frozen=True)
@@ -366,14 +393,14 @@ def save_reference_cache(
     Only the file of this key is (atomically) replaced; files of other keys are never touched.
     """
     n = len(dataset)
-    if ref.chosen.shape != (n,) or ref.rejected.shape != (n,):
-        raise ValueError(
-            f"reference log-probs of shape {tuple(ref.chosen.shape)}/{tuple(ref.rejected.shape)} "
-            f"do not match the {n} pairs of the data set"
-        )
+    values = {"chosen_logps": ref.chosen, "rejected_logps": ref.rejected}
+    if ref.has_shared:
+        values.update(chosen_shared_logps=ref.chosen_shared, rejected_shared_logps=ref.rejected_shared)
+    shapes = [tuple(v.shape) for v in values.values()]
+    if any(shape != (n,) for shape in shapes):
+        raise ValueError(f"reference log-probs of shapes {shapes} do not match the {n} pairs of the data set")
     tensors = {
-        "chosen_logps": ref.chosen.detach().to("cpu", torch.float32).contiguous(),
-        "rejected_logps": ref.rejected.detach().to("cpu", torch.float32).contiguous(),
+        **{name: v.detach().to("cpu", torch.float32).contiguous() for name, v in values.items()},
         "chosen_tokens": torch.tensor([len(p.chosen_ids) for p in dataset.pairs], dtype=torch.int32),
         "rejected_tokens": torch.tensor([len(p.rejected_ids) for p in dataset.pairs], dtype=torch.int32),
         "pair_hashes": _hashes_tensor(pair_hashes(dataset)),
@@ -415,12 +442,13 @@ def _read_verified(path: Path, key: CacheKey, dataset: PreferenceDataset) -> Ref
         raise _Corrupt("unreadable metadata") from None
     if header.get("format") != CACHE_FORMAT_VERSION or stored_digest != key.metadata["digest"]:
         raise _Corrupt("written for another key")
-    if sorted(tensors) != sorted(_TENSOR_NAMES):
+    has_shared = _SHARED_NAMES[0] in tensors
+    if sorted(tensors) != sorted(_TENSOR_NAMES + (_SHARED_NAMES if has_shared else ())):
         raise _Corrupt(f"tensors {sorted(tensors)}")
     m = tensors["chosen_logps"].shape[0] if tensors["chosen_logps"].ndim == 1 else -1
     expected = {
-        "chosen_logps": ((m,), torch.float32),
-        "rejected_logps": ((m,), torch.float32),
+        **{name: ((m,), torch.float32) for name in ("chosen_logps", "rejected_logps")},
+        **{name: ((m,), torch.float32) for name in (_SHARED_NAMES if has_shared else ())},
         "chosen_tokens": ((m,), torch.int32),
         "rejected_tokens": ((m,), torch.int32),
         "pair_hashes": ((m, PAIR_HASH_BYTES), torch.uint8),
@@ -445,13 +473,15 @@ def _read_verified(path: Path, key: CacheKey, dataset: PreferenceDataset) -> Ref
         and torch.equal(tensors["rejected_tokens"][index], rejected_tokens)
     ):
         raise _Corrupt("token counts disagree with the data set")
-    return ReferenceLogps(tensors["chosen_logps"][index], tensors["rejected_logps"][index])
+    names = ("chosen_logps", "rejected_logps", *(_SHARED_NAMES if has_shared else ()))
+    return ReferenceLogps(*(tensors[name][index] for name in names))
 
 
 def load_reference_cache(
     cache_dir: str | Path, key: CacheKey, dataset: PreferenceDataset
 ) -> ReferenceLogps | None:
-    """The cached log-probs of `dataset`'s pairs, in its pair order, bitwise as stored.
+    """The cached log-probs of `dataset`'s pairs, in its pair order, bitwise as stored (with
+    the shared-length sums when the file has them).
 
     None when there is no file for `key`, or when the file is corrupt (then one warning line on
     stderr names it; the caller recomputes and `save_reference_cache` replaces it).

@@ -92,8 +92,9 @@ class StepResult:
 class TrainStep:
     """One optimizer step of `model` (`build_model`) over a rank's micro-batches (`__call__`).
 
-    `reference` (on the device: `ReferenceLogps.to`) holds the reference log-probs, looked up
-    by pair id; None for reference-free losses. `mode` overrides `training.forward_mode`.
+    `reference` (on the device: `ReferenceLogps.to`) holds the reference log-probs (and their
+    shared-length sums for LD-DPO), looked up by pair id; None for reference-free losses. `mode`
+    overrides `training.forward_mode`.
     """
 
     def __init__(
@@ -112,12 +113,13 @@ class TrainStep:
         self.mode = mode or cfg.training.forward_mode
         self.defer_gradient_sync = defers_gradient_sync(cfg.parallel)
         self.with_logweights = losses.needs_logweights(cfg.loss)
+        self.shared_length = losses.needs_shared_length(cfg.loss)
         self.state_bytes: dict[str, int] | None = None  # local shards, after the first update
 
     def prepare(self, batch: PairBatch) -> MicroBatch:
         """Build `batch`'s inputs on the host and start their copies to the device."""
         return MicroBatch(
-            FORWARD_MODES[self.mode].layout(batch, self.pad_id, self.device),
+            FORWARD_MODES[self.mode].layout(batch, self.pad_id, self.device, self.shared_length),
             to_device(batch.valid, self.device),
             to_device(batch.pair_ids, self.device),
             batch.real_tokens,
@@ -129,7 +131,10 @@ class TrainStep:
         """Forward: (log-probs, loss output, per-pair losses with padding pairs zeroed)."""
         logps = score_pairs(self.model, micro.inputs, self.with_logweights)
         if reference is not None:
-            logps.ref_chosen_logps, logps.ref_rejected_logps = reference.lookup(micro.pair_ids, self.device)
+            ref = reference.select(micro.pair_ids, self.device)
+            logps.ref_chosen_logps, logps.ref_rejected_logps = ref.chosen, ref.rejected
+            logps.ref_chosen_shared_logps = ref.chosen_shared
+            logps.ref_rejected_shared_logps = ref.rejected_shared
         out = losses.compute_loss(logps, self.cfg.loss)
         return logps, out, out.losses * micro.valid
 

@@ -122,6 +122,58 @@ def test_save_rejects_values_of_another_size(tmp_path, model_copy, tokenizer, tr
         rc.save_reference_cache(tmp_path, key, dataset, ReferenceLogps(torch.zeros(3), torch.zeros(3)))
 
 
+def with_shared(dataset: PreferenceDataset) -> ReferenceLogps:
+    """`fake_reference` with LD-DPO shared-length sums of other awkward values."""
+    ref, shared = fake_reference(dataset), fake_reference(dataset, seed=1)
+    return ReferenceLogps(ref.chosen, ref.rejected, shared.rejected, shared.chosen)
+
+
+def _rewrite(path: Path, tensors: dict[str, torch.Tensor], header: dict) -> None:
+    """A well-formed, correctly checksummed file with these tensors and this header."""
+    import safetensors.torch
+
+    metadata = {"fsdpo_reference_cache": json.dumps(header)}
+    metadata["checksum"] = rc._checksum(tensors, metadata)
+    path.write_bytes(safetensors.torch.save(tensors, metadata=metadata))
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {n: f.get_tensor(n) for n in f.keys()}, json.loads(f.metadata()["fsdpo_reference_cache"])  # noqa: SIM118
+
+
+def test_shared_length_sums_round_trip_bitwise(tmp_path, model_copy, tokenizer, train_file):
+    dataset, data_cfg = make_dataset(train_file, tokenizer)
+    key = key_for(model_copy, tokenizer, dataset, data_cfg)
+    ref = with_shared(dataset)
+    rc.save_reference_cache(tmp_path, key, dataset, ref)
+    loaded = rc.load_reference_cache(tmp_path, key, dataset)
+    assert loaded.has_shared
+    for name in ("chosen", "rejected", "chosen_shared", "rejected_shared"):
+        assert torch.equal(bits(getattr(loaded, name)), bits(getattr(ref, name))), name
+    assert not loaded.totals().has_shared and torch.equal(bits(loaded.totals().chosen), bits(ref.chosen))
+    # without them (a run without loss.ld_alpha) the same key's file has none to give
+    rc.save_reference_cache(tmp_path, key, dataset, fake_reference(dataset))
+    assert not rc.load_reference_cache(tmp_path, key, dataset).has_shared
+
+
+def test_half_a_shared_pair_or_an_old_format_is_rejected(tmp_path, model_copy, tokenizer, train_file, capsys):
+    """Format 1 (before shared-length sums) is never read: another key, and refused under this one."""
+    dataset, data_cfg = make_dataset(train_file, tokenizer)
+    key = key_for(model_copy, tokenizer, dataset, data_cfg)
+    assert key.metadata["components"]["code"]["cache_format_version"] == rc.CACHE_FORMAT_VERSION == 2
+    path = rc.save_reference_cache(tmp_path, key, dataset, with_shared(dataset))
+    tensors, header = _read(path)
+    _rewrite(path, {n: t for n, t in tensors.items() if n != "rejected_shared_logps"}, header)
+    assert rc.load_reference_cache(tmp_path, key, dataset) is None
+    assert "is corrupt (tensors [" in capsys.readouterr().err
+    _rewrite(path, {n: t for n, t in tensors.items() if "shared" not in n}, {**header, "format": 1})
+    assert rc.load_reference_cache(tmp_path, key, dataset) is None
+    assert "written for another key" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------
 # What changes the key
 

@@ -9,16 +9,19 @@ not ours); any other read fails the test.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from engine.config import Config
 from engine.data import collate
 from engine.forward import FORWARD_MODES
 from engine.losses import LossOutput, PreferenceLogps
 from engine.metrics import PairMetrics
 from engine.recipe import load_config
+from engine.reference_cache import ReferenceLogps
 from engine.step import TrainStep
 from engine.syncs import ReadCounter
 from tests.conftest import base_tables, write_recipe
@@ -50,19 +53,29 @@ def trainer(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, smal
     return Trainer(load_config(write_recipe(tmp / "r.toml", tables)), world)
 
 
+def _ld(trainer, ld_alpha: float) -> tuple[Config, ReferenceLogps]:
+    """The trainer's recipe with `loss.ld_alpha` and its reference table, with stand-in
+    shared-length sums (the totals) when LD-DPO is on: the counts do not depend on the values."""
+    cfg = replace(trainer.cfg, loss=replace(trainer.cfg.loss, ld_alpha=ld_alpha))
+    ref = trainer.train_reference
+    return cfg, ref if ld_alpha == 1.0 else ReferenceLogps(ref.chosen, ref.rejected, ref.chosen, ref.rejected)
+
+
+@pytest.mark.parametrize("ld_alpha", [1.0, 0.5])
 @pytest.mark.parametrize("mode", list(FORWARD_MODES))
-def test_a_training_step_waits_for_the_device_once(trainer, mode: str, monkeypatch) -> None:
+def test_a_training_step_waits_for_the_device_once(trainer, mode: str, ld_alpha: float, monkeypatch) -> None:
     """One step of two micro-batches, after one that created the optimizer state (the modes
-    share the trainer: its model, optimizer and reference table)."""
+    share the trainer: its model, optimizer and reference table), with LD-DPO off and on."""
+    cfg, reference = _ld(trainer, ld_alpha)
     step = TrainStep(
-        trainer.model, trainer.optimizer, trainer.scheduler, trainer.cfg, trainer.world.device,
-        trainer.pad_id, trainer.train_reference, mode,
+        trainer.model, trainer.optimizer, trainer.scheduler, cfg, trainer.world.device,
+        trainer.pad_id, reference, mode,
     )  # fmt: skip
     monkeypatch.setattr(trainer, "step", step)
     window = PairMetrics()
     if not trainer.optimizer.state:
         trainer.train_step(0, window)
-    index = list(FORWARD_MODES).index(mode) + 1
+    index = list(FORWARD_MODES).index(mode) + (1 if ld_alpha == 1.0 else 4)
     counter = ReadCounter()
     with counter:
         _, grad_norm, skipped, stop = trainer.train_step(index, window)
@@ -127,9 +140,10 @@ def test_pair_metrics_accumulate_without_reads_and_reduce_with_one() -> None:
 
 @pytest.mark.parametrize("mode", list(FORWARD_MODES))
 def test_micro_batch_inputs_carry_host_side_counts(trainer, mode: str) -> None:
-    """`TrainStep.prepare`'s inputs: real tokens and each sequence's scored-token count come from
-    the host layout (its completion's length), not from the device."""
-    step = TrainStep(None, None, None, trainer.cfg, torch.device("cpu"), trainer.pad_id, mode=mode)
+    """`TrainStep.prepare`'s inputs: real tokens, each sequence's scored-token count (its
+    completion's length) and with LD-DPO its tokens within the pair's shared length come from the
+    host layout, not from the device."""
+    step = TrainStep(None, None, None, _ld(trainer, 0.5)[0], torch.device("cpu"), trainer.pad_id, mode=mode)
     batch = collate(trainer.train_data, [0, 1, 2], [True, True, False])
     micro = step.prepare(batch)
     assert micro.real_tokens == sum(
@@ -138,15 +152,21 @@ def test_micro_batch_inputs_carry_host_side_counts(trainer, mode: str) -> None:
     )
     counts = torch.cat([inputs.sequence_tokens for inputs in micro.inputs])
     assert counts.tolist() == [len(c) for c in batch.chosen] + [len(r) for r in batch.rejected]
+    shared = torch.zeros(len(counts), dtype=torch.long)
+    offset = 0
+    for inputs in micro.inputs:
+        shared.index_add_(0, inputs.score_sequences + offset, inputs.score_in_shared.long())
+        offset += inputs.num_sequences
+    assert shared.tolist() == 2 * [min(len(c), len(r)) for c, r in zip(batch.chosen, batch.rejected)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA copies need a GPU")
 @pytest.mark.parametrize("mode", list(FORWARD_MODES))
 def test_micro_batch_inputs_reach_cuda_without_the_host_waiting(trainer, mode: str) -> None:
     """On a GPU, preparing a micro-batch makes no synchronising copy (sync debug mode "error"
-    raises on one) and every input lands on the device."""
+    raises on one) and every input lands on the device (LD-DPO's flags included)."""
     cuda = torch.device("cuda")
-    step = TrainStep(None, None, None, trainer.cfg, cuda, trainer.pad_id, mode=mode)
+    step = TrainStep(None, None, None, _ld(trainer, 0.5)[0], cuda, trainer.pad_id, mode=mode)
     batch = collate(trainer.train_data, [0, 1, 2], [True, True, False])
     torch.cuda.set_sync_debug_mode("error")
     try:

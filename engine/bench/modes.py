@@ -158,7 +158,8 @@ def run_mode(mode: str, setup: Setup, world: World, timed: range) -> dict[str, A
     reference = None
     if losses.needs_reference(cfg.loss):
         zeros = torch.zeros(len(setup.pairs), device=device)
-        reference = ReferenceLogps(zeros, zeros)
+        shared = (zeros, zeros) if losses.reference_needs_shared_length(cfg.loss) else ()
+        reference = ReferenceLogps(zeros, zeros, *shared)
     layout, budget = parse_mode(mode, cfg)
     train_step = TrainStep(model, optimizer, scheduler, cfg, device, setup.pad_id, reference, layout)
     window = PairMetrics()  # the trainer's per-pair metrics, accumulated as it does (never read)
