@@ -167,6 +167,23 @@ class LossConfig:
     """Clamp WPO's pair weight at 1, as the paper's released code does."""
     discopop_tau: float = 0.05
     """Temperature of DiscoPOP's log-ratio modulation."""
+    orpo_lambda: float = 0.1
+    """ORPO's weight lambda of the odds-ratio term (the paper's 0.1). TRL's ORPOConfig passes it as
+    `beta`; here `loss.beta` only scales ORPO's logged rewards."""
+    cpo_alpha: float = 1.0
+    """CPO's weight of the NLL of the chosen completion (TRL's `cpo_alpha`)."""
+    alphapo_alpha: float = 0.0
+    """AlphaPO's reward shape for `simpo` and `cpo`: the reward log p becomes (1 - p^-alpha) / alpha
+    (p the length-normalised sequence probability for simpo, the sequence probability for cpo);
+    0 keeps log p (SimPO, CPO). TRL's CPOConfig `alpha`; the paper's Mistral setting is 0.25."""
+    f_divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    """f-DPO's divergence (Wang et al. 2023): each log-ratio log u of `dpo`, `dpo_norm`, `wpo`,
+    `ipo`, `hinge`, `robust`, `exo_pair` and `discopop` becomes f'(u), normalised to 0 at u = 1:
+    forward_kl 1 - 1/u, js_divergence log(2u / (1 + u)), alpha_divergence (1 - u^-f_alpha) / f_alpha.
+    reverse_kl keeps log u (DPO). Rewards stay beta log u."""
+    f_alpha: float = 0.5
+    """alpha of `f_divergence = "alpha_divergence"`, in (0, 1) as in the paper (towards 0 it is the
+    reverse KL, at 1 the forward KL). TRL 1.16's `f_alpha_divergence_coef` is 1 - f_alpha."""
     ld_alpha: float = 1.0
     """LD-DPO (Liu et al. 2024): weight of the log-probs of a completion's tokens beyond its pair's
     shared length l = min(chosen tokens, rejected tokens); each summed log-prob becomes
@@ -574,6 +591,10 @@ def check(cfg: Config, problems: Problems) -> None:
         "a number in [0, 0.5)",
         cfg.loss.label_smoothing,
     )
+    lc = cfg.loss
+    p.expect(lc.orpo_lambda >= 0, "loss.orpo_lambda", "a number >= 0", lc.orpo_lambda)
+    p.expect(lc.cpo_alpha >= 0, "loss.cpo_alpha", "a number >= 0", lc.cpo_alpha)
+    p.expect(0 < lc.f_alpha < 1, "loss.f_alpha", "a number in (0, 1)", lc.f_alpha)
     p.expect(0 < cfg.loss.ld_alpha <= 1, "loss.ld_alpha", "a number in (0, 1] (1 = off)", cfg.loss.ld_alpha)
 
     t = cfg.training

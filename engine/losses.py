@@ -11,9 +11,14 @@ beta = `loss.beta`, ls = `loss.label_smoothing`, and h = (pi_c - ref_c) - (pi_r 
 difference of summed log-ratios. Unless a docstring says otherwise, the implicit rewards are
 beta * (pi_c - ref_c) and beta * (pi_r - ref_r).
 
+f-DPO (`loss.f_divergence`, Wang et al. 2023) is a setting of the losses registered with
+`f_divergence_ok`: each log-ratio log u they use (u = pi / ref) becomes f'(u) (`_f_scores`), so
+their h is f'(u_c) - f'(u_r); their rewards stay beta log u. The default reverse KL is log u itself.
+
 Numerical care: log sigmoid is always F.logsigmoid (never log(sigmoid(x))), 1 - sigmoid(x) is
 written sigmoid(-x), and exponentials that could overflow are rewritten or clamped (see
-`discopop_loss`, `wpo_loss`), so values and gradients stay finite for any finite input.
+`discopop_loss`, `wpo_loss`, `_power_shape`, `orpo_loss`), so values and gradients stay finite
+for any finite input.
 Token counts are clamped at 1 before dividing, so a padded pair with no tokens cannot make NaN.
 
 LD-DPO (`loss.ld_alpha` < 1, `length_desensitized`) is a loss-level setting: `compute_loss`
@@ -34,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.config import LossConfig
+from engine.config import LossConfig, Problems
+from engine.errors import UserError
 
 
 @dataclass
@@ -74,6 +80,9 @@ class LossSpec:
     needs_logweights: bool = False
     pair_separable: bool = True  # False when a pair's loss depends on other pairs in the batch
     ld_weighted: bool = True  # sees LD-DPO's desensitised log-probs (`length_desensitized`)
+    # Takes a non-default `loss.f_divergence`: built on the chosen-minus-rejected difference of
+    # log-ratios (TRL's set), or without log-ratios at all (sft). See `check_settings`.
+    f_divergence_ok: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -86,13 +95,16 @@ def register(
     needs_logweights: bool = False,
     pair_separable: bool = True,
     ld_weighted: bool = True,
+    f_divergence_ok: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator that adds a loss function to `LOSSES` under `name`."""
 
     def add(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is registered twice")
-        LOSSES[name] = LossSpec(fn, needs_reference, needs_logweights, pair_separable, ld_weighted)
+        LOSSES[name] = LossSpec(
+            fn, needs_reference, needs_logweights, pair_separable, ld_weighted, f_divergence_ok
+        )
         return fn
 
     return add
@@ -116,9 +128,53 @@ def _per_token(summed: Tensor, tokens: Tensor) -> Tensor:
     return summed / tokens.clamp(min=1)
 
 
+def _per_token_difference(chosen: Tensor, rejected: Tensor, logps: PreferenceLogps) -> Tensor:
+    """chosen / n_c - rejected / n_r."""
+    return _per_token(chosen, logps.chosen_tokens) - _per_token(rejected, logps.rejected_tokens)
+
+
 def _sigmoid_loss(logits: Tensor, label_smoothing: float) -> Tensor:
     """-(1 - ls) log sigmoid(z) - ls log sigmoid(-z): logistic loss with flipped-label rate ls."""
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+# The exponent of `_power_shape` is capped here for extreme inputs: exp(40) ~ 2e17 stays finite in
+# float32 even squared (IPO squares f-divergence scores), while real inputs stay far below it.
+_MAX_SHAPE_EXPONENT = 40.0
+
+
+def _power_shape(x: Tensor, alpha: float) -> Tensor:
+    """(1 - exp(-alpha x)) / alpha, i.e. (1 - u^-alpha) / alpha of u = exp(x); x itself (the limit)
+    at alpha = 0. Written -expm1(-alpha x) / alpha (exact near x = 0), with the exponent capped at
+    `_MAX_SHAPE_EXPONENT` (beyond it the value is constant and its gradient 0)."""
+    if alpha == 0.0:
+        return x
+    return -torch.expm1((-alpha * x).clamp(max=_MAX_SHAPE_EXPONENT)) / alpha
+
+
+# f'(u) of each f-divergence as a function of the log-ratio log u, shifted so f'(1) = 0 (a constant
+# cancels in f'(u_c) - f'(u_r), and the zero keeps the step-0 loss at ln 2 for length-normalised
+# losses too): Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization
+# with Diverse Divergence Constraints", arXiv:2309.16240, Table 1; TRL's DPOTrainer shifts the same.
+_F_SHAPES: dict[str, Callable[[Tensor, LossConfig], Tensor]] = {
+    "reverse_kl": lambda logratio, cfg: logratio,  # log u
+    "forward_kl": lambda logratio, cfg: _power_shape(logratio, 1.0),  # 1 - 1/u
+    "js_divergence": lambda logratio, cfg: math.log(2.0) + F.logsigmoid(logratio),  # log(2u/(1+u))
+    "alpha_divergence": lambda logratio, cfg: _power_shape(logratio, cfg.f_alpha),  # (1-u^-a)/a
+}
+
+
+def _f_scores(chosen: Tensor, rejected: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor]:
+    """f'(u) of the chosen and rejected log-ratios for `loss.f_divergence`; the log-ratios
+    themselves (the same tensors) for the default reverse KL."""
+    shape = _F_SHAPES[cfg.f_divergence]
+    return shape(chosen, cfg), shape(rejected, cfg)
+
+
+def _f_margin(chosen: Tensor, rejected: Tensor, cfg: LossConfig) -> Tensor:
+    """h = f'(u_c) - f'(u_r) of summed log-ratios: (pi_c - ref_c) - (pi_r - ref_r) for reverse KL."""
+    scored_chosen, scored_rejected = _f_scores(chosen, rejected, cfg)
+    return scored_chosen - scored_rejected
 
 
 def _output(
@@ -135,32 +191,36 @@ def _output(
 # Losses with a reference model
 
 
-@register("dpo", needs_reference=True)
+@register("dpo", needs_reference=True, f_divergence_ok=True)
 def dpo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     """DPO: -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h).
 
     Rafailov, Sharma, Mitchell, Ermon, Manning, Finn 2023, "Direct Preference Optimization: Your
     Language Model is Secretly a Reward Model", arXiv:2305.18290. Label smoothing is conservative
     DPO (cDPO; Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO").
+    With `loss.f_divergence` this is f-DPO (Wang et al. 2023, arXiv:2309.16240, eq. 12).
     Rewards: beta (pi_c - ref_c), beta (pi_r - ref_r).
     """
     chosen, rejected = _logratios(logps)
-    losses = _sigmoid_loss(cfg.beta * (chosen - rejected), cfg.label_smoothing)
+    losses = _sigmoid_loss(cfg.beta * _f_margin(chosen, rejected, cfg), cfg.label_smoothing)
     return _output(losses, cfg.beta * chosen, cfg.beta * rejected)
 
 
-@register("dpo_norm", needs_reference=True)
+@register("dpo_norm", needs_reference=True, f_divergence_ok=True)
 def dpo_norm_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     """Length-normalised DPO: DPO (with ls) on h = (pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r.
 
     Tulu 3's `dpo_norm`: Lambert et al. 2024, "Tulu 3: Pushing Frontiers in Open Language Model
-    Post-Training", arXiv:2411.15124.
+    Post-Training", arXiv:2411.15124. With `loss.f_divergence` the summed f'(u) are divided by the
+    token counts (TRL's `sigmoid_norm`).
     Rewards: beta (pi_c - ref_c) / n_c, beta (pi_r - ref_r) / n_r (length-normalised).
     """
-    chosen, rejected = _logratios(logps)
-    chosen = _per_token(chosen, logps.chosen_tokens)
-    rejected = _per_token(rejected, logps.rejected_tokens)
-    losses = _sigmoid_loss(cfg.beta * (chosen - rejected), cfg.label_smoothing)
+    summed_chosen, summed_rejected = _logratios(logps)
+    scored_chosen, scored_rejected = _f_scores(summed_chosen, summed_rejected, cfg)
+    h = _per_token_difference(scored_chosen, scored_rejected, logps)
+    losses = _sigmoid_loss(cfg.beta * h, cfg.label_smoothing)
+    chosen = _per_token(summed_chosen, logps.chosen_tokens)
+    rejected = _per_token(summed_rejected, logps.rejected_tokens)
     return _output(losses, cfg.beta * chosen, cfg.beta * rejected)
 
 
@@ -170,7 +230,7 @@ def dpo_norm_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
 _WPO_MAX_LOG_WEIGHT = 60.0
 
 
-@register("wpo", needs_reference=True, needs_logweights=True)
+@register("wpo", needs_reference=True, needs_logweights=True, f_divergence_ok=True)
 def wpo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     """Weighted DPO: w * DPO loss (with ls), w = exp(lw_c + lw_r), detached.
 
@@ -186,30 +246,32 @@ def wpo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     log_weight = (logps.chosen_logweights + logps.rejected_logweights).detach()
     weight = torch.exp(log_weight.clamp(max=0.0 if cfg.wpo_clamp else _WPO_MAX_LOG_WEIGHT))
     chosen, rejected = _logratios(logps)
-    losses = weight * _sigmoid_loss(cfg.beta * (chosen - rejected), cfg.label_smoothing)
+    losses = weight * _sigmoid_loss(cfg.beta * _f_margin(chosen, rejected, cfg), cfg.label_smoothing)
     return _output(losses, cfg.beta * chosen, cfg.beta * rejected, {"wpo/weight": weight})
 
 
-@register("ipo", needs_reference=True)
+@register("ipo", needs_reference=True, f_divergence_ok=True)
 def ipo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     """IPO: (h - 1 / (2 beta))^2.
 
     Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
     Preferences", arXiv:2310.12036 (eq. 17, tau = beta). The paper uses summed log-ratios
     (`loss.ipo_normalize = false`); with `loss.ipo_normalize = true` (default, as TRL) h uses
-    per-token log-ratios (pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r.
+    per-token log-ratios (pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r (with `loss.f_divergence`,
+    the f'(u) of the summed log-ratios are divided by the token counts, as TRL does).
     Rewards: beta (pi_c - ref_c), beta (pi_r - ref_r) (summed, whatever `ipo_normalize`).
     """
     chosen, rejected = _logratios(logps)
+    scored_chosen, scored_rejected = _f_scores(chosen, rejected, cfg)
     if cfg.ipo_normalize:
-        h = _per_token(chosen, logps.chosen_tokens) - _per_token(rejected, logps.rejected_tokens)
+        h = _per_token_difference(scored_chosen, scored_rejected, logps)
     else:
-        h = chosen - rejected
+        h = scored_chosen - scored_rejected
     losses = (h - 1 / (2 * cfg.beta)) ** 2
     return _output(losses, cfg.beta * chosen, cfg.beta * rejected)
 
 
-@register("hinge", needs_reference=True)
+@register("hinge", needs_reference=True, f_divergence_ok=True)
 def hinge_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     """SLiC hinge: relu(1 - beta h).
 
@@ -220,11 +282,11 @@ def hinge_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     Rewards: beta (pi_c - ref_c), beta (pi_r - ref_r).
     """
     chosen, rejected = _logratios(logps)
-    losses = torch.relu(1 - cfg.beta * (chosen - rejected))
+    losses = torch.relu(1 - cfg.beta * _f_margin(chosen, rejected, cfg))
     return _output(losses, cfg.beta * chosen, cfg.beta * rejected)
 
 
-@register("robust", needs_reference=True)
+@register("robust", needs_reference=True, f_divergence_ok=True)
 def robust_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     """Robust DPO: (-(1 - ls) log sigmoid(beta h) + ls log sigmoid(-beta h)) / (1 - 2 ls).
 
@@ -234,12 +296,12 @@ def robust_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     Rewards: beta (pi_c - ref_c), beta (pi_r - ref_r).
     """
     chosen, rejected = _logratios(logps)
-    z, ls = cfg.beta * (chosen - rejected), cfg.label_smoothing
+    z, ls = cfg.beta * _f_margin(chosen, rejected, cfg), cfg.label_smoothing
     losses = (-(1 - ls) * F.logsigmoid(z) + ls * F.logsigmoid(-z)) / (1 - 2 * ls)
     return _output(losses, cfg.beta * chosen, cfg.beta * rejected)
 
 
-@register("exo_pair", needs_reference=True)
+@register("exo_pair", needs_reference=True, f_divergence_ok=True)
 def exo_pair_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     """EXO (pairwise): KL(p_theta || p_target) between two-outcome distributions.
 
@@ -250,7 +312,7 @@ def exo_pair_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     Rewards: beta (pi_c - ref_c), beta (pi_r - ref_r).
     """
     chosen, rejected = _logratios(logps)
-    z = cfg.beta * (chosen - rejected)
+    z = cfg.beta * _f_margin(chosen, rejected, cfg)
     eps = cfg.label_smoothing if cfg.label_smoothing > 0 else 1e-3
     losses = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
         F.logsigmoid(-z) - math.log(eps)
@@ -335,7 +397,7 @@ def apo_down_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
 _DISCOPOP_MAX_EXPONENT = 50.0
 
 
-@register("discopop", needs_reference=True)
+@register("discopop", needs_reference=True, f_divergence_ok=True)
 def discopop_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     """DiscoPOP (log-ratio modulated loss): with z = beta h and m = sigmoid(z / tau),
     (1 - m) * (-log sigmoid(z)) + m * exp(-z).
@@ -348,10 +410,29 @@ def discopop_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     Rewards: beta (pi_c - ref_c), beta (pi_r - ref_r).
     """
     chosen, rejected = _logratios(logps)
-    z, tau = cfg.beta * (chosen - rejected), cfg.discopop_tau
+    z, tau = cfg.beta * _f_margin(chosen, rejected, cfg), cfg.discopop_tau
     logistic = -F.logsigmoid(z) * torch.sigmoid(-z / tau)
     exponential = torch.exp((F.logsigmoid(z / tau) - z).clamp(max=_DISCOPOP_MAX_EXPONENT))
     return _output(logistic + exponential, cfg.beta * chosen, cfg.beta * rejected)
+
+
+@register("cal_dpo", needs_reference=True)
+def cal_dpo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """Cal-DPO: -log sigmoid(a - b) + ((a - 1/(2 beta))^2 + (b + 1/(2 beta))^2) / 2,
+    a = pi_c - ref_c, b = pi_r - ref_r.
+
+    Xiao, Yuan, Zhu, Li, Honavar 2024, "Cal-DPO: Calibrated Direct Preference Optimization for
+    Language Model Alignment", arXiv:2412.14516, in the form of its reference code
+    (tengxiao1/Cal-DPO scripts/dpo_trainer.py, loss_type "Cal-DPO"): no beta inside the sigmoid,
+    the squared calibration terms (log-ratios pulled to +-1/(2 beta)) weighted 1/2. That code adds
+    each squared term's batch mean (F.mse_loss) to every pair; per-pair squares have the same
+    batch mean and do not depend on how the global batch is split.
+    Rewards: beta a, beta b (the reference code logs the policy's log-probs instead).
+    """
+    a, b = _logratios(logps)
+    target = 1 / (2 * cfg.beta)
+    losses = -F.logsigmoid(a - b) + 0.5 * ((a - target) ** 2 + (b + target) ** 2)
+    return _output(losses, cfg.beta * a, cfg.beta * b)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,16 +446,21 @@ def simpo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     Meng, Xia, Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward",
     arXiv:2405.14734. gamma = `loss.gamma_beta_ratio` * beta. The paper's formula has no label
     smoothing; ls follows its released trainer and TRL (ls = 0 is the paper's loss).
-    Rewards: beta pi_c / n_c, beta pi_r / n_r (the length-normalised reward, no margin).
+    AlphaPO: with a = `loss.alphapo_alpha` != 0 each length-normalised reward s = pi / n becomes
+    (1 - p^-a) / a, p = exp(s) (Gupta et al. 2025, "AlphaPO: Reward Shape Matters for LLM
+    Alignment", arXiv:2501.03884, eq. 6; TRL's CPOTrainer `alpha` with loss_type "simpo"), its
+    exponent -a s capped at 40 (`_power_shape`); a = 0 is SimPO.
+    Rewards: beta pi_c / n_c, beta pi_r / n_r (the length-normalised reward, no margin; the
+    AlphaPO reward with a != 0).
     """
-    chosen = _per_token(logps.chosen_logps, logps.chosen_tokens)
-    rejected = _per_token(logps.rejected_logps, logps.rejected_tokens)
+    chosen = _power_shape(_per_token(logps.chosen_logps, logps.chosen_tokens), cfg.alphapo_alpha)
+    rejected = _power_shape(_per_token(logps.rejected_logps, logps.rejected_tokens), cfg.alphapo_alpha)
     gamma = cfg.gamma_beta_ratio * cfg.beta
     losses = _sigmoid_loss(cfg.beta * (chosen - rejected) - gamma, cfg.label_smoothing)
     return _output(losses, cfg.beta * chosen, cfg.beta * rejected)
 
 
-@register("sft", needs_reference=False, ld_weighted=False)
+@register("sft", needs_reference=False, ld_weighted=False, f_divergence_ok=True)
 def sft_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     """SFT: negative log-likelihood of the chosen completion per token, -pi_c / n_c (the true
     log-likelihood whatever `loss.ld_alpha`, as TRL's `sft`).
@@ -389,6 +475,70 @@ def sft_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     return _output(-chosen, cfg.beta * chosen, cfg.beta * rejected)
 
 
+@register("cpo", needs_reference=False, ld_weighted=False)
+def cpo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """CPO: -(1 - ls) log sigmoid(beta (r_c - r_r)) - ls log sigmoid(-beta (r_c - r_r))
+    + cpo_alpha (-pi_c / n_c), with the summed log-probs as rewards r = pi.
+
+    Xu et al. 2024, "Contrastive Preference Optimization: Pushing the Boundaries of LLM
+    Performance in Machine Translation", arXiv:2401.08417 (eq. 3 plus the NLL of eq. 4), as
+    TRL's CPOTrainer with loss_type "sigmoid": label smoothing as TRL's (ls = 0 is the paper's),
+    the NLL weighted by `loss.cpo_alpha`. With a = `loss.alphapo_alpha` != 0, r = (1 - p^-a) / a of
+    p = exp(pi), as TRL applies AlphaPO to every CPO type (p^-a = exp(-a pi) overflows for long
+    completions: its exponent is capped at 40; AlphaPO's paper uses `simpo`). CPO-SimPO is
+    ["simpo", "sft"] with weights [1, cpo_alpha]. The NLL is each pair's mean over its chosen
+    tokens (TRL: the token mean over the batch's chosen completions, the same for equal lengths).
+    LD-DPO's `loss.ld_alpha` does not apply (the NLL is the true likelihood).
+    Rewards: beta r_c, beta r_r. Extras: "nll_loss" = -pi_c / n_c (TRL's name).
+    """
+    reward_chosen = _power_shape(logps.chosen_logps, cfg.alphapo_alpha)
+    reward_rejected = _power_shape(logps.rejected_logps, cfg.alphapo_alpha)
+    preference = _sigmoid_loss(cfg.beta * (reward_chosen - reward_rejected), cfg.label_smoothing)
+    nll = -_per_token(logps.chosen_logps, logps.chosen_tokens)
+    losses = preference + cfg.cpo_alpha * nll
+    return _output(losses, cfg.beta * reward_chosen, cfg.beta * reward_rejected, {"nll_loss": nll})
+
+
+# The largest float32 below 1 is 1 - 2^-24: ORPO's mean log-probs are capped at its log, so a
+# completion the policy is certain of (mean log-prob 0, also a pair without tokens) has finite
+# log-odds (at most ~16.6 per side) and gradients instead of log(1 - 1) = -inf.
+_ORPO_MAX_MEAN_LOGP = math.log1p(-(2.0**-24))
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0 without catastrophic cancellation: log(-expm1(x)) above -ln 2,
+    log1p(-exp(x)) below (Maechler 2012, "Accurately Computing log(1 - exp(-|a|))")."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+@register("orpo", needs_reference=False, ld_weighted=False)
+def orpo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """ORPO: -pi_c / n_c - lambda log sigmoid(log odds(y_c) - log odds(y_r)), with
+    odds(y) = p / (1 - p) of the length-normalised likelihood p = exp(s), s = pi / n.
+
+    Hong, Lee, Thorne 2024, "ORPO: Monolithic Preference Optimization without Reference Model",
+    arXiv:2403.07691 (eq. 6-7), lambda = `loss.orpo_lambda` (TRL's ORPOConfig `beta`). log odds =
+    s - log(1 - exp(s)) is computed in float32 or wider with a stable log1mexp (TRL #1473 and
+    PR #4763: log1p(-exp(s)) cancels catastrophically as s -> 0), s capped at log(1 - 2^-24).
+    The NLL is each pair's mean over its chosen completion tokens; the paper's code and TRL's
+    ORPOTrainer take one token mean over the batch's chosen sequences, prompt tokens included.
+    LD-DPO's `loss.ld_alpha` does not apply (the NLL is the true likelihood).
+    Rewards: beta pi_c / n_c, beta pi_r / n_r (TRL's, with its beta = lambda). Extras (TRL's
+    names): "nll_loss" = -pi_c / n_c, "log_odds_ratio" = the log sigmoid term, "log_odds_chosen"
+    = the log-odds difference.
+    """
+    dtype = torch.promote_types(logps.chosen_logps.dtype, torch.float32)
+    chosen = _per_token(logps.chosen_logps.to(dtype), logps.chosen_tokens)
+    rejected = _per_token(logps.rejected_logps.to(dtype), logps.rejected_tokens)
+    capped_chosen = chosen.clamp(max=_ORPO_MAX_MEAN_LOGP)
+    capped_rejected = rejected.clamp(max=_ORPO_MAX_MEAN_LOGP)
+    log_odds = (capped_chosen - capped_rejected) - (_log1mexp(capped_chosen) - _log1mexp(capped_rejected))
+    ratio = F.logsigmoid(log_odds)
+    nll = -chosen
+    extras = {"nll_loss": nll, "log_odds_ratio": ratio, "log_odds_chosen": log_odds}
+    return _output(nll - cfg.orpo_lambda * ratio, cfg.beta * chosen, cfg.beta * rejected, extras)
+
+
 # ----------------------------------------------------------------------------------------------
 # Entry points
 
@@ -398,12 +548,34 @@ def loss_names(cfg: LossConfig) -> list[str]:
     return [cfg.type] if isinstance(cfg.type, str) else list(cfg.type)
 
 
+def check_settings(cfg: LossConfig, problems: Problems) -> None:
+    """Records in `problems` the `[loss]` settings that a loss of `cfg.type` cannot take: a
+    `loss.f_divergence` other than reverse_kl needs every loss registered `f_divergence_ok`, as
+    TRL's DPOTrainer requires (f-DPO's log Z(x) term cancels only in the chosen-minus-rejected
+    difference). Unknown names are left to engine.recipe's check."""
+    if cfg.f_divergence == "reverse_kl":
+        return
+    others = [name for name in loss_names(cfg) if name in LOSSES and not LOSSES[name].f_divergence_ok]
+    takers = ", ".join(name for name, spec in LOSSES.items() if spec.f_divergence_ok)
+    problems.require(
+        not others,
+        f'loss.f_divergence: "{cfg.f_divergence}" applies to {takers}; not to {", ".join(others)} '
+        'in loss.type (use "reverse_kl" with it)',
+        "loss.f_divergence",
+        "loss.type",
+    )
+
+
 def _specs(cfg: LossConfig) -> list[LossSpec]:
     specs = []
     for name in loss_names(cfg):
         if name not in LOSSES:
             raise ValueError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}")
         specs.append(LOSSES[name])
+    problems = Problems()
+    check_settings(cfg, problems)
+    if problems.found:
+        raise UserError(*(message for _, message in problems.found))
     return specs
 
 

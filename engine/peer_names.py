@@ -64,10 +64,17 @@ PEER_KEYS: dict[str, tuple[str, str]] = {
     "loss.gamma": ("loss.gamma_beta_ratio", "SimPO's margin as gamma / beta (RSOLoss's gamma is loss.beta)"),
     "loss.tau": ("loss.beta", "IPO's tau is loss.beta"),
     "rpo_alpha": ("loss.type", 'RPO is loss.type = ["dpo", "sft"] with loss.weights = [1.0, ALPHA]'),
-    "cpo_alpha": ("loss.type", 'CPO-SimPO is loss.type = ["simpo", "sft"] with loss.weights = [1.0, ALPHA]'),
+    "cpo_alpha": (
+        "loss.cpo_alpha",
+        'the NLL weight of loss.type = "cpo"; CPO-SimPO is ["simpo", "sft"] with loss.weights = [1.0, ALPHA]',
+    ),
     "use_weighting": ("loss.type", '"wpo"'),
-    "reference_free": ("loss.type", 'a reference-free loss: "simpo"'),
-    "f_divergence_type": ("", "fsdpo's losses use the reverse KL only (no f-DPO)"),
+    "reference_free": ("loss.type", 'a reference-free loss: "simpo", "orpo" or "cpo"'),
+    "f_divergence_type": ("loss.f_divergence", ""),
+    "f_alpha_divergence_coef": (
+        "loss.f_alpha",
+        "TRL 1.16's coefficient is 1 - loss.f_alpha (the paper's alpha)",
+    ),
     "precompute_ref_log_probs": (
         "reference.cache_dir",
         "fsdpo always precomputes reference log-probs, cached here",

@@ -256,14 +256,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def check_names(cfg: Config, problems: Problems) -> None:
-    """The recipe's names of registered things: each `loss.type` in `engine.losses.LOSSES`,
-    `training.forward_mode` in `engine.forward.FORWARD_MODES`, and what a mode allows (token
-    budgets need a padding-free one)."""
+    """The recipe's names of registered things: each `loss.type` in `engine.losses.LOSSES` and
+    the settings its losses take (`engine.losses.check_settings`), `training.forward_mode` in
+    `engine.forward.FORWARD_MODES`, and what a mode allows (token budgets need a padding-free one)."""
     names = [cfg.loss.type] if isinstance(cfg.loss.type, str) else cfg.loss.type
     for name in names:
         problems.require(
             name in losses.LOSSES, f"loss.type: unknown loss {name!r}{_unknown_loss_hint(name)}", "loss.type"
         )
+    losses.check_settings(cfg.loss, problems)
     t = cfg.training
     mode = FORWARD_MODES.get(t.forward_mode)
     if mode is None:

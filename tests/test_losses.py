@@ -42,8 +42,14 @@ ALL_LOSSES = [
     "apo_down",
     "discopop",
     "sft",
+    "cal_dpo",
+    "cpo",
+    "orpo",
 ]
-REFERENCE_FREE = {"simpo", "sft"}
+REFERENCE_FREE = {"simpo", "sft", "cpo", "orpo"}
+# The losses that take loss.f_divergence, and those that take loss.alphapo_alpha
+F_DIVERGENCE_LOSSES = ["dpo", "dpo_norm", "wpo", "ipo", "hinge", "robust", "exo_pair", "discopop"]
+ALPHAPO_LOSSES = ["simpo", "cpo"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,24 +89,53 @@ def summed_rewards(p: Pair, beta: float) -> tuple[float, float]:
     return beta * (p.pc - p.rc), beta * (p.pr - p.rr)
 
 
-def h_summed(p: Pair) -> float:
-    return (p.pc - p.rc) - (p.pr - p.rr)
+def capped_exp(x: float) -> float:
+    """exp(x) with x capped at 40, the engine's documented cap of f-divergence and AlphaPO exponents."""
+    return math.exp(min(x, 40.0))
+
+
+def f_prime(logratio: float, c: LossConfig) -> float:
+    """f'(u) of u = exp(logratio), shifted to f'(1) = 0 (f-DPO, Wang et al. 2023, Table 1)."""
+    if c.f_divergence == "reverse_kl":
+        return logratio  # log u
+    if c.f_divergence == "forward_kl":
+        return 1 - capped_exp(-logratio)  # 1 - 1/u
+    if c.f_divergence == "js_divergence":
+        return math.log(2) + log_sigmoid(logratio)  # log(2u / (1 + u)) = log 2 - log(1 + 1/u)
+    return (1 - capped_exp(-c.f_alpha * logratio)) / c.f_alpha  # (1 - u^-alpha) / alpha
+
+
+def h_summed(p: Pair, c: LossConfig | None = None) -> float:
+    """f'(u_c) - f'(u_r) of the summed log-ratios; (pi_c - ref_c) - (pi_r - ref_r) without `c`."""
+    if c is None:
+        return (p.pc - p.rc) - (p.pr - p.rr)
+    return f_prime(p.pc - p.rc, c) - f_prime(p.pr - p.rr, c)
+
+
+def h_per_token(p: Pair, c: LossConfig) -> float:
+    return f_prime(p.pc - p.rc, c) / p.nc - f_prime(p.pr - p.rr, c) / p.nr
 
 
 def ref_dpo(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, float, float]:
-    return (logistic(c.beta * h_summed(p), c.label_smoothing), *summed_rewards(p, c.beta))
+    return (logistic(c.beta * h_summed(p, c), c.label_smoothing), *summed_rewards(p, c.beta))
 
 
 def ref_dpo_norm(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, float, float]:
     chosen, rejected = (p.pc - p.rc) / p.nc, (p.pr - p.rr) / p.nr
-    loss = logistic(c.beta * (chosen - rejected), c.label_smoothing)
+    loss = logistic(c.beta * h_per_token(p, c), c.label_smoothing)
     return loss, c.beta * chosen, c.beta * rejected
+
+
+def alphapo_reward(logp: float, alpha: float) -> float:
+    """AlphaPO's reward (1 - p^-alpha) / alpha of p = exp(logp); log p at alpha = 0."""
+    return logp if alpha == 0 else (1 - capped_exp(-alpha * logp)) / alpha
 
 
 def ref_simpo(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, float, float]:
     gamma = c.gamma_beta_ratio * c.beta
-    u = c.beta * (p.pc / p.nc - p.pr / p.nr) - gamma
-    return logistic(u, c.label_smoothing), c.beta * p.pc / p.nc, c.beta * p.pr / p.nr
+    r_c = alphapo_reward(p.pc / p.nc, c.alphapo_alpha)
+    r_r = alphapo_reward(p.pr / p.nr, c.alphapo_alpha)
+    return logistic(c.beta * (r_c - r_r) - gamma, c.label_smoothing), c.beta * r_c, c.beta * r_r
 
 
 def wpo_weight(p: Pair, c: LossConfig) -> float:
@@ -109,30 +144,27 @@ def wpo_weight(p: Pair, c: LossConfig) -> float:
 
 
 def ref_wpo(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, float, float]:
-    loss = wpo_weight(p, c) * logistic(c.beta * h_summed(p), c.label_smoothing)
+    loss = wpo_weight(p, c) * logistic(c.beta * h_summed(p, c), c.label_smoothing)
     return (loss, *summed_rewards(p, c.beta))
 
 
 def ref_ipo(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, float, float]:
-    if c.ipo_normalize:
-        h = (p.pc - p.rc) / p.nc - (p.pr - p.rr) / p.nr
-    else:
-        h = h_summed(p)
+    h = h_per_token(p, c) if c.ipo_normalize else h_summed(p, c)
     return ((h - 1 / (2 * c.beta)) ** 2, *summed_rewards(p, c.beta))
 
 
 def ref_hinge(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, float, float]:
-    return (max(0.0, 1 - c.beta * h_summed(p)), *summed_rewards(p, c.beta))
+    return (max(0.0, 1 - c.beta * h_summed(p, c)), *summed_rewards(p, c.beta))
 
 
 def ref_robust(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, float, float]:
-    z, ls = c.beta * h_summed(p), c.label_smoothing
+    z, ls = c.beta * h_summed(p, c), c.label_smoothing
     loss = ((1 - ls) * -log_sigmoid(z) + ls * log_sigmoid(-z)) / (1 - 2 * ls)
     return (loss, *summed_rewards(p, c.beta))
 
 
 def ref_exo_pair(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, float, float]:
-    z = c.beta * h_summed(p)
+    z = c.beta * h_summed(p, c)
     eps = c.label_smoothing or 1e-3
     # KL between Bernoulli(sigmoid(z)) and the target Bernoulli(1 - eps)
     loss = sigmoid(z) * (log_sigmoid(z) - math.log(1 - eps)) + sigmoid(-z) * (log_sigmoid(-z) - math.log(eps))
@@ -168,7 +200,7 @@ def ref_apo_down(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, floa
 
 
 def ref_discopop(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, float, float]:
-    z, tau = c.beta * h_summed(p), c.discopop_tau
+    z, tau = c.beta * h_summed(p, c), c.discopop_tau
     modulation = sigmoid(z / tau)
     # exp(-z) * modulation, written in logs because exp(-z) alone overflows a float
     exponential = math.exp(-z + log_sigmoid(z / tau))
@@ -178,6 +210,50 @@ def ref_discopop(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, floa
 
 def ref_sft(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, float, float]:
     return -p.pc / p.nc, c.beta * p.pc / p.nc, c.beta * p.pr / p.nr
+
+
+def ref_cal_dpo(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, float, float]:
+    """Cal-DPO's reference code: -log sigmoid(a - b) + (MSE(a, 1/(2 beta)) + MSE(b, -1/(2 beta))) / 2."""
+    a, b = p.pc - p.rc, p.pr - p.rr
+    loss = -log_sigmoid(a - b) + 0.5 * ((a - 1 / (2 * c.beta)) ** 2 + (b + 1 / (2 * c.beta)) ** 2)
+    return loss, c.beta * a, c.beta * b
+
+
+def ref_cpo(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, float, float]:
+    r_c, r_r = alphapo_reward(p.pc, c.alphapo_alpha), alphapo_reward(p.pr, c.alphapo_alpha)
+    loss = logistic(c.beta * (r_c - r_r), c.label_smoothing) + c.cpo_alpha * (-p.pc / p.nc)
+    return loss, c.beta * r_c, c.beta * r_r
+
+
+# ORPO's cap on the mean log-prob: p <= 1 - 2^-24, the largest float32 below 1
+ORPO_MAX_MEAN_LOGP = math.log(1 - 2.0**-24)
+
+
+def orpo_log_odds(p: Pair) -> float:
+    """log(odds(y_c) / odds(y_r)), odds = p / (1 - p), p = exp(mean log-prob) (ORPO eq. 4)."""
+    s_c, s_r = min(p.pc / p.nc, ORPO_MAX_MEAN_LOGP), min(p.pr / p.nr, ORPO_MAX_MEAN_LOGP)
+    return (s_c - math.log(1 - math.exp(s_c))) - (s_r - math.log(1 - math.exp(s_r)))
+
+
+def ref_orpo(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, float, float]:
+    loss = -p.pc / p.nc - c.orpo_lambda * log_sigmoid(orpo_log_odds(p))
+    return loss, c.beta * p.pc / p.nc, c.beta * p.pr / p.nr
+
+
+def reference_extras(name: str, p: Pair, c: LossConfig) -> dict[str, float]:
+    """The per-pair metrics a loss reports (TRL's names for ORPO's and CPO's)."""
+    if name == "wpo":
+        return {"wpo/weight": wpo_weight(p, c)}
+    if name == "cpo":
+        return {"nll_loss": -p.pc / p.nc}
+    if name == "orpo":
+        log_odds = orpo_log_odds(p)
+        return {
+            "nll_loss": -p.pc / p.nc,
+            "log_odds_ratio": log_sigmoid(log_odds),
+            "log_odds_chosen": log_odds,
+        }
+    return {}
 
 
 REFERENCES: dict[str, Reference] = {
@@ -196,6 +272,9 @@ REFERENCES: dict[str, Reference] = {
     "apo_down": ref_apo_down,
     "discopop": ref_discopop,
     "sft": ref_sft,
+    "cal_dpo": ref_cal_dpo,
+    "cpo": ref_cpo,
+    "orpo": ref_orpo,
 }
 
 
@@ -212,15 +291,16 @@ def dyadic(x: float) -> float:
     return round(x * 64) / 64
 
 
-def moderate_pairs(seed: int, count: int) -> list[Pair]:
-    """Random pairs, |beta h| up to ~10 for beta 0.1 and ~100 for beta 1.5, token counts from 1."""
+def moderate_pairs(seed: int, count: int, spread: float = 20.0) -> list[Pair]:
+    """Random pairs, |beta h| up to ~10 for beta 0.1 and ~100 for beta 1.5, token counts from 1;
+    the log-ratios are normal with standard deviation `spread`."""
     rng = random.Random(seed)
     pairs = []
     for _ in range(count):
         nc = rng.choice([1, 2, 3, rng.randint(4, 400)])
         nr = rng.choice([1, 2, 3, rng.randint(4, 400)])
         pc, pr = -rng.uniform(0.5, 3.0) * nc, -rng.uniform(0.5, 3.0) * nr
-        rc, rr = pc + rng.gauss(0, 20), pr + rng.gauss(0, 20)
+        rc, rr = pc + rng.gauss(0, spread), pr + rng.gauss(0, spread)
         lwc, lwr = rng.uniform(-3, 1.2), rng.uniform(-3, 1.2)  # the clamp binds for some
         pairs.append(Pair(*(dyadic(v) for v in (pc, pr, rc, rr)), nc, nr, dyadic(lwc), dyadic(lwr)))
     return pairs
@@ -263,19 +343,33 @@ def to_logps(
 
 
 def variants(name: str) -> list[LossConfig]:
-    """Defaults with beta 0.1, and every switch flipped with beta 1.5 and label smoothing 0.2."""
-    return [
-        LossConfig(type=name, beta=0.1),
-        LossConfig(
-            type=name,
-            beta=1.5,
-            label_smoothing=0.2,
-            gamma_beta_ratio=1.4,
-            ipo_normalize=False,
-            wpo_clamp=False,
-            discopop_tau=0.5,
-        ),
-    ]
+    """Defaults with beta 0.1, every switch flipped with beta 1.5 and label smoothing 0.2, and
+    the f-divergences or AlphaPO reward shapes of the losses that take them."""
+    flipped = LossConfig(
+        type=name,
+        beta=1.5,
+        label_smoothing=0.2,
+        gamma_beta_ratio=1.4,
+        ipo_normalize=False,
+        wpo_clamp=False,
+        discopop_tau=0.5,
+        orpo_lambda=0.7,
+        cpo_alpha=0.3,
+    )
+    configs = [LossConfig(type=name, beta=0.1), flipped]
+    if name in F_DIVERGENCE_LOSSES:
+        configs += [
+            LossConfig(type=name, f_divergence="forward_kl"),
+            replace(flipped, f_divergence="js_divergence"),
+            LossConfig(type=name, f_divergence="alpha_divergence", f_alpha=0.3),
+            replace(flipped, f_divergence="alpha_divergence", f_alpha=0.8),
+        ]
+    if name in ALPHAPO_LOSSES:
+        # cpo's reward is the summed log-prob (hundreds of nats): a small alpha stays uncapped
+        for alpha in (0.25, -0.5) if name == "simpo" else (0.01, -0.02):
+            configs.append(LossConfig(type=name, alphapo_alpha=alpha))
+            configs.append(replace(flipped, alphapo_alpha=alpha))
+    return configs
 
 
 CASES = [
@@ -348,11 +442,11 @@ def test_float64_matches_reference(name: str, cfg: LossConfig) -> None:
     assert_relative(out.chosen_rewards, chosen_rewards, rtol=1e-6, atol=0.0)
     assert_relative(out.rejected_rewards, rejected_rewards, rtol=1e-6, atol=0.0)
     assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
-    if name == "wpo":
-        weights = [wpo_weight(p, cfg) for p in pairs]
-        assert_relative(out.extras["wpo/weight"], weights, rtol=1e-6, atol=0.0)
-    else:
-        assert out.extras == {}
+    expected_extras = [reference_extras(name, p, cfg) for p in pairs]
+    assert sorted(out.extras) == sorted(expected_extras[0])
+    for metric, value in out.extras.items():
+        assert not value.requires_grad
+        assert_relative(value, [e[metric] for e in expected_extras], rtol=1e-6, atol=0.0)
 
 
 @pytest.mark.parametrize(("name", "cfg"), CASES)
@@ -363,8 +457,10 @@ def test_float32_matches_float64_reference(name: str, cfg: LossConfig) -> None:
     out = LOSSES[name].fn(logps, cfg)
     losses, chosen_rewards, rejected_rewards = reference(name, pairs, cfg)
     assert out.losses.dtype == torch.float32
-    # atol: losses such as exp(-178) are below float32's smallest normal number (~1e-38)
-    assert_relative(out.losses, losses, rtol=1e-5, atol=1e-30)
+    # atol: losses such as exp(-178) are below float32's smallest normal number (~1e-38); near
+    # its minimum (f-divergences land there) exo_pair is a difference of terms ~1e-2, which
+    # float32 resolves to ~1e-9
+    assert_relative(out.losses, losses, rtol=1e-5, atol=1e-8 if name == "exo_pair" else 1e-30)
     assert_relative(out.chosen_rewards, chosen_rewards, rtol=1e-5, atol=1e-30)
     assert_relative(out.rejected_rewards, rejected_rewards, rtol=1e-5, atol=1e-30)
 
@@ -389,7 +485,10 @@ def reference_gradients(name: str, pairs: list[Pair], cfg: LossConfig) -> tuple[
 
 @pytest.mark.parametrize(("name", "cfg"), CASES)
 def test_gradients_match_reference_derivative(name: str, cfg: LossConfig) -> None:
-    pairs = moderate_pairs(seed=2, count=16)
+    # 1/u = exp(-log u) makes the forward-KL and alpha-divergence losses of log-ratios ~ -40
+    # about 1e17, where central differences in float64 resolve nothing: smaller log-ratios there
+    exponential = cfg.f_divergence in ("forward_kl", "alpha_divergence")
+    pairs = moderate_pairs(seed=2, count=16, spread=4.0 if exponential else 20.0)
     logps = to_logps(pairs, requires_grad=True)
     LOSSES[name].fn(logps, cfg).losses.sum().backward()
     d_chosen, d_rejected = reference_gradients(name, pairs, cfg)
