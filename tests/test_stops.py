@@ -263,6 +263,18 @@ def _signal_self(signum: int) -> None:
     time.sleep(0.2)  # the handler runs here, in the main thread (and raises outside the loop)
 
 
+def _release_groups_left_by_a_stop() -> None:
+    """A stop skips the teardown (peers may have left), and the process's exit releases what the
+    run held: here, where later tests share the process, its process groups other than the
+    default one (the async save's gloo group; a process forked later hangs destroying it)."""
+    import torch.distributed as dist
+
+    default = dist.distributed_c10d._get_default_group()
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not default:
+            dist.destroy_process_group(group)
+
+
 def _run_main(
     recipe: Path, out: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *overrides: str
 ) -> tuple:
@@ -273,6 +285,7 @@ def _run_main(
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     capsys.readouterr()
     code = torchrun_train.main([str(recipe), f"job.output_dir={out}", *overrides])
+    _release_groups_left_by_a_stop()
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # restored
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fsdpo:")]
     return code, lines
