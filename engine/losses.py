@@ -31,7 +31,11 @@ Token counts n_c, n_r stay the full lengths, as TRL divides by them.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import math
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -83,9 +87,21 @@ class LossSpec:
     # Takes a non-default `loss.f_divergence`: built on the chosen-minus-rejected difference of
     # log-ratios (TRL's set), or without log-ratios at all (sft). See `check_settings`.
     f_divergence_ok: bool = False
+    reads: frozenset[str] = frozenset()  # the `[loss]` fields its function reads (`_fields_read`)
 
 
 LOSSES: dict[str, LossSpec] = {}
+
+
+def _fields_read(fn: LossFn) -> frozenset[str]:
+    """The `cfg.<field>` attributes `fn`'s own source reads: which settings a loss takes, so that
+    `check_settings` can refuse one that no loss of the recipe would read."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    return frozenset(
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg"
+    )
 
 
 def register(
@@ -103,7 +119,13 @@ def register(
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is registered twice")
         LOSSES[name] = LossSpec(
-            fn, needs_reference, needs_logweights, pair_separable, ld_weighted, f_divergence_ok
+            fn,
+            needs_reference,
+            needs_logweights,
+            pair_separable,
+            ld_weighted,
+            f_divergence_ok,
+            _fields_read(fn),
         )
         return fn
 
@@ -548,22 +570,62 @@ def loss_names(cfg: LossConfig) -> list[str]:
     return [cfg.type] if isinstance(cfg.type, str) else list(cfg.type)
 
 
+# read by every loss (beta) or checked apart (the list of losses, f-DPO, LD-DPO)
+_SETTINGS_OF_EVERY_LOSS = {"type", "weights", "beta", "f_divergence", "f_alpha", "ld_alpha", "ld_sides"}
+
+
 def check_settings(cfg: LossConfig, problems: Problems) -> None:
-    """Records in `problems` the `[loss]` settings that a loss of `cfg.type` cannot take: a
+    """Records in `problems` the `[loss]` settings the losses of `cfg.type` cannot take: a
     `loss.f_divergence` other than reverse_kl needs every loss registered `f_divergence_ok`, as
-    TRL's DPOTrainer requires (f-DPO's log Z(x) term cancels only in the chosen-minus-rejected
-    difference). Unknown names are left to engine.recipe's check."""
-    if cfg.f_divergence == "reverse_kl":
+    TRL's DPOTrainer requires (f-DPO's log Z(x) term cancels only in the
+    chosen-minus-rejected difference). Unknown names are left to engine.recipe's check."""
+    names = [name for name in loss_names(cfg) if name in LOSSES]
+    if len(names) < len(loss_names(cfg)):
         return
-    others = [name for name in loss_names(cfg) if name in LOSSES and not LOSSES[name].f_divergence_ok]
-    takers = ", ".join(name for name, spec in LOSSES.items() if spec.f_divergence_ok)
-    problems.require(
-        not others,
-        f'loss.f_divergence: "{cfg.f_divergence}" applies to {takers}; not to {", ".join(others)} '
-        'in loss.type (use "reverse_kl" with it)',
-        "loss.f_divergence",
-        "loss.type",
-    )
+    if cfg.f_divergence != "reverse_kl":
+        others = [name for name in names if not LOSSES[name].f_divergence_ok]
+        takers = ", ".join(name for name, spec in LOSSES.items() if spec.f_divergence_ok)
+        problems.require(
+            not others,
+            f'loss.f_divergence: "{cfg.f_divergence}" applies to {takers}; not to {", ".join(others)} '
+            'in loss.type (use "reverse_kl" with it)',
+            "loss.f_divergence",
+            "loss.type",
+        )
+
+
+def check_read_settings(cfg: LossConfig, problems: Problems) -> None:
+    """Records in `problems` each `[loss]` setting changed from its default that no loss of
+    `cfg.type` reads (its function's `cfg.<field>`, `LossSpec.reads`; LD-DPO's an `ld_weighted`
+    loss, `f_alpha` the alpha divergence): a recipe's setting is never silently ignored. The
+    recipe's check (engine.recipe), not the loss API, which takes one config for many losses."""
+    names = [name for name in loss_names(cfg) if name in LOSSES]
+    if len(names) < len(loss_names(cfg)):
+        return  # unknown names: engine.recipe's message
+    defaults = LossConfig()
+    own = {f.name for f in dataclasses.fields(LossConfig)} - _SETTINGS_OF_EVERY_LOSS
+    readers = {key: [n for n, spec in LOSSES.items() if key in spec.reads] for key in sorted(own)}
+    ld = [n for n, spec in LOSSES.items() if spec.ld_weighted]
+    readers |= {"ld_alpha": ld, "ld_sides": ld if cfg.ld_alpha != 1 else []}
+    readers["f_alpha"] = names if cfg.f_divergence == "alpha_divergence" else []
+    for key, takers in readers.items():
+        value = getattr(cfg, key)
+        already = any(k == f"loss.{key}" for k, _ in problems.found)  # out of range, say that alone
+        if value == getattr(defaults, key) or any(n in takers for n in names) or already:
+            continue
+        needs = (
+            f"a loss that reads it ({', '.join(takers)})"
+            if takers
+            else 'loss.f_divergence = "alpha_divergence"'
+        )
+        if key == "ld_sides":
+            needs = "loss.ld_alpha below 1"
+        problems.require(
+            False,
+            f"loss.{key}={value!r} changes nothing for loss.type {names}: it needs {needs}",
+            f"loss.{key}",
+            "loss.type",
+        )
 
 
 def _specs(cfg: LossConfig) -> list[LossSpec]:

@@ -265,6 +265,7 @@ def check_names(cfg: Config, problems: Problems) -> None:
             name in losses.LOSSES, f"loss.type: unknown loss {name!r}{_unknown_loss_hint(name)}", "loss.type"
         )
     losses.check_settings(cfg.loss, problems)
+    losses.check_read_settings(cfg.loss, problems)
     t = cfg.training
     mode = FORWARD_MODES.get(t.forward_mode)
     if mode is None:

@@ -346,3 +346,28 @@ def test_f_divergences_match_trl_dpo_trainer(trl_type: str, divergence: str) -> 
     theirs = _trl_dpo_loss(logps, trl_type, divergence, coef=1 - cfg.f_alpha, ls=ls)
     ours = compute_loss(logps, cfg).losses.mean()  # float64 on the same float32 values
     torch.testing.assert_close(ours.float(), theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_a_setting_no_loss_of_the_recipe_reads_is_an_error(tmp_path: Path) -> None:
+    """No `[loss]` setting is silently ignored: each one changed from its default must be read by
+    a loss of `loss.type` (what its function reads, `LossSpec.reads`)."""
+    refused = {
+        'type = "ipo"\nlabel_smoothing = 0.1\n': "loss.label_smoothing=0.1 changes nothing",
+        'type = "dpo"\ngamma_beta_ratio = 1.0\n': "(simpo)",
+        'type = "dpo"\nalphapo_alpha = 0.25\n': "(simpo, cpo)",
+        'type = "sft"\nld_alpha = 0.5\n': "loss.ld_alpha=0.5 changes nothing for loss.type ['sft']",
+        'type = "dpo"\nld_sides = "policy"\n': "needs loss.ld_alpha below 1",
+        'type = "dpo"\nf_alpha = 0.3\n': 'needs loss.f_divergence = "alpha_divergence"',
+    }
+    for body, words in refused.items():
+        with pytest.raises(UserError) as e:
+            load_config(_recipe(tmp_path, body))
+        assert len(e.value.lines) == 1 and words in e.value.lines[0], (body, e.value.lines)
+    for body in (
+        'type = ["ipo", "dpo"]\nlabel_smoothing = 0.1\n',
+        'type = "simpo"\nalphapo_alpha = 0.25\ngamma_beta_ratio = 1.0\n',
+        'type = "dpo"\nld_alpha = 0.5\nld_sides = "policy"\n',
+        'type = "dpo"\nf_divergence = "alpha_divergence"\nf_alpha = 0.3\n',
+    ):
+        assert load_config(_recipe(tmp_path, body)).loss  # each read by a loss of the recipe
+    assert LOSSES["simpo"].reads >= {"gamma_beta_ratio", "alphapo_alpha", "label_smoothing"}
