@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -286,6 +286,17 @@ def shutdown() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def from_main(value: Any, group: dist.ProcessGroup | None = None) -> Any:
+    """Collective: rank 0's `value` on every rank (pickled; `value` itself without a process
+    group). How a rank-0-only step (a file written, a hash read) tells the others its outcome,
+    an exception included, so that every rank stops alike rather than one waiting forever."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
 
 
 def log(message: str) -> None:

@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.config import ExportConfig, LoraConfig, ModelConfig, parse_size
+from engine.distributed import from_main
 from engine.errors import UserError
 from engine.loading import WRAPPER_PREFIX, hf_name, pretrained_model, saved_weights
 from engine.model import restore_config_dropout, save_tokenizer_and_generation_config
@@ -227,10 +228,7 @@ def export_hf(
             staging.mkdir(parents=True)
         except UserError as e:
             error = e
-    if dist.is_initialized():  # every rank stops alike, before the first collective gather
-        shared = [error]
-        dist.broadcast_object_list(shared, src=0)
-        error = shared[0]
+    error = from_main(error)  # every rank stops alike, before the first collective gather
     if error is not None:
         raise error
     adapter_only = lora_cfg.enabled and export_cfg.lora == "adapter"

@@ -61,6 +61,7 @@ from transformers import PreTrainedTokenizerBase
 from engine.config import DataConfig, DataSource, ModelConfig
 from engine.data import PreferenceDataset
 from engine.data.tokenize import tokenizer_file_digests
+from engine.distributed import from_main
 from engine.errors import UserError, first_line
 from engine.hashing import canonical_json, sha256_file, sha256_json
 from engine.model import model_folder
@@ -196,16 +197,16 @@ def hash_files_on_rank_zero(paths: list[Path], memo_dir: str | Path | None = Non
     enough, not one per rank (8 ranks x 8 threads over the same files)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return hash_files(paths, memo_dir)
-    result: list[Any] = [None]
+    result: list[str] | OSError | None = None
     if dist.get_rank() == 0:
         try:
-            result[0] = hash_files(paths, memo_dir)
+            result = hash_files(paths, memo_dir)
         except OSError as e:  # an unreadable weight file: every rank raises it, none waits forever
-            result[0] = e
-    dist.broadcast_object_list(result, src=0)
-    if isinstance(result[0], OSError):
-        raise result[0]
-    return result[0]
+            result = e
+    result = from_main(result)
+    if isinstance(result, OSError):
+        raise result
+    return result
 
 
 def pair_hashes(dataset: PreferenceDataset) -> list[bytes]:

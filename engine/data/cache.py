@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerBase
 
 from engine.data import tokenize
 from engine.data.sources import ResolvedSource
-from engine.distributed import log
+from engine.distributed import from_main, log
 from engine.errors import UserError
 from engine.hashing import sha256_json
 
@@ -266,11 +266,10 @@ def run_on_rank0_first(build: Callable[[], list[str]], visible: Callable[[list[s
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=4))
     try:
         outcome, error = _attempt(build) if rank == 0 else (None, None)
-        shared = [outcome]
-        dist.broadcast_object_list(shared, src=0, group=group)
+        shared = from_main(outcome, group)
         if error is not None:
             raise error
-        result = _unwrap(shared[0], "rank 0")
+        result = _unwrap(shared, "rank 0")
         missing: list[Any] = [None] * world
         dist.all_gather_object(missing, not visible(result), group=group)
         if any(missing):  # node-local cache folders: each such node builds its own copy
