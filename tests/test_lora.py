@@ -18,6 +18,7 @@ from tests.conftest import (
     every_position_logps,
     load_final_weights,
     main_in_process,
+    run_sweep,
     run_training,
     train_rows,
     write_recipe,
@@ -103,19 +104,18 @@ def test_exported_adapter_and_merged_model_reproduce_the_trained_model(
 def test_two_ranks_equal_one_rank_and_resume(
     tmp_path: Path, tiny_model_dir: Path, small_data: dict, world
 ) -> None:
-    def run(name: str, nproc: int, extra=(), env=None, ok=True):
-        """A run on 2 ranks (torchrun) or on 1: the one rank of this process."""
-        out = tmp_path / name
-        recipe = _recipe(tmp_path, tiny_model_dir, small_data, out)
-        overrides = [*LORA, "checkpoint.interval_steps=2", *extra]
-        if nproc == 1:
-            proc = main_in_process(recipe, overrides)
-        else:
-            proc = run_training(recipe, overrides, nproc=nproc, env=env)
-        assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
-        return out
-
-    one, two = run("one", 1), run("two", 2)
+    overrides = [*LORA, "checkpoint.interval_steps=2"]
+    one = tmp_path / "one"
+    proc = main_in_process(_recipe(tmp_path, tiny_model_dir, small_data, one), overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # stop at step 3 (a launch of its own: the kill ends it), then, in one two-rank launch, the
+    # uninterrupted run and the resumed one
+    sweep = tmp_path / "sweep"
+    two, resumed = sweep / "two", sweep / "resumed"
+    recipe = _recipe(tmp_path, tiny_model_dir, small_data, resumed)
+    killed = run_training(recipe, overrides, nproc=2, env={"FSDPO_FAULT_KILL": f"3:0:{tmp_path / 'k'}"})
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    run_sweep(recipe, sweep, {"two": overrides, "resumed": overrides}, nproc=2)
     for a, b in zip(train_rows(one), train_rows(two)):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5, abs_tol=1e-6), (a, b)
     # a checkpoint holds adapters and optimizer state only (the frozen base comes from model.path)
@@ -124,8 +124,6 @@ def test_two_ranks_equal_one_rank_and_resume(
     keys = FileSystemReader(str(two / "checkpoints" / "step-4")).read_metadata().state_dict_metadata
     model_keys = [k for k in keys if k.startswith("model.")]
     assert model_keys and all("lora_" in k for k in model_keys)
-    # stop at step 3 and resume: bitwise the uninterrupted run
-    resumed = run("resumed", 2, env={"FSDPO_FAULT_KILL": f"3:0:{tmp_path / 'k'}"}, ok=False)
-    run("resumed", 2)
+    # the resumed run: bitwise the uninterrupted run
     wa, wb = load_final_weights(two), load_final_weights(resumed)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
