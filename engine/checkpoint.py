@@ -4,7 +4,8 @@ A checkpoint is `output_dir/checkpoints/step-N/`:
 - the DCP files of the model and optimizer state (sharded: every rank writes its own shards;
   DCP reshards on load, so a checkpoint saved on 8 ranks resumes on 4 or 1);
 - `trainer_state.json`: step, consumed pairs (a global count, independent of world size), the
-  global batch size, counters, the scheduler state;
+  global batch size, counters, the scheduler state, the batch-coupled losses' running state
+  (`engine.losses.LossState`: BCO's reward mean);
 - `rng/rank-R.pt`: each rank's RNG states (restored when the world size is unchanged);
 - `recipe.toml`: the resolved recipe, so `python -m engine.export` needs nothing else;
 - `COMPLETE`: written last, after every rank has finished writing.
@@ -38,8 +39,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from engine.config import CheckpointConfig
-from engine.distributed import World, log
+from engine.distributed import World, from_main, log
 from engine.errors import UserError, first_line
+from engine.losses import LossState
 from engine.run_dir import RunDir
 
 # Frozen parameters (LoRA's base weights) are not saved: they come from model.path on resume.
@@ -60,6 +62,7 @@ class TrainerState:
     skipped_in_row: int = 0
     scheduler: dict[str, Any] | None = None
     total_steps: int = 0  # the steps the schedule was planned for (0: a checkpoint from before it was saved)
+    loss_state: dict[str, float] | None = None  # batch-coupled losses' running state (`losses.LossState`)
 
 
 def read_trainer_state(path: Path) -> TrainerState:
@@ -164,8 +167,10 @@ class CheckpointManager:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         steps_per_epoch: int,
         recipe: str,
+        loss_state: LossState | None = None,
     ) -> None:
         self.cfg, self.rank, self.world_size = cfg, world.rank, world.world_size
+        self.loss_state = loss_state
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.steps_per_epoch, self.recipe = steps_per_epoch, recipe
         self.run_dir = run_dir  # saving, publishing and pruning touch only fsdpo's own files
@@ -215,6 +220,8 @@ class CheckpointManager:
             log(f"resume: saved on {saved.world_size} ranks, now {self.world_size}: RNG states not restored")
         log(f"resumed from {path} at step {saved.step} ({saved.consumed_pairs} pairs consumed)")
         self._resume_schedule(path, saved, state.total_steps)
+        if self.loss_state is not None and saved.loss_state is not None:
+            self.loss_state.load_state_dict(saved.loss_state)
         return dataclasses.replace(saved, world_size=self.world_size, total_steps=state.total_steps)
 
     def _resume_schedule(self, path: Path, saved: TrainerState, total_steps: int) -> None:
@@ -248,15 +255,15 @@ class CheckpointManager:
                 self.run_dir.remove(staging)  # a previous crash's leftovers, if the manifest has them
                 self.run_dir.claim(staging)
                 (staging / "rng").mkdir(parents=True)
-                saved = dataclasses.replace(state, scheduler=self.scheduler.state_dict())
+                loss_state = self.loss_state.state_dict() if self.loss_state is not None else None
+                saved = dataclasses.replace(
+                    state, scheduler=self.scheduler.state_dict(), loss_state=loss_state
+                )
                 (staging / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(saved)))
                 (staging / "recipe.toml").write_text(self.recipe)
             except OSError as e:
                 error = e
-        if dist.is_initialized():  # every rank learns whether the folder is there to write into
-            shared = [error]
-            dist.broadcast_object_list(shared, src=0)
-            error = shared[0]
+        error = from_main(error)  # every rank learns whether the folder is there to write into
         if error is not None:
             self._save_failed(error, staging)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=STATE_OPTIONS)

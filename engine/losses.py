@@ -74,7 +74,23 @@ class LossOutput:
     extras: dict[str, Tensor] = field(default_factory=dict)  # per-pair metrics [B], detached
 
 
-LossFn = Callable[[PreferenceLogps, LossConfig], LossOutput]
+@dataclass
+class BatchContext:
+    """What a batch-coupled loss (registered with `step_stats`) needs of the optimizer step's
+    whole batch: `stats` from its `step_stats` over every valid pair of the global batch (all
+    ranks, all micro-batches, in pair-id order: `engine.step.TrainStep.batch_contexts`), per pair
+    [N] or per step (0-d), detached; `position` [B] the index in that order of each pair of the
+    micro-batch the loss is called on (any index for padding pairs, whose loss the caller zeroes).
+    A loss called without one treats the batch it is given as the whole batch (`whole_batch`)."""
+
+    stats: dict[str, Tensor]
+    position: Tensor
+
+
+LossFn = Callable[..., LossOutput]  # (PreferenceLogps, LossConfig[, BatchContext | None])
+# (global detached PreferenceLogps [N], the [loss] table, the running state or None) ->
+# (stats for `BatchContext.stats`, the state after this step: kept unless the step is skipped)
+StepStats = Callable[[PreferenceLogps, LossConfig, dict[str, Tensor] | None], tuple[dict, dict]]
 
 
 @dataclass(frozen=True)
@@ -87,7 +103,10 @@ class LossSpec:
     # Takes a non-default `loss.f_divergence`: built on the chosen-minus-rejected difference of
     # log-ratios (TRL's set), or without log-ratios at all (sft). See `check_settings`.
     f_divergence_ok: bool = False
-    reads: frozenset[str] = frozenset()  # the `[loss]` fields its function reads (`_fields_read`)
+    reads: frozenset[str] = frozenset()  # the `[loss]` fields its functions read (`_fields_read`)
+    # Batch-coupled: defined over the optimizer step's global batch through a `BatchContext`
+    # built from these statistics (implies pair_separable=False).
+    step_stats: StepStats | None = None
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -112,20 +131,24 @@ def register(
     pair_separable: bool = True,
     ld_weighted: bool = True,
     f_divergence_ok: bool = False,
+    step_stats: StepStats | None = None,
 ) -> Callable[[LossFn], LossFn]:
-    """Decorator that adds a loss function to `LOSSES` under `name`."""
+    """Decorator that adds a loss function to `LOSSES` under `name`; with `step_stats` it is
+    batch-coupled (see `BatchContext`)."""
 
     def add(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is registered twice")
+        reads = _fields_read(fn) | (_fields_read(step_stats) if step_stats else frozenset())
         LOSSES[name] = LossSpec(
             fn,
             needs_reference,
             needs_logweights,
-            pair_separable,
+            pair_separable and step_stats is None,
             ld_weighted,
             f_divergence_ok,
-            _fields_read(fn),
+            reads,
+            step_stats,
         )
         return fn
 
@@ -356,22 +379,25 @@ def nca_pair_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     return _output(losses, r_c, r_r)
 
 
-@register("bco_pair", needs_reference=True, pair_separable=False)
-def bco_pair_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
-    """BCO (pairwise): -log sigmoid(r_c - delta) - log sigmoid(-(r_r - delta)).
-
-    Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment",
-    arXiv:2404.04656. r = beta (pi - ref); delta = mean of the detached r_c and r_r over the
-    batch passed in (2B values: one micro-batch on one rank, padding pairs included), so a
-    pair's loss depends on the other pairs of its batch. TRL uses a running mean over steps
-    instead; this is the per-batch statistic.
-    Rewards: r_c = beta (pi_c - ref_c), r_r = beta (pi_r - ref_r).
-    """
+def _bco(logps: PreferenceLogps, cfg: LossConfig, delta: Tensor | float) -> LossOutput:
+    """-log sigmoid(r_c - delta) - log sigmoid(-(r_r - delta)), r = beta (pi - ref)."""
     chosen, rejected = _logratios(logps)
     r_c, r_r = cfg.beta * chosen, cfg.beta * rejected
-    delta = torch.cat([r_c, r_r]).detach().mean()
     losses = -F.logsigmoid(r_c - delta) - F.logsigmoid(-(r_r - delta))
     return _output(losses, r_c, r_r)
+
+
+@register("bco_pair", needs_reference=True)
+def bco_pair_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """BCO (pairwise) without reward shift: -log sigmoid(r_c) - log sigmoid(-r_r).
+
+    Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment",
+    arXiv:2404.04656, as TRL 1.16's DPOTrainer `bco_pair` (and MPO's mix): the binary
+    classifier's loss with delta = 0, pair-separable. The paper's running reward shift is `bco`;
+    a shift by the step's own mean reward is `bco_batch`.
+    Rewards: r_c = beta (pi_c - ref_c), r_r = beta (pi_r - ref_r).
+    """
+    return _bco(logps, cfg, 0.0)
 
 
 @register("sppo_hard", needs_reference=True)
@@ -455,6 +481,164 @@ def cal_dpo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     target = 1 / (2 * cfg.beta)
     losses = -F.logsigmoid(a - b) + 0.5 * ((a - target) ** 2 + (b + target) ** 2)
     return _output(losses, cfg.beta * a, cfg.beta * b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch-coupled losses: defined over the optimizer step's global batch (`BatchContext`)
+
+
+def whole_batch(logps: PreferenceLogps, cfg: LossConfig, step_stats: StepStats) -> BatchContext:
+    """The context of a batch that is the whole global batch (single-batch calls, evaluation):
+    `step_stats` of its detached tensors without running state."""
+    detached = replace(logps, **{k: v.detach() for k, v in vars(logps).items() if v is not None})
+    stats, _ = step_stats(detached, cfg, None)
+    return BatchContext(stats, torch.arange(len(logps.chosen_logps), device=logps.chosen_logps.device))
+
+
+def _sorted_partners(values: Tensor, partners: Tensor) -> Tensor:
+    """For each i, the partner of the same rank: sort(partners)[rank of values[i] in values]."""
+    out = torch.empty_like(partners)
+    out[torch.argsort(values, stable=True)] = torch.sort(partners, stable=True).values
+    return out
+
+
+def _aot_stats(logps: PreferenceLogps, cfg: LossConfig, state: dict | None) -> tuple[dict, dict]:
+    """AOT paired: each pair's reference margin ref_c - ref_r of the same rank."""
+    _logratios(logps)  # the reference is there
+    policy = logps.chosen_logps - logps.rejected_logps
+    ref = logps.ref_chosen_logps - logps.ref_rejected_logps
+    return {"aot/ref_margin": _sorted_partners(policy, ref)}, {}
+
+
+@register("aot", needs_reference=True, step_stats=_aot_stats)
+def aot_loss(logps: PreferenceLogps, cfg: LossConfig, context: BatchContext | None = None) -> LossOutput:
+    """AOT (paired): -(1 - ls) log sigmoid(beta d_k) - ls log sigmoid(-beta d_k), d_k the k-th
+    smallest policy margin pi_c - pi_r minus the k-th smallest reference margin ref_c - ref_r of
+    the optimizer step's global batch.
+
+    Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport",
+    arXiv:2406.05882, in TRL's form (DPOTrainer `aot`: sorted over its batch). Each pair carries
+    the term of its policy margin's rank k (the sum over pairs is the sum over k); the partner
+    reference margin is a constant, so gradients are the sort's. The sort is over the global batch
+    gathered across ranks and micro-batches (`BatchContext`), not one micro-batch as TRL's.
+    Rewards: beta (pi_c - ref_c), beta (pi_r - ref_r).
+    """
+    context = context or whole_batch(logps, cfg, _aot_stats)
+    chosen, rejected = _logratios(logps)
+    margin = logps.chosen_logps - logps.rejected_logps
+    delta = margin - context.stats["aot/ref_margin"][context.position]
+    return _output(
+        _sigmoid_loss(cfg.beta * delta, cfg.label_smoothing), cfg.beta * chosen, cfg.beta * rejected
+    )
+
+
+def _aot_unpaired_stats(logps: PreferenceLogps, cfg: LossConfig, state: dict | None) -> tuple[dict, dict]:
+    """AOT unpaired: each chosen log-ratio's rejected log-ratio of the same rank, and back."""
+    chosen, rejected = _logratios(logps)
+    stats = {
+        "aot/rejected_partner": _sorted_partners(chosen, rejected),
+        "aot/chosen_partner": _sorted_partners(rejected, chosen),
+    }
+    return stats, {}
+
+
+@register("aot_unpaired", needs_reference=True, step_stats=_aot_unpaired_stats)
+def aot_unpaired_loss(
+    logps: PreferenceLogps, cfg: LossConfig, context: BatchContext | None = None
+) -> LossOutput:
+    """AOT (unpaired): -(1 - ls) log sigmoid(beta d_k) - ls log sigmoid(-beta d_k), d_k the k-th
+    smallest chosen log-ratio pi_c - ref_c minus the k-th smallest rejected log-ratio
+    pi_r - ref_r of the optimizer step's global batch.
+
+    Melnyk et al. 2024, arXiv:2406.05882, in TRL's form (DPOTrainer `aot_unpaired`). A term
+    couples the chosen side of one pair with the rejected side of another: each pair carries the
+    term of its chosen log-ratio's rank (its value and chosen gradient), plus the rejected
+    gradient of the term of its rejected log-ratio's rank (a zero-valued term), so the sum over
+    pairs equals the sum over k in value and gradient (`BatchContext` over the global batch).
+    Rewards: beta (pi_c - ref_c), beta (pi_r - ref_r).
+    """
+    context = context or whole_batch(logps, cfg, _aot_unpaired_stats)
+    chosen, rejected = _logratios(logps)
+    at = context.position
+
+    def term(c: Tensor, r: Tensor) -> Tensor:
+        return _sigmoid_loss(cfg.beta * (c - r), cfg.label_smoothing)
+
+    own_chosen = term(chosen, context.stats["aot/rejected_partner"][at])
+    own_rejected = term(context.stats["aot/chosen_partner"][at], rejected)
+    losses = own_chosen + (own_rejected - own_rejected.detach())
+    return _output(losses, cfg.beta * chosen, cfg.beta * rejected)
+
+
+def _mean_reward(logps: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """The mean of the 2N rewards beta (pi - ref) of the chosen and rejected completions."""
+    chosen, rejected = _logratios(logps)
+    return cfg.beta * torch.cat([chosen, rejected]).mean()
+
+
+def _bco_batch_stats(logps: PreferenceLogps, cfg: LossConfig, state: dict | None) -> tuple[dict, dict]:
+    return {"bco/delta": _mean_reward(logps, cfg)}, {}
+
+
+@register("bco_batch", needs_reference=True, step_stats=_bco_batch_stats)
+def bco_batch_loss(
+    logps: PreferenceLogps, cfg: LossConfig, context: BatchContext | None = None
+) -> LossOutput:
+    """BCO (pairwise) shifted by the step's mean reward: -log sigmoid(r_c - delta)
+    - log sigmoid(-(r_r - delta)), delta = the mean of the 2N detached rewards r_c, r_r of the
+    optimizer step's global batch (fsdpo's `bco_pair` before it became TRL's; that took one
+    micro-batch's mean, padding pairs included). Jung et al. 2024, arXiv:2404.04656.
+    Rewards: r_c = beta (pi_c - ref_c), r_r = beta (pi_r - ref_r).
+    """
+    context = context or whole_batch(logps, cfg, _bco_batch_stats)
+    return _bco(logps, cfg, context.stats["bco/delta"])
+
+
+def _bco_running_stats(logps: PreferenceLogps, cfg: LossConfig, state: dict | None) -> tuple[dict, dict]:
+    """The running mean of the steps' mean rewards, this step's included; state: "bco/steps",
+    "bco/mean" (float64)."""
+    batch = _mean_reward(logps, cfg)
+    if state is None:
+        return {"bco/delta": batch}, {}
+    steps = state.get("bco/steps", torch.zeros((), dtype=torch.float64, device=batch.device)) + 1
+    before = state.get("bco/mean", torch.zeros((), dtype=torch.float64, device=batch.device))
+    mean = before + (batch.double() - before) / steps
+    return {"bco/delta": mean.to(batch.dtype)}, {"bco/steps": steps, "bco/mean": mean}
+
+
+@register("bco", needs_reference=True, step_stats=_bco_running_stats)
+def bco_loss(logps: PreferenceLogps, cfg: LossConfig, context: BatchContext | None = None) -> LossOutput:
+    """BCO (pairwise) with the paper's reward shift: -log sigmoid(r_c - delta)
+    - log sigmoid(-(r_r - delta)), delta the running mean of the rewards.
+
+    Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment",
+    arXiv:2404.04656 (the reward shift delta): delta_t = (m_1 + ... + m_t) / t, m_s the mean of the 2N detached
+    rewards r_c, r_r of step s's global batch, updated before step t's loss as TRL's former
+    BCOTrainer (RunningMoments over each step's mean). Its state is checkpointed; a skipped step
+    leaves it unchanged. Without a context (evaluation, single batches) delta is the batch's
+    own mean.
+    Rewards: r_c = beta (pi_c - ref_c), r_r = beta (pi_r - ref_r).
+    """
+    context = context or whole_batch(logps, cfg, _bco_running_stats)
+    return _bco(logps, cfg, context.stats["bco/delta"])
+
+
+class LossState:
+    """The running state of the batch-coupled losses (`step_stats`): 0-d float64 tensors on
+    `device` by name, saved in the checkpoints' trainer_state.json (`state_dict`: exact floats)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.values: dict[str, Tensor] = {}
+
+    def state_dict(self) -> dict[str, float]:
+        return {name: value.item() for name, value in self.values.items()}
+
+    def load_state_dict(self, saved: dict[str, float]) -> None:
+        self.values = {
+            name: torch.tensor(value, dtype=torch.float64, device=self.device)
+            for name, value in saved.items()
+        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -651,6 +835,27 @@ def needs_logweights(cfg: LossConfig) -> bool:
     return any(spec.needs_logweights for spec in _specs(cfg))
 
 
+def batch_coupled(cfg: LossConfig) -> bool:
+    """Whether any loss in `cfg.type` is batch-coupled (needs a `BatchContext` per micro-batch)."""
+    return any(spec.step_stats is not None for spec in _specs(cfg))
+
+
+def step_stats(
+    logps: PreferenceLogps, cfg: LossConfig, state: dict[str, Tensor]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The `BatchContext.stats` of every batch-coupled loss of `cfg.type` over `logps`, the
+    detached [N] tensors of the step's global batch (LD-DPO's desensitised sums for the
+    `ld_weighted` ones), and the running state after this step from `state`."""
+    desensitized = length_desensitized(logps, cfg) if needs_shared_length(cfg) else logps
+    stats, after = {}, dict(state)
+    for spec in _specs(cfg):
+        if spec.step_stats is not None:
+            found, changed = spec.step_stats(desensitized if spec.ld_weighted else logps, cfg, state)
+            stats |= found
+            after |= changed
+    return stats, after
+
+
 def needs_shared_length(cfg: LossConfig) -> bool:
     """Whether the policy's forward must sum log-probs over each pair's shared length (LD-DPO)."""
     return cfg.ld_alpha != 1.0 and any(spec.ld_weighted for spec in _specs(cfg))
@@ -687,12 +892,13 @@ def length_desensitized(logps: PreferenceLogps, cfg: LossConfig) -> PreferenceLo
     return replace(logps, **changed)
 
 
-def compute_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+def compute_loss(logps: PreferenceLogps, cfg: LossConfig, context: BatchContext | None = None) -> LossOutput:
     """Weighted sum of the per-pair losses named in `cfg.type` (weights default to 1.0 each).
 
     Rewards and extras come from the first loss that is not "sft" (sft's own when it is alone),
     so ["dpo", "sft"] (RPO) reports DPO's implicit rewards. Losses registered `ld_weighted` see
-    `length_desensitized(logps, cfg)` (LD-DPO), the others `logps`.
+    `length_desensitized(logps, cfg)` (LD-DPO), the others `logps`. Batch-coupled losses get
+    `context` (`step_stats` of the global batch); without one, `logps` is the whole batch.
     """
     names, specs = loss_names(cfg), _specs(cfg)
     if not names:
@@ -701,7 +907,10 @@ def compute_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     if len(weights) != len(names):
         raise ValueError(f"{len(weights)} loss weights for {len(names)} losses {names}")
     desensitized = length_desensitized(logps, cfg) if needs_shared_length(cfg) else logps
-    outputs = [spec.fn(desensitized if spec.ld_weighted else logps, cfg) for spec in specs]
+    outputs = [
+        spec.fn(desensitized if spec.ld_weighted else logps, cfg, *([context] if spec.step_stats else []))
+        for spec in specs
+    ]
     losses = weights[0] * outputs[0].losses
     for weight, out in zip(weights[1:], outputs[1:]):
         losses = losses + weight * out.losses

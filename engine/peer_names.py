@@ -170,9 +170,7 @@ PEER_KEYS: dict[str, tuple[str, str]] = {
 PEER_LOSSES: dict[str, tuple[str, str]] = {
     "sigmoid": ("TRL", "dpo"),
     "sigmoid_norm": ("TRL", "dpo_norm"),
-    "aot": ("TRL", ""),
-    "aot_pair": ("TRL", ""),
-    "aot_unpaired": ("TRL", ""),
+    "aot_pair": ("TRL", "aot_unpaired"),  # older TRL: the same sorted chosen vs rejected log-ratios
     "kto_pair": ("TRL", ""),
     "DPOLoss": ("torchtune", "dpo"),
     "RSOLoss": ("torchtune", "hinge"),

@@ -21,10 +21,19 @@ host runs ahead and queues work (which FSDP2's implicit prefetch relies on):
   read once per log step); the gradient norm is returned as a tensor (read it when logging).
 tests/test_syncs.py counts every value read in a step, per forward mode, against this list and
 the model's own (transformers' mask preparation: see there).
+
+Batch-coupled losses (`losses.batch_coupled`: AOT, BCO's running delta, beta-DPO) are defined over
+the step's global batch: before the passes above, `batch_contexts` runs a no-grad forward of
+every micro-batch (one more forward per micro-batch, no backward), all-gathers the per-pair
+log-probs across ranks, orders them by pair id (so the result does not depend on world size or
+micro-batching); nothing is read from the device (each micro-batch's pairs are checked valid on
+their host tensor). Other losses skip it. The pre-pass and the
+gradient pass must compute the same log-probs: a model with dropout active would break that.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +123,8 @@ class TrainStep:
         self.defer_gradient_sync = defers_gradient_sync(cfg.parallel)
         self.with_logweights = losses.needs_logweights(cfg.loss)
         self.shared_length = losses.needs_shared_length(cfg.loss)
+        self.batch_coupled = losses.batch_coupled(cfg.loss)
+        self.loss_state = losses.LossState(device)  # batch-coupled losses' (checkpointed)
         self.state_bytes: dict[str, int] | None = None  # local shards, after the first update
 
     def prepare(self, batch: PairBatch) -> MicroBatch:
@@ -125,18 +136,51 @@ class TrainStep:
             batch.real_tokens,
         )
 
-    def pair_losses(
-        self, micro: MicroBatch, reference: ReferenceLogps | None
-    ) -> tuple[losses.PreferenceLogps, losses.LossOutput, Tensor]:
-        """Forward: (log-probs, loss output, per-pair losses with padding pairs zeroed)."""
+    def logps(self, micro: MicroBatch, reference: ReferenceLogps | None) -> losses.PreferenceLogps:
+        """Forward: the policy's log-probs of `micro`, with the reference's when given."""
         logps = score_pairs(self.model, micro.inputs, self.with_logweights)
         if reference is not None:
             ref = reference.select(micro.pair_ids, self.device)
             logps.ref_chosen_logps, logps.ref_rejected_logps = ref.chosen, ref.rejected
             logps.ref_chosen_shared_logps = ref.chosen_shared
             logps.ref_rejected_shared_logps = ref.rejected_shared
-        out = losses.compute_loss(logps, self.cfg.loss)
+        return logps
+
+    def pair_losses(
+        self, micro: MicroBatch, reference: ReferenceLogps | None, context: losses.BatchContext | None = None
+    ) -> tuple[losses.PreferenceLogps, losses.LossOutput, Tensor]:
+        """Forward: (log-probs, loss output, per-pair losses with padding pairs zeroed). Without
+        `context`, batch-coupled losses take `micro` as the whole batch (evaluation)."""
+        logps = self.logps(micro, reference)
+        out = losses.compute_loss(logps, self.cfg.loss, context)
         return logps, out, out.losses * micro.valid
+
+    def batch_contexts(self, micros: list[MicroBatch]) -> tuple[list[losses.BatchContext], dict[str, Tensor]]:
+        """The `BatchContext` of each of this rank's micro-batches from the step's global batch
+        (a no-grad forward of each, all-gathered across ranks, in pair-id order), and the loss
+        state after this step. Collective. Every rank holds the same number of pairs, all valid
+        (`engine.data.sampler.rank_micro_batches`), so nothing is read on the host."""
+        with torch.no_grad():
+            parts = [self.logps(micro, self.reference) for micro in micros]
+        names = [f.name for f in dataclasses.fields(parts[0]) if getattr(parts[0], f.name) is not None]
+        columns = [torch.cat([getattr(part, name) for part in parts]).double() for name in names]
+        local = torch.stack([*columns, torch.cat([m.pair_ids for m in micros]).double()])  # [fields + 1, n]
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        gathered = [local]
+        if world_size > 1:
+            gathered = [torch.empty_like(local) for _ in range(world_size)]
+            dist.all_gather(gathered, local)
+        table = torch.cat(gathered, dim=1)
+        order = torch.argsort(table[-1], stable=True)
+        dtype = parts[0].chosen_logps.dtype
+        fields = {name: table[i, order].to(dtype) for i, name in enumerate(names)}
+        stats, state = losses.step_stats(
+            losses.PreferenceLogps(**fields), self.cfg.loss, self.loss_state.values
+        )
+        position = torch.empty_like(order)
+        position[order] = torch.arange(len(order), device=order.device)
+        mine = position[rank * local.shape[1] : (rank + 1) * local.shape[1]]
+        return [losses.BatchContext(stats, at) for at in mine.split([len(m.pair_ids) for m in micros])], state
 
     def __call__(
         self, batches: list[PairBatch], window: PairMetrics | None = None, poison: bool = False
@@ -145,18 +189,24 @@ class TrainStep:
         `poison` makes the loss NaN (the FSDPO_FAULT_NAN_STEP test hook)."""
         lr = self.scheduler.get_last_lr()[0]
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        upcoming = self.prepare(batches[0]) if batches else None
+        # batch-coupled losses: every micro-batch's inputs first, for the pre-pass
+        prepared = [self.prepare(batch) for batch in batches] if self.batch_coupled and batches else None
+        if prepared and not all(bool(batch.valid.all()) for batch in batches):  # host tensors
+            raise ValueError("batch-coupled losses need whole global batches (no padding pairs)")
+        contexts, state = self.batch_contexts(prepared) if prepared else (None, self.loss_state.values)
+        upcoming = prepared[0] if prepared else self.prepare(batches[0]) if batches else None
         for index in range(len(batches)):
             micro = upcoming
             if self.defer_gradient_sync:  # reduce gradients across ranks once, on the last one
                 self.model.set_requires_gradient_sync(index == len(batches) - 1)
-            logps, out, pair_losses = self.pair_losses(micro, self.reference)
+            context = contexts[index] if contexts else None
+            logps, out, pair_losses = self.pair_losses(micro, self.reference, context)
             if poison:
                 pair_losses = pair_losses * float("nan")
             loss = pair_losses.sum() / self.cfg.training.global_batch_size
             nonfinite |= ~torch.isfinite(loss)
             if index + 1 < len(batches):  # the next inputs, built while this forward runs
-                upcoming = self.prepare(batches[index + 1])
+                upcoming = prepared[index + 1] if prepared else self.prepare(batches[index + 1])
             loss.backward()
             if window is not None:
                 window.add(pair_losses, out, logps, micro.valid)
@@ -173,6 +223,7 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             return StepResult(lr, torch.tensor(float("nan")), True, stop)
+        self.loss_state.values = state  # a skipped step leaves the running statistics as they were
 
         max_norm = self.cfg.optimizer.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(

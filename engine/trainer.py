@@ -180,7 +180,7 @@ class Trainer:
 
         self.checkpoints = CheckpointManager(
             self.run_dir, cfg.checkpoint, world, self.model, self.optimizer, self.scheduler,
-            self.sampler.steps_per_epoch, to_toml(cfg),
+            self.sampler.steps_per_epoch, to_toml(cfg), self.step.loss_state,
         )  # fmt: skip
         self.state = TrainerState(
             global_batch_size=t.global_batch_size, world_size=world.world_size, total_steps=self.total_steps

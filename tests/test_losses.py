@@ -76,7 +76,7 @@ class Pair:
     lwr: float = 0.0
 
 
-# (loss, chosen reward, rejected reward) of one pair; `batch` is the whole batch (for bco_pair).
+# (loss, chosen reward, rejected reward) of one pair; `batch` is the whole batch (no loss here reads it).
 Reference = Callable[[Pair, LossConfig, list[Pair]], tuple[float, float, float]]
 
 
@@ -177,10 +177,8 @@ def ref_nca_pair(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, floa
 
 
 def ref_bco_pair(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, float, float]:
-    rewards = [r for q in batch for r in summed_rewards(q, c.beta)]
-    delta = sum(rewards) / len(rewards)
-    r_c, r_r = summed_rewards(p, c.beta)
-    return -log_sigmoid(r_c - delta) - log_sigmoid(-(r_r - delta)), r_c, r_r
+    r_c, r_r = summed_rewards(p, c.beta)  # TRL 1.16's: no reward shift
+    return -log_sigmoid(r_c) - log_sigmoid(-r_r), r_c, r_r
 
 
 def ref_sppo_hard(p: Pair, c: LossConfig, batch: list[Pair]) -> tuple[float, float, float]:
@@ -400,7 +398,9 @@ def assert_relative(actual: torch.Tensor, expected: list[float], rtol: float, at
 
 
 def test_every_loss_is_registered_and_has_a_reference() -> None:
-    assert sorted(LOSSES) == sorted(ALL_LOSSES)
+    from tests.test_losses_coupled import BATCH_COUPLED  # referenced there, over whole batches
+
+    assert sorted(LOSSES) == sorted(ALL_LOSSES + BATCH_COUPLED)
     assert sorted(REFERENCES) == sorted(ALL_LOSSES)
 
 
@@ -414,18 +414,16 @@ def test_needs_reference_and_logweights() -> None:
     assert not needs_logweights(LossConfig(type=["dpo", "sft"]))
 
 
-def test_only_bco_pair_depends_on_other_pairs() -> None:
-    assert [n for n in ALL_LOSSES if not LOSSES[n].pair_separable] == ["bco_pair"]
+def test_pair_separable_losses_do_not_depend_on_other_pairs() -> None:
+    """(The batch-coupled ones, which do: tests/test_losses_coupled.py.)"""
+    assert all(LOSSES[n].pair_separable for n in ALL_LOSSES)
     pairs = moderate_pairs(seed=1, count=6)
     moved = [pairs[0]] + [replace(p, pc=p.pc + 30, pr=p.pr - 10) for p in pairs[1:]]
     for name in ALL_LOSSES:
         cfg = LossConfig(type=name)
         first = LOSSES[name].fn(to_logps(pairs), cfg).losses[0].item()
         first_moved = LOSSES[name].fn(to_logps(moved), cfg).losses[0].item()
-        if LOSSES[name].pair_separable:
-            assert first == first_moved, name
-        else:
-            assert abs(first - first_moved) > 1e-3, name
+        assert first == first_moved, name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,8 +468,7 @@ def test_float32_matches_float64_reference(name: str, cfg: LossConfig) -> None:
 
 
 def reference_gradients(name: str, pairs: list[Pair], cfg: LossConfig) -> tuple[list, list]:
-    """Central differences of each pair's reference loss wrt pi_c and pi_r (batch held fixed,
-    which is bco_pair's detached batch mean)."""
+    """Central differences of each pair's reference loss wrt pi_c and pi_r."""
     step = 1e-5
     grads: tuple[list[float], list[float]] = ([], [])
     for p in pairs:

@@ -1,7 +1,8 @@
 """Every loss trained for real: batch-split invariance across ranks, micro-batches and accumulation.
 
 Two launches (1 rank x micro 8 x accumulation 1 with the concatenated forward; 2 ranks x micro 2
-x accumulation 2 with the separate forward) each train every registered loss for 3 steps.
+x accumulation 2 with the separate forward) each train every registered loss for 3 steps: the
+pair-separable ones and the batch-coupled ones (defined over the global batch) must agree.
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ def sweeps(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small
     }
 
 
-@pytest.mark.parametrize("name", [n for n, spec in losses.LOSSES.items() if spec.pair_separable])
-def test_pair_separable_losses_do_not_depend_on_the_batch_split(
-    sweeps: dict, name: str, tiny_model_dir: Path
-) -> None:
+@pytest.mark.parametrize(
+    "name", [n for n, spec in losses.LOSSES.items() if spec.pair_separable or spec.step_stats]
+)
+def test_losses_do_not_depend_on_the_batch_split(sweeps: dict, name: str, tiny_model_dir: Path) -> None:
     one, two = sweeps["one"][name], sweeps["two"][name]
     assert len(one["losses"]) == 3
     for a, b in zip(one["losses"], two["losses"]):

@@ -200,7 +200,8 @@ def test_names_inside_tables(tmp_path: Path, table: str, name: str, hint: str) -
     [
         ("sigmoid", '(TRL\'s "sigmoid" is fsdpo\'s "dpo")'),
         ("sigmoid_norm", '(TRL\'s "sigmoid_norm" is fsdpo\'s "dpo_norm")'),
-        ("aot", '(TRL\'s "aot" is not in fsdpo, which has apo_down, apo_zero, '),
+        ("aot_pair", '(TRL\'s "aot_pair" is fsdpo\'s "aot_unpaired")'),
+        ("kto_pair", '(TRL\'s "kto_pair" is not in fsdpo, which has '),
         ("torchtune.rlhf.loss.DPOLoss", '(torchtune\'s "DPOLoss" is fsdpo\'s "dpo")'),
         ("RSOLoss", '(torchtune\'s "RSOLoss" is fsdpo\'s "hinge")'),
         ("SimPOLoss", '(torchtune\'s "SimPOLoss" is fsdpo\'s "simpo")'),

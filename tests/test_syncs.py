@@ -32,6 +32,8 @@ STEP_DECISION = {("tolist", "engine/step.py:__call__"): 1}
 # pairs' validity flags (`PairBatch.real_tokens`, once per micro-batch)
 HOST_PER_STEP = {("tolist", "engine/data/sampler.py:micro_batches"): 1}
 HOST_PER_MICRO_BATCH = {("tolist", "engine/data/sampler.py:real_tokens"): 1}
+# batch-coupled losses: whether each micro-batch's pairs are all valid (host tensors)
+COUPLED_HOST_PER_MICRO_BATCH = {("__bool__", "engine/step.py:<genexpr>"): 1}
 # transformers' mask preparation, per forward: with an attention mask (padded modes) whether the
 # mask can be skipped for sdpa (one read, two with padding); with position ids and no mask
 # (packed modes) whether the row packs several sequences (one read)
@@ -95,6 +97,33 @@ def test_a_training_step_waits_for_the_device_once(trainer, mode: str, ld_alpha:
     counters = {id(s["step"]) for s in trainer.optimizer.state.values()}
     assert counter.optimizer_steps and all(t.device.type == "cpu" for t in counter.optimizer_steps)
     assert {id(t) for t in counter.optimizer_steps} <= counters
+
+
+@pytest.mark.parametrize("loss", ["aot_unpaired", "bco"])
+def test_batch_coupled_losses_add_a_forward_and_no_device_read(trainer, loss: str, monkeypatch) -> None:
+    """The pre-pass (`TrainStep.batch_contexts`): one more forward per micro-batch (transformers'
+    own reads double), the pairs' validity checked on the host, nothing read from the device."""
+    cfg = replace(trainer.cfg, loss=replace(trainer.cfg.loss, type=loss))
+    step = TrainStep(
+        trainer.model, trainer.optimizer, trainer.scheduler, cfg, trainer.world.device,
+        trainer.pad_id, trainer.train_reference, "concatenated",
+    )  # fmt: skip
+    monkeypatch.setattr(trainer, "step", step)
+    window = PairMetrics()
+    if not trainer.optimizer.state:
+        trainer.train_step(0, window)
+    counter = ReadCounter()
+    with counter:
+        _, grad_norm, skipped, _ = trainer.train_step(7, window)
+    assert not skipped and torch.isfinite(grad_norm)
+    micro_batches = len(trainer.sampler.micro_batches(7))
+    reads = dict(counter.reads)
+    assert 2 * micro_batches <= reads.pop(TRANSFORMERS_PADDED) <= 4 * micro_batches, reads
+    expected = {**STEP_DECISION, **HOST_PER_STEP}
+    expected.update(
+        {k: n * micro_batches for k, n in (HOST_PER_MICRO_BATCH | COUPLED_HOST_PER_MICRO_BATCH).items()}
+    )
+    assert reads == expected, f"{loss}: reads beyond the documented ones: {reads}"
 
 
 def _loss_output(losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> LossOutput:
