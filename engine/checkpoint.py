@@ -62,7 +62,7 @@ class TrainerState:
     skipped_in_row: int = 0
     scheduler: dict[str, Any] | None = None
     total_steps: int = 0  # the steps the schedule was planned for (0: a checkpoint from before it was saved)
-    loss_state: dict[str, float] | None = None  # batch-coupled losses' running state (`losses.LossState`)
+    loss_state: dict[str, float | int] | None = None  # batch-coupled losses' state (`losses.LossState`)
 
 
 def read_trainer_state(path: Path) -> TrainerState:

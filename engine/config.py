@@ -193,6 +193,15 @@ class LossConfig:
     ld_sides: Literal["both", "policy"] = "both"
     """Whose log-probs `ld_alpha` reweights: `both` the policy's and the reference's (TRL),
     `policy` the policy's only (ms-swift, LLaMA-Factory)."""
+    beta_dpo_alpha: float = 0.6
+    """beta-DPO's (Wu et al. 2024) scale a of the batch beta: beta (1 + a (mean kept margin -
+    running mean margin)), floored at 1e-3 (the paper's code `loss.a`, 0.6 in its recipes; 0 keeps
+    beta)."""
+    beta_dpo_filter: float = 0.2
+    """beta-DPO's fraction of each step's pairs left out, sampled without replacement with weights
+    exp(-z^2 / 2) of the margin's z-score (the paper's code `loss.mode_weight`), in [0, 1)."""
+    beta_dpo_momentum: float = 0.9
+    """beta-DPO's momentum of the running mean and std of the margins (its code's gamma), in [0, 1)."""
 
 
 @dataclass
@@ -595,6 +604,10 @@ def check(cfg: Config, problems: Problems) -> None:
     p.expect(lc.orpo_lambda >= 0, "loss.orpo_lambda", "a number >= 0", lc.orpo_lambda)
     p.expect(lc.cpo_alpha >= 0, "loss.cpo_alpha", "a number >= 0", lc.cpo_alpha)
     p.expect(0 < lc.f_alpha < 1, "loss.f_alpha", "a number in (0, 1)", lc.f_alpha)
+    p.expect(0 <= lc.beta_dpo_filter < 1, "loss.beta_dpo_filter", "a number in [0, 1)", lc.beta_dpo_filter)
+    p.expect(
+        0 <= lc.beta_dpo_momentum < 1, "loss.beta_dpo_momentum", "a number in [0, 1)", lc.beta_dpo_momentum
+    )
     p.expect(0 < cfg.loss.ld_alpha <= 1, "loss.ld_alpha", "a number in (0, 1] (1 = off)", cfg.loss.ld_alpha)
 
     t = cfg.training

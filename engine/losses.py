@@ -623,20 +623,73 @@ def bco_loss(logps: PreferenceLogps, cfg: LossConfig, context: BatchContext | No
     return _bco(logps, cfg, context.stats["bco/delta"])
 
 
+def _beta_dpo_stats(logps: PreferenceLogps, cfg: LossConfig, state: dict | None) -> tuple[dict, dict]:
+    """beta-DPO's step statistics: the running mean and std of the margins h (momentum
+    `beta_dpo_momentum` from 0, this step's included, as its code; the batch's own without
+    state), the kept pairs (Gumbel top-k: sampling without replacement proportional to
+    exp(-z^2 / 2), z = (h - mean) / std) and the batch beta. Its RNG is seeded by the count of
+    steps drawn ("beta_dpo/draws", on the host)."""
+    chosen, rejected = _logratios(logps)
+    gap = (chosen - rejected).double()
+    count = len(gap)
+    keep = max(int(count * (1 - cfg.beta_dpo_filter)), 1)
+    zero = torch.zeros((), dtype=torch.float64, device=gap.device)
+    g = 0.0 if state is None else cfg.beta_dpo_momentum
+    state = state or {}
+    mean = g * state.get("beta_dpo/gap_mean", zero) + (1 - g) * gap.mean()
+    std = g * state.get("beta_dpo/gap_std", zero) + (1 - g) * gap.std()
+    draws = int(state.get("beta_dpo/draws", 0))
+    log_weight = -0.5 * ((gap - mean) / std.clamp(min=torch.finfo(torch.float64).tiny)) ** 2
+    generator = torch.Generator(device=gap.device).manual_seed(draws)
+    uniform = torch.rand(count, generator=generator, device=gap.device, dtype=torch.float64)
+    kept = torch.topk(log_weight - torch.log(-torch.log(uniform)), keep).indices
+    weight = torch.zeros_like(gap)
+    weight[kept] = count / keep  # the mean over the kept pairs, as a sum over all / count
+    beta = (cfg.beta * (1 + cfg.beta_dpo_alpha * (gap[kept].mean() - mean))).clamp(min=1e-3)
+    stats = {"beta_dpo/beta": beta.to(chosen.dtype), "beta_dpo/weight": weight.to(chosen.dtype)}
+    after = {"beta_dpo/gap_mean": mean, "beta_dpo/gap_std": std, "beta_dpo/draws": torch.tensor(draws + 1)}
+    return stats, after
+
+
+@register("beta_dpo", needs_reference=True, step_stats=_beta_dpo_stats)
+def beta_dpo_loss(logps: PreferenceLogps, cfg: LossConfig, context: BatchContext | None = None) -> LossOutput:
+    """beta-DPO: -log sigmoid(beta_b h), averaged over the step's kept pairs, beta_b =
+    max(beta (1 + a (mean kept h - M)), 1e-3) detached, a = `loss.beta_dpo_alpha`.
+
+    Wu et al. 2024, "beta-DPO: Direct Preference Optimization with Dynamic beta",
+    arXiv:2407.08639, in the form of its code (junkangwu/beta-DPO `preference_loss`): M and S the
+    running mean and std of the margins h = (pi_c - ref_c) - (pi_r - ref_r), a fraction
+    `loss.beta_dpo_filter` of the pairs left out by sampling (`_beta_dpo_stats`). The code updates
+    its statistics per micro-batch; here once per optimizer step over the global batch
+    (checkpointed with the RNG's draw count; a skipped step leaves them). Without a context M, S
+    are the batch's own. Rewards: beta (pi_c - ref_c), beta (pi_r - ref_r).
+    Extras: "beta_dpo/beta" = beta_b, "beta_dpo/kept" = 1 for kept pairs, else 0.
+    """
+    context = context or whole_batch(logps, cfg, _beta_dpo_stats)
+    chosen, rejected = _logratios(logps)
+    beta, weight = context.stats["beta_dpo/beta"], context.stats["beta_dpo/weight"][context.position]
+    losses = -weight * F.logsigmoid(beta * (chosen - rejected))
+    extras = {"beta_dpo/beta": beta.expand_as(losses), "beta_dpo/kept": (weight > 0).to(losses.dtype)}
+    return _output(losses, cfg.beta * chosen, cfg.beta * rejected, extras)
+
+
 class LossState:
-    """The running state of the batch-coupled losses (`step_stats`): 0-d float64 tensors on
-    `device` by name, saved in the checkpoints' trainer_state.json (`state_dict`: exact floats)."""
+    """The running state of the batch-coupled losses (`step_stats`) by name, saved in the
+    checkpoints' trainer_state.json (`state_dict`: exact values): 0-d float64 tensors on `device`,
+    0-d int64 tensors on the host (counters such as RNG draws)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.values: dict[str, Tensor] = {}
 
-    def state_dict(self) -> dict[str, float]:
+    def state_dict(self) -> dict[str, float | int]:
         return {name: value.item() for name, value in self.values.items()}
 
-    def load_state_dict(self, saved: dict[str, float]) -> None:
+    def load_state_dict(self, saved: dict[str, float | int]) -> None:
         self.values = {
-            name: torch.tensor(value, dtype=torch.float64, device=self.device)
+            name: torch.tensor(value)
+            if isinstance(value, int)
+            else torch.tensor(value, dtype=torch.float64, device=self.device)
             for name, value in saved.items()
         }
 

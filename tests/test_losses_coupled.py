@@ -21,7 +21,8 @@ from engine.losses import LOSSES, BatchContext, PreferenceLogps, compute_loss, s
 from tests.conftest import base_tables, main_in_process, train_rows, write_recipe
 from tests.test_losses_family import _trl_dpo_loss
 
-BATCH_COUPLED = ["aot", "aot_unpaired", "bco", "bco_batch"]
+BATCH_COUPLED = ["aot", "aot_unpaired", "bco", "bco_batch", "beta_dpo"]
+SORTED_OR_SHIFTED = ["aot", "aot_unpaired", "bco", "bco_batch"]  # beta-DPO's sampling: its own tests
 
 
 def random_logps(seed: int, count: int = 8, dtype: torch.dtype = torch.float64) -> PreferenceLogps:
@@ -76,7 +77,7 @@ CONFIGS = [LossConfig(beta=0.1), LossConfig(beta=1.5, label_smoothing=0.2)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["default", "flipped"])
-@pytest.mark.parametrize("name", BATCH_COUPLED)
+@pytest.mark.parametrize("name", SORTED_OR_SHIFTED)
 def test_single_batch_matches_the_papers_formula(name: str, cfg: LossConfig) -> None:
     cfg = LossConfig(type=name, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
     ours_in, paper_in = with_grad(random_logps(1)), with_grad(random_logps(1))
@@ -95,7 +96,7 @@ def test_single_batch_matches_the_papers_formula(name: str, cfg: LossConfig) -> 
     )
 
 
-@pytest.mark.parametrize("name", BATCH_COUPLED)
+@pytest.mark.parametrize("name", SORTED_OR_SHIFTED)
 def test_micro_batches_with_the_global_context_equal_the_whole_batch(name: str) -> None:
     """Split 8 pairs, shuffled, into micro-batches of 3, 1 and 4 pairs: each loss's contexts from
     the whole batch give the whole batch's total and gradients."""
@@ -179,14 +180,15 @@ def test_bco_pair_matches_trl_dpo_trainer() -> None:
     torch.testing.assert_close(ours.float(), theirs, rtol=1e-6, atol=1e-6)
 
 
-def test_bco_resumes_exactly_with_its_running_mean(
-    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world
+@pytest.mark.parametrize("name", ["bco", "beta_dpo"])
+def test_stateful_losses_resume_exactly(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world, name: str
 ) -> None:
-    """4 steps straight vs 2 + resume from step-2: the same losses and weights bitwise; the same
-    resume with the saved running mean taken out of trainer_state.json differs."""
+    """4 steps straight vs 2 + resume from step-2: the same losses and final state exactly; the
+    same resume with the saved state taken out of trainer_state.json differs."""
     tables = base_tables(tiny_model_dir, small_data, tmp_path / "straight")
     tables["data"]["eval"] = []
-    tables["loss"] = {"type": "bco", "beta": 0.5}
+    tables["loss"] = {"type": name, "beta": 0.5}
     tables["training"]["micro_batch_size"] = 4
     tables["checkpoint"] = {"interval_steps": 2, "keep_last": 2}
     tables["export"] = {"enabled": False}
@@ -195,7 +197,7 @@ def test_bco_resumes_exactly_with_its_running_mean(
     straight = tmp_path / "straight"
     saved = straight / "checkpoints" / "step-2"
     state = json.loads((saved / "trainer_state.json").read_text())
-    assert state["loss_state"]["bco/steps"] == 2.0
+    assert state["loss_state"][{"bco": "bco/steps", "beta_dpo": "beta_dpo/draws"}[name]] == 2
 
     blank = tmp_path / "blank" / "step-2"
     shutil.copytree(saved, blank)
@@ -208,9 +210,64 @@ def test_bco_resumes_exactly_with_its_running_mean(
         losses_of[name] = [row["loss"] for row in train_rows(tmp_path / name)]
     expected = [row["loss"] for row in train_rows(straight)][2:]
     assert losses_of["resumed"] == expected
-    assert losses_of["blank"][0] != expected[0]  # delta restarted from step 3's mean alone
+    assert losses_of["blank"][0] != expected[0]  # the statistics restarted at step 3
     final = json.loads((tmp_path / "resumed" / "checkpoints" / "step-4" / "trainer_state.json").read_text())
     assert (
         final["loss_state"]
         == json.loads((straight / "checkpoints" / "step-4" / "trainer_state.json").read_text())["loss_state"]
     )
+
+
+def test_beta_dpo_matches_its_codes_formula_on_the_kept_pairs() -> None:
+    """Two steps with the state carried: M, S the momentum-0.9 means (from 0) of the batch mean
+    and std of h, K = int(N (1 - filter)) pairs kept, beta_b from their mean h, and the loss the
+    kept pairs' mean of -log sigmoid(beta_b h) in value and gradient (beta_b detached)."""
+    cfg = LossConfig(type="beta_dpo", beta=0.2, beta_dpo_alpha=0.6, beta_dpo_filter=0.25)
+    state: dict = {}
+    expected_mean = expected_std = 0.0
+    for seed in (20, 21):
+        logps = random_logps(seed, count=8)
+        h = (logps.chosen_logps - logps.ref_chosen_logps) - (logps.rejected_logps - logps.ref_rejected_logps)
+        expected_mean = 0.9 * expected_mean + 0.1 * h.mean().item()
+        expected_std = 0.9 * expected_std + 0.1 * h.std().item()
+        stats, state = step_stats(logps, cfg, state)
+        torch.testing.assert_close(state["beta_dpo/gap_mean"].item(), expected_mean, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(state["beta_dpo/gap_std"].item(), expected_std, rtol=1e-12, atol=1e-14)
+        kept = stats["beta_dpo/weight"] > 0
+        assert int(kept.sum()) == 6
+        beta_b = max(0.2 * (1 + 0.6 * (h[kept].mean().item() - expected_mean)), 1e-3)
+        torch.testing.assert_close(stats["beta_dpo/beta"].item(), beta_b, rtol=1e-12, atol=0)
+        ours, paper_in = with_grad(random_logps(seed, count=8)), with_grad(random_logps(seed, count=8))
+        out = compute_loss(ours, cfg, BatchContext(stats, torch.arange(8)))
+        (out.losses.sum() / 8).backward()  # the trainer's sum / global batch size
+        pc, pr, rc, rr = (
+            paper_in.chosen_logps,
+            paper_in.rejected_logps,
+            paper_in.ref_chosen_logps,
+            paper_in.ref_rejected_logps,
+        )
+        expected = -F.logsigmoid(beta_b * ((pc - rc) - (pr - rr)))[kept].mean()
+        expected.backward()
+        torch.testing.assert_close(out.losses.sum() / 8, expected.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(ours.chosen_logps.grad, paper_in.chosen_logps.grad, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(
+            ours.rejected_logps.grad, paper_in.rejected_logps.grad, rtol=1e-12, atol=1e-15
+        )
+        assert torch.equal(out.extras["beta_dpo/kept"], kept.double())
+    assert state["beta_dpo/draws"].item() == 2 and state["beta_dpo/draws"].device.type == "cpu"
+
+
+def test_beta_dpo_keeps_pairs_with_probability_proportional_to_their_weight() -> None:
+    """Keeping 1 of 4 pairs over 4000 draws: each pair's frequency is its weight
+    exp(-z^2 / 2) / sum (the code's torch.multinomial), z its margin's z-score in the batch."""
+    cfg = LossConfig(type="beta_dpo", beta_dpo_filter=0.75, beta_dpo_momentum=0.0)
+    logps = random_logps(30, count=4)
+    h = (logps.chosen_logps - logps.ref_chosen_logps) - (logps.rejected_logps - logps.ref_rejected_logps)
+    weight = torch.exp(-0.5 * ((h - h.mean()) / h.std()) ** 2)
+    counts = torch.zeros(4)
+    for draws in range(4000):
+        stats, _ = step_stats(logps, cfg, {"beta_dpo/draws": torch.tensor(draws)})
+        counts += (stats["beta_dpo/weight"] > 0).float()
+    probability = weight / weight.sum()
+    assert probability.min() > 0.02  # a meaningful spread
+    torch.testing.assert_close(counts.double() / 4000, probability, rtol=0, atol=0.03)
