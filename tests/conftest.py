@@ -222,6 +222,14 @@ def run_sweep(recipe: Path, out: Path, runs: dict[str, list[str]], nproc: int, t
     return json.loads((out / "results.json").read_text())
 
 
+def sweep_stdout(out: Path) -> dict[str, str]:
+    """What rank 0 printed during each run of the `run_sweep` launch into `out`, by run name."""
+    from tests.scripts.sweep import RUN_LINE
+
+    parts = ("\n" + (out / "stdout.txt").read_text()).split(f"\n{RUN_LINE}")[1:]
+    return dict(part.split("\n", 1) for part in parts)
+
+
 def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -13,7 +13,15 @@ from engine.data import collate
 from engine.forward import policy_logps
 from engine.recipe import load_config
 from engine.trainer import Trainer
-from tests.conftest import LN2, base_tables, main_in_process, run_training, train_rows, write_recipe
+from tests.conftest import (
+    LN2,
+    base_tables,
+    main_in_process,
+    run_sweep,
+    sweep_stdout,
+    train_rows,
+    write_recipe,
+)
 
 
 def _trainer(tmp_path: Path, name: str, model_dir: Path, data: dict, cache: Path, overrides=(), world=None):
@@ -116,18 +124,26 @@ def test_cache_built_on_two_ranks_serves_one_rank_and_back(
     tables["export"] = {"enabled": False}
     recipe = write_recipe(tmp_path / "r.toml", tables)
 
-    def run(name: str, nproc: int, cache: str) -> tuple[list[float], str]:
-        """A run on 2 ranks (torchrun) or on 1: the one rank of this process."""
-        out = tmp_path / name
-        overrides = [f"job.output_dir={out}", f"reference.cache_dir={tmp_path / cache}"]
-        proc = run_training(recipe, overrides, nproc=2) if nproc == 2 else main_in_process(recipe, overrides)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return [r["loss"] for r in train_rows(out)], proc.stdout
+    def overrides(cache: str) -> list[str]:
+        return [f"reference.cache_dir={tmp_path / cache}"]
 
-    built2, log_a = run("a", 2, "x")
-    reused1, log_b = run("b", 1, "x")
-    built1, log_c = run("c", 1, "y")
-    reused2, log_d = run("d", 2, "y")
+    def losses(out: Path) -> list[float]:
+        return [r["loss"] for r in train_rows(out)]
+
+    def one_rank(name: str, cache: str) -> tuple[list[float], str]:
+        """A run on 1 rank: the one rank of this process."""
+        proc = main_in_process(recipe, [f"job.output_dir={tmp_path / name}", *overrides(cache)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return losses(tmp_path / name), proc.stdout
+
+    # y built on one rank first, so that one two-rank launch builds x and reads y
+    built1, log_c = one_rank("c", "y")
+    two = tmp_path / "two"
+    run_sweep(recipe, two, {"a": overrides("x"), "d": overrides("y")}, nproc=2)
+    built2, reused2 = losses(two / "a"), losses(two / "d")
+    logs = sweep_stdout(two)
+    log_a, log_d = logs["a"], logs["d"]
+    reused1, log_b = one_rank("b", "x")
     assert "cached in" in log_a and "loaded" in log_b and "cached in" in log_c and "loaded" in log_d
     assert "pairs in" not in log_b and "pairs in" not in log_d  # no reference forward at all
     for x, y in ((reused1, built1), (reused2, built2), (built1, built2)):

@@ -4,6 +4,8 @@
 
 RUNS.json maps a run name to a list of `table.key=value` overrides. Sharing one launch across
 variants saves the ~5 s start-up of each torchrun (tests compare batch splits, losses, sharding).
+Rank 0 prints RUN_LINE + the run's name before each run, so that a test can tell the runs' output
+apart (tests/conftest.py:sweep_stdout).
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from engine.export import full_hf_state_dict
 from engine.recipe import load_config
 from engine.trainer import Trainer
 
+RUN_LINE = "sweep run: "
+
 
 def main(recipe: str, out_dir: str, runs_file: str, common: list[str]) -> None:
     world = init_distributed()
     results = {}
     for name, overrides in json.loads(Path(runs_file).read_text()).items():
         run_dir = Path(out_dir) / name
+        if world.is_main:
+            print(f"{RUN_LINE}{name}", flush=True)
         cfg = load_config(recipe, [*common, *overrides, f"job.output_dir={run_dir}"])
         trainer = Trainer(cfg, world)
         start = time.perf_counter()
