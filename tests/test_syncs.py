@@ -99,10 +99,11 @@ def test_a_training_step_waits_for_the_device_once(trainer, mode: str, ld_alpha:
     assert {id(t) for t in counter.optimizer_steps} <= counters
 
 
-@pytest.mark.parametrize("loss", ["aot_unpaired", "bco"])
+@pytest.mark.parametrize("loss", ["aot_unpaired", "bco", "beta_dpo"])
 def test_batch_coupled_losses_add_a_forward_and_no_device_read(trainer, loss: str, monkeypatch) -> None:
     """The pre-pass (`TrainStep.batch_contexts`): one more forward per micro-batch (transformers'
-    own reads double), the pairs' validity checked on the host, nothing read from the device."""
+    own reads double), the pairs' validity checked on the host, nothing read from the device
+    (beta-DPO's RNG draw count is a host tensor)."""
     cfg = replace(trainer.cfg, loss=replace(trainer.cfg.loss, type=loss))
     step = TrainStep(
         trainer.model, trainer.optimizer, trainer.scheduler, cfg, trainer.world.device,
