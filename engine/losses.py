@@ -5,6 +5,12 @@ Each loss takes a `PreferenceLogps` (policy and, where needed, reference log-pro
 about models, batches of tokens or ranks, so every loss is checked in tests/test_losses.py
 against a float64 transcription of its paper's formula.
 
+Batch-coupled losses (AOT, BCO's running shift, beta-DPO: registered with `step_stats`) are
+defined over the optimizer step's global batch: the trainer computes their statistics once per
+step from every rank's pairs (`step_stats`, a `BatchContext` per micro-batch) and they stay pure
+functions of (per-pair tensors, config, context); running state lives in `LossState`. They are
+checked in tests/test_losses_coupled.py.
+
 Notation in the docstrings: pi_c, pi_r are the policy's summed log-probs of the chosen and
 rejected completions, ref_c, ref_r the reference model's, n_c, n_r their completion token counts,
 beta = `loss.beta`, ls = `loss.label_smoothing`, and h = (pi_c - ref_c) - (pi_r - ref_r) the
