@@ -207,9 +207,12 @@ def one_thread_matmul_peak() -> str:
         torch.set_num_threads(threads)
 
 
-def run_sweep(recipe: Path, out: Path, runs: dict[str, list[str]], nproc: int, timeout: int = 400) -> dict:
-    """Train every variant in `runs` within one torchrun launch (tests/scripts/sweep.py), each in
-    `out`/its name; the launch's stdout is kept in `out`/stdout.txt."""
+def run_sweep(
+    recipe: Path, out: Path, runs: dict[str, list[str] | dict], nproc: int, timeout: int = 400
+) -> dict:
+    """Train every variant in `runs` (overrides, or overrides and env: tests/scripts/sweep.py)
+    within one torchrun launch, each in `out`/its name; the launch's stdout is kept in
+    `out`/stdout.txt."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "runs.json").write_text(json.dumps(runs))
     cmd = [

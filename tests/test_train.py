@@ -17,7 +17,8 @@ from tests.conftest import (
     load_final_weights,
     main_in_process,
     read_metrics,
-    run_training,
+    run_sweep,
+    sweep_stdout,
     train_rows,
     write_recipe,
 )
@@ -25,39 +26,35 @@ from tests.conftest import (
 pytestmark = pytest.mark.slow
 
 
-def _launch(
-    tmp: Path, name: str, nproc: int, overrides: list[str], model_dir: Path, data: dict, env=None
-) -> Path:
-    """A run under torchrun with `nproc` ranks, or (nproc=1, no env) the one rank of this process."""
-    out = tmp / name
-    recipe = write_recipe(tmp / f"{name}.toml", base_tables(model_dir, data, out))
-    if nproc == 1 and env is None:
-        proc = main_in_process(recipe, overrides)
-    else:
-        proc = run_training(recipe, overrides, nproc=nproc, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    (out / "stdout.txt").write_text(proc.stdout)
-    return out
+NAN = {"FSDPO_FAULT_NAN_STEP": "2", "FSDPO_FAULT_NAN_RANK": "1"}
 
 
 @pytest.fixture(scope="module")
-def runs(
+def launched(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small_data: dict, world
 ) -> dict[str, Path]:
+    """The output folders of the runs: "one" in this process, "two" and "nan" in one launch."""
     tmp = tmp_path_factory.mktemp("runs")
-    return {
-        # 1 rank x micro 8 x accumulation 1: the reference split
-        "one": _launch(tmp, "one", 1, [], tiny_model_dir, small_data),
+    recipe = write_recipe(tmp / "r.toml", base_tables(tiny_model_dir, small_data, tmp / "one"))
+    # 1 rank x micro 8 x accumulation 1: the reference split
+    proc = main_in_process(recipe)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    sweep = tmp / "sweep"
+    two = ["training.micro_batch_size=2"]
+    runs = {
         # 2 ranks x micro 2 x accumulation 2, separate forward
-        "two": _launch(
-            tmp,
-            "two",
-            2,
-            ["training.micro_batch_size=2", "training.forward_mode=separate"],
-            tiny_model_dir,
-            small_data,
-        ),
+        "two": [*two, "training.forward_mode=separate"],
+        # step 2's loss poisoned on rank 1 (test_nan_step_is_skipped_on_every_rank)
+        "nan": {"overrides": [*two, "training.max_steps=4", "export.enabled=false"], "env": NAN},
     }
+    run_sweep(recipe, sweep, runs, nproc=2)
+    return {"one": tmp / "one", "two": sweep / "two", "nan": sweep / "nan"}
+
+
+@pytest.fixture(scope="module")
+def runs(launched: dict[str, Path]) -> dict[str, Path]:
+    """The two batch splits of one recipe."""
+    return {name: launched[name] for name in ("one", "two")}
 
 
 def test_step0_loss_is_ln2(runs: dict[str, Path]) -> None:
@@ -122,24 +119,14 @@ def test_resolved_recipe_and_export(runs: dict[str, Path], tiny_model_dir: Path)
     assert not torch.allclose(model(ids).logits, initial(ids).logits), "final/ must hold trained weights"
 
 
-def test_nan_step_is_skipped_on_every_rank(
-    tmp_path: Path, tiny_model_dir: Path, small_data: dict, runs: dict[str, Path]
-) -> None:
-    out = _launch(
-        tmp_path,
-        "nan",
-        2,
-        ["training.micro_batch_size=2", "training.max_steps=4", "export.enabled=false"],
-        tiny_model_dir,
-        small_data,
-        env={"FSDPO_FAULT_NAN_STEP": "2", "FSDPO_FAULT_NAN_RANK": "1"},
-    )
+def test_nan_step_is_skipped_on_every_rank(launched: dict[str, Path]) -> None:
+    out = launched["nan"]
     rows = train_rows(out)
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
     assert math.isnan(rows[1]["grad_norm"]) and math.isnan(rows[1]["loss"])
-    reference = train_rows(runs["one"])
+    reference = train_rows(launched["one"])
     # step 1 is untouched; the skipped step left the weights as they were, so step 3 sees the
     # step-2 weights of the clean run (same data order, one update fewer)
     assert math.isclose(rows[0]["loss"], reference[0]["loss"], rel_tol=1e-5)
     assert math.isfinite(rows[3]["loss"])
-    assert "update skipped" in (out / "stdout.txt").read_text()
+    assert "update skipped" in sweep_stdout(out.parent)["nan"]

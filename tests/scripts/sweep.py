@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node N tests/scripts/sweep.py RECIPE OUT_DIR RUNS.json [table.key=value ...]
 
-RUNS.json maps a run name to a list of `table.key=value` overrides. Sharing one launch across
+RUNS.json maps a run name to a list of `table.key=value` overrides, or to {"overrides": [...],
+"env": {NAME: VALUE}} for a run with environment variables of its own (testing hooks). Sharing one launch across
 variants saves the ~5 s start-up of each torchrun (tests compare batch splits, losses, sharding).
 Rank 0 prints RUN_LINE + the run's name before each run, so that a test can tell the runs' output
 apart (tests/conftest.py:sweep_stdout).
@@ -11,9 +12,11 @@ apart (tests/conftest.py:sweep_stdout).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -28,15 +31,17 @@ RUN_LINE = "sweep run: "
 def main(recipe: str, out_dir: str, runs_file: str, common: list[str]) -> None:
     world = init_distributed()
     results = {}
-    for name, overrides in json.loads(Path(runs_file).read_text()).items():
+    for name, run in json.loads(Path(runs_file).read_text()).items():
+        overrides, env = (run, {}) if isinstance(run, list) else (run["overrides"], run["env"])
         run_dir = Path(out_dir) / name
         if world.is_main:
             print(f"{RUN_LINE}{name}", flush=True)
         cfg = load_config(recipe, [*common, *overrides, f"job.output_dir={run_dir}"])
-        trainer = Trainer(cfg, world)
-        start = time.perf_counter()
-        trainer.train()
-        elapsed = time.perf_counter() - start
+        with mock.patch.dict(os.environ, env):
+            trainer = Trainer(cfg, world)
+            start = time.perf_counter()
+            trainer.train()
+            elapsed = time.perf_counter() - start
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         weights = full_hf_state_dict(trainer.model)
         if world.is_main:
