@@ -50,13 +50,6 @@ def _kill(at: int, rank: int, marker: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def straight(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("straight") / "run"
-    _run(recipe, out, 2)
-    return out
-
-
-@pytest.fixture(scope="module")
 def crashed(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, Path]]:
     """The interrupted runs the resume tests start from, (exit code, output folder) by name: rank 1
     of 2 killed after step 3 ("2"), the one rank of 1 killed after step 3 ("1"), and a crash of 2
@@ -73,9 +66,10 @@ def crashed(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     return runs
 
 
-# resumed on 2 ranks in one launch: the name of the run, the crashed run it copies (None: a fresh
-# run), its overrides
+# on 2 ranks in one launch: the name of the run, the crashed run it resumes (None: a fresh run),
+# its overrides
 ON_TWO = {
+    "straight": (None, []),
     "stop": ("2", []),
     "from_1": ("1", []),
     "in_save": ("in_save", []),
@@ -93,6 +87,12 @@ def on_two(recipe: Path, crashed: dict, tmp_path_factory: pytest.TempPathFactory
             shutil.copytree(crashed[source][1], out / name)
     run_sweep(recipe, out, {name: overrides for name, (_, overrides) in ON_TWO.items()}, nproc=2)
     return out
+
+
+@pytest.fixture(scope="module")
+def straight(on_two: Path) -> Path:
+    """The uninterrupted run on 2 ranks."""
+    return on_two / "straight"
 
 
 def _resumed(on_two: Path, name: str) -> tuple[Path, str]:
