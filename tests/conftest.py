@@ -207,12 +207,12 @@ def one_thread_matmul_peak() -> str:
         torch.set_num_threads(threads)
 
 
-def run_sweep(
+def launch_sweep(
     recipe: Path, out: Path, runs: dict[str, list[str] | dict], nproc: int, timeout: int = 400
-) -> dict:
+) -> subprocess.CompletedProcess:
     """Train every variant in `runs` (overrides, or overrides and env: tests/scripts/sweep.py)
-    within one torchrun launch, each in `out`/its name; the launch's stdout is kept in
-    `out`/stdout.txt."""
+    within one torchrun launch, each in `out`/its name, their results in `out`/results.json as
+    each ends; the launch's stdout is kept in `out`/stdout.txt."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "runs.json").write_text(json.dumps(runs))
     cmd = [
@@ -220,8 +220,16 @@ def run_sweep(
         str(REPO / "tests" / "scripts" / "sweep.py"), str(recipe), str(out), str(out / "runs.json"),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=training_env())
-    assert proc.returncode == 0, proc.stderr[-5000:]
     (out / "stdout.txt").write_text(proc.stdout)
+    return proc
+
+
+def run_sweep(
+    recipe: Path, out: Path, runs: dict[str, list[str] | dict], nproc: int, timeout: int = 400
+) -> dict:
+    """`launch_sweep`, which must succeed: the results of the runs by name."""
+    proc = launch_sweep(recipe, out, runs, nproc, timeout)
+    assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads((out / "results.json").read_text())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -12,7 +13,15 @@ import torch
 from engine.config import ParallelConfig
 from engine.errors import UserError
 from engine.parallel import defers_gradient_sync, reshard_after_forward
-from tests.conftest import base_tables, load_final_weights, run_sweep, run_training, train_rows, write_recipe
+from tests.conftest import (
+    base_tables,
+    launch_sweep,
+    load_final_weights,
+    run_sweep,
+    run_training,
+    train_rows,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -48,16 +57,32 @@ def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("sweep")
 
 
+def _kill(marker: Path) -> dict[str, str]:
+    """Rank 1 is killed after step 3 (the checkpoint of step 2 is the last one)."""
+    return {"FSDPO_FAULT_KILL": f"3:1:{marker}"}
+
+
 @pytest.fixture(scope="module")
-def sweep(recipe: Path, sweep_dir: Path) -> dict:
-    two = run_sweep(recipe, sweep_dir / "two", {**STRATEGIES, "straight": STRAIGHT}, nproc=2)
+def two_ranks(recipe: Path, sweep_dir: Path) -> tuple[int, dict]:
+    """The two-rank launch: its exit code and the results of its uninterrupted runs by name. It
+    ends with the killed run of `full`, the first strategy of RESUMES (the kill ends the launch)."""
+    killed = {"overrides": [*SAVED, "parallel.sharding=full"], "env": _kill(sweep_dir / "k")}
+    runs = {**STRATEGIES, "straight": STRAIGHT, "killed-full": killed}
+    launch = launch_sweep(recipe, sweep_dir / "two", runs, nproc=2)
+    assert (sweep_dir / "k").exists(), launch.stderr[-5000:]
+    return launch.returncode, json.loads((sweep_dir / "two" / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sweep(recipe: Path, sweep_dir: Path, two_ranks: tuple[int, dict]) -> dict:
+    """The results of the uninterrupted runs by name, on 2 ranks and on 4."""
     four = run_sweep(
         recipe,
         sweep_dir / "four",
         {"hybrid_2x2": ["parallel.sharding=hybrid", "parallel.replicate_degree=2"]},
         nproc=4,
     )
-    return two | four
+    return two_ranks[1] | four
 
 
 @pytest.mark.parametrize("name", [*STRATEGIES, "hybrid_2x2"])
@@ -101,17 +126,16 @@ def straight(sweep: dict, sweep_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def killed(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, Path]]:
+def killed(
+    recipe: Path, two_ranks: tuple[int, dict], sweep_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[int, Path]]:
     """Under each first strategy of RESUMES, a run whose rank 1 was killed after step 3: (exit code,
-    output folder)."""
-    runs = {}
-    for first in sorted({first for first, _ in RESUMES}):
-        tmp = tmp_path_factory.mktemp(f"killed-{first}")
-        out = tmp / "run"
-        overrides = [f"job.output_dir={out}", *SAVED, f"parallel.sharding={first}"]
-        proc = run_training(recipe, overrides, nproc=2, env={"FSDPO_FAULT_KILL": f"3:1:{tmp / 'k'}"})
-        runs[first] = (proc.returncode, out)
-    return runs
+    output folder). `full`'s ended the sweep's two-rank launch; `none`'s is a launch of its own."""
+    tmp = tmp_path_factory.mktemp("killed-none")
+    out = tmp / "run"
+    overrides = [f"job.output_dir={out}", *SAVED, "parallel.sharding=none"]
+    proc = run_training(recipe, overrides, nproc=2, env=_kill(tmp / "k"))
+    return {"full": (two_ranks[0], sweep_dir / "two" / "killed-full"), "none": (proc.returncode, out)}
 
 
 @pytest.fixture(scope="module")

@@ -53,8 +53,8 @@ def main(recipe: str, out_dir: str, runs_file: str, common: list[str]) -> None:
             "state_bytes": trainer.state_bytes,
             "seconds_per_step": elapsed / trainer.total_steps,
         }
-    if world.is_main:
-        (Path(out_dir) / "results.json").write_text(json.dumps(results))
+        if world.is_main:  # after each run: a run killed on purpose leaves those before it
+            (Path(out_dir) / "results.json").write_text(json.dumps(results))
     shutdown()
     exit_process(0)
 
