@@ -3,8 +3,9 @@
     torchrun --nproc_per_node N tests/scripts/sweep.py RECIPE OUT_DIR RUNS.json [table.key=value ...]
 
 RUNS.json maps a run name to a list of `table.key=value` overrides, or to {"overrides": [...],
-"env": {NAME: VALUE}} for a run with environment variables of its own (testing hooks). Sharing one launch across
-variants saves the ~5 s start-up of each torchrun (tests compare batch splits, losses, sharding).
+"env": {NAME: VALUE}} for a run with environment variables of its own (testing hooks). Sharing
+one launch across variants saves the ~5 s start-up of each torchrun (tests compare batch splits,
+losses, sharding).
 Rank 0 prints RUN_LINE + the run's name before each run, so that a test can tell the runs' output
 apart (tests/conftest.py:sweep_stdout).
 """
