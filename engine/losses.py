@@ -817,13 +817,19 @@ def loss_names(cfg: LossConfig) -> list[str]:
 _SETTINGS_OF_EVERY_LOSS = {"type", "weights", "beta", "f_divergence", "f_alpha", "ld_alpha", "ld_sides"}
 
 
+def _known_names(cfg: LossConfig) -> list[str] | None:
+    """`cfg.type`'s names, or None when one is not registered (engine.recipe reports it)."""
+    names = loss_names(cfg)
+    return names if all(name in LOSSES for name in names) else None
+
+
 def check_settings(cfg: LossConfig, problems: Problems) -> None:
     """Records in `problems` the `[loss]` settings the losses of `cfg.type` cannot take: a
     `loss.f_divergence` other than reverse_kl needs every loss registered `f_divergence_ok`, as
     TRL's DPOTrainer requires (f-DPO's log Z(x) term cancels only in the
     chosen-minus-rejected difference). Unknown names are left to engine.recipe's check."""
-    names = [name for name in loss_names(cfg) if name in LOSSES]
-    if len(names) < len(loss_names(cfg)):
+    names = _known_names(cfg)
+    if names is None:
         return
     if cfg.f_divergence != "reverse_kl":
         others = [name for name in names if not LOSSES[name].f_divergence_ok]
@@ -842,9 +848,9 @@ def check_read_settings(cfg: LossConfig, problems: Problems) -> None:
     `cfg.type` reads (its function's `cfg.<field>`, `LossSpec.reads`; LD-DPO's an `ld_weighted`
     loss, `f_alpha` the alpha divergence): a recipe's setting is never silently ignored. The
     recipe's check (engine.recipe), not the loss API, which takes one config for many losses."""
-    names = [name for name in loss_names(cfg) if name in LOSSES]
-    if len(names) < len(loss_names(cfg)):
-        return  # unknown names: engine.recipe's message
+    names = _known_names(cfg)
+    if names is None:
+        return
     defaults = LossConfig()
     own = {f.name for f in dataclasses.fields(LossConfig)} - _SETTINGS_OF_EVERY_LOSS
     readers = {key: [n for n, spec in LOSSES.items() if key in spec.reads] for key in sorted(own)}

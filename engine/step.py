@@ -194,7 +194,9 @@ class TrainStep:
         if prepared and not all(bool(batch.valid.all()) for batch in batches):  # host tensors
             raise ValueError("batch-coupled losses need whole global batches (no padding pairs)")
         contexts, state = self.batch_contexts(prepared) if prepared else (None, self.loss_state.values)
-        upcoming = prepared[0] if prepared else self.prepare(batches[0]) if batches else None
+        upcoming = None
+        if batches:
+            upcoming = prepared[0] if prepared else self.prepare(batches[0])
         for index in range(len(batches)):
             micro = upcoming
             if self.defer_gradient_sync:  # reduce gradients across ranks once, on the last one
