@@ -25,6 +25,7 @@ import torch
 
 from engine.metrics import MATMUL_PEAK_ENV, measure_matmul_flops
 from engine.recipe import toml_value
+from tests.forked import fork_launch
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "recipes" / "assets"
@@ -144,8 +145,14 @@ def run_training(
     timeout: int = 240,
     env: dict | None = None,
     torchrun_args: list[str] = (),
+    forked: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Launch a real training run: torchrun with `nproc` ranks, or plain python for nproc=0."""
+    """Launch a real training run: torchrun with `nproc` ranks, or plain python for nproc=0;
+    `forked`: `nproc` ranks forked from a warm process instead (tests/forked.py), for a test
+    about the run rather than about torchrun."""
+    if forked:
+        args = [str(recipe), *overrides]
+        return fork_launch("train", args, nproc, training_env(env), timeout, REPO)
     cmd = training_command(recipe, overrides, nproc, torchrun_args)
     return subprocess.run(
         cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=training_env(env)
@@ -211,15 +218,12 @@ def launch_sweep(
     recipe: Path, out: Path, runs: dict[str, list[str] | dict], nproc: int, timeout: int = 400
 ) -> subprocess.CompletedProcess:
     """Train every variant in `runs` (overrides, or overrides and env: tests/scripts/sweep.py)
-    within one torchrun launch, each in `out`/its name, their results in `out`/results.json as
-    each ends; the launch's stdout is kept in `out`/stdout.txt."""
+    within one launch of `nproc` forked ranks (tests/forked.py), each in `out`/its name, their
+    results in `out`/results.json as each ends; the launch's stdout is kept in `out`/stdout.txt."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "runs.json").write_text(json.dumps(runs))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        str(REPO / "tests" / "scripts" / "sweep.py"), str(recipe), str(out), str(out / "runs.json"),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=training_env())
+    args = [str(recipe), str(out), str(out / "runs.json")]
+    proc = fork_launch("sweep", args, nproc, training_env(), timeout, REPO)
     (out / "stdout.txt").write_text(proc.stdout)
     return proc
 

@@ -61,7 +61,7 @@ def crashed(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         ("in_save", 2, lambda tmp: {"FSDPO_FAULT_KILL_IN_SAVE": "4"}),
     ):
         tmp = tmp_path_factory.mktemp(f"crashed-{name}")
-        proc = _run(recipe, tmp / "run", nproc, expect_ok=False, env=env(tmp))
+        proc = _run(recipe, tmp / "run", nproc, expect_ok=False, env=env(tmp), forked=True)
         runs[name] = (proc.returncode, tmp / "run")
     return runs
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ import engine.data.tokenize
 from engine.config import DataConfig, DataSource
 from engine.data import build_dataset, split_eval
 from engine.errors import UserError
+from tests.forked import forkserver
 from tests.test_data_formats import CHATML, msg, word_tokenizer
 
 ROWS = [
@@ -335,7 +335,7 @@ def test_rank0_tokenises_while_others_wait_and_errors_reach_every_rank(tmp_path:
         (str(tmp_path / "missing.jsonl"), shared),  # only rank 0 looks at the file
         (bad, shared),  # every rank finds the bad row in the cache
     ]
-    context = multiprocessing.get_context("spawn")
+    context = forkserver()  # real processes, without each importing torch (tests/forked.py)
     args = (str(tmp_path / "store"), scenarios, str(tmp_path))
     procs = [context.Process(target=_rank_main, args=(rank, 2, *args)) for rank in range(2)]
     for p in procs:

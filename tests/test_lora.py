@@ -113,7 +113,8 @@ def test_two_ranks_equal_one_rank_and_resume(
     sweep = tmp_path / "sweep"
     two, resumed = sweep / "two", sweep / "resumed"
     recipe = _recipe(tmp_path, tiny_model_dir, small_data, resumed)
-    killed = run_training(recipe, overrides, nproc=2, env={"FSDPO_FAULT_KILL": f"3:0:{tmp_path / 'k'}"})
+    kill = {"FSDPO_FAULT_KILL": f"3:0:{tmp_path / 'k'}"}
+    killed = run_training(recipe, overrides, nproc=2, env=kill, forked=True)
     assert killed.returncode != 0, killed.stderr[-3000:]
     run_sweep(recipe, sweep, {"two": overrides, "resumed": overrides}, nproc=2)
     for a, b in zip(train_rows(one), train_rows(two)):

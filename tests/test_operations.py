@@ -156,7 +156,7 @@ def test_two_nodes_on_loopback_equal_one_node_with_two_processes(
     tables["training"]["micro_batch_size"] = 2
     recipe = write_recipe(tmp_path / "r.toml", tables)
     single = tmp_path / "single"
-    proc = run_training(recipe, [f"job.output_dir={single}"], nproc=2)
+    proc = run_training(recipe, [f"job.output_dir={single}"], nproc=2, forked=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     multi = tmp_path / "multi"

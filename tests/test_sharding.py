@@ -134,7 +134,7 @@ def killed(
     tmp = tmp_path_factory.mktemp("killed-none")
     out = tmp / "run"
     overrides = [f"job.output_dir={out}", *SAVED, "parallel.sharding=none"]
-    proc = run_training(recipe, overrides, nproc=2, env=_kill(tmp / "k"))
+    proc = run_training(recipe, overrides, nproc=2, env=_kill(tmp / "k"), forked=True)
     return {"full": (two_ranks[0], sweep_dir / "two" / "killed-full"), "none": (proc.returncode, out)}
 
 

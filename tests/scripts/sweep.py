@@ -2,9 +2,11 @@
 
     torchrun --nproc_per_node N tests/scripts/sweep.py RECIPE OUT_DIR RUNS.json [table.key=value ...]
 
+(the tests fork its ranks from a warm process instead: conftest.launch_sweep, tests/forked.py)
+
 RUNS.json maps a run name to a list of `table.key=value` overrides, or to {"overrides": [...],
 "env": {NAME: VALUE}} for a run with environment variables of its own (testing hooks). Sharing
-one launch across variants saves the ~5 s start-up of each torchrun (tests compare batch splits,
+one launch across variants saves the start-up of each launch (tests compare batch splits,
 losses, sharding).
 Rank 0 prints RUN_LINE + the run's name before each run, so that a test can tell the runs' output
 apart (tests/conftest.py:sweep_stdout).
