@@ -295,13 +295,15 @@ def assert_same_curve(
     ours: tuple[list[float], dict[str, torch.Tensor]],
     theirs: tuple[list[float], dict[str, torch.Tensor]],
 ) -> None:
+    """The per-step losses agree to 1e-4 (relative for a curve below 1, e.g. WPO's ~0.03), and the
+    final weights to 1e-4; the curve moved."""
     (our_losses, our_weights), (their_losses, their_weights) = ours, theirs
     assert len(our_losses) == len(their_losses) == STEPS, (name, our_losses, their_losses)
     torch.testing.assert_close(
         torch.tensor(our_losses, dtype=torch.float64),
         torch.tensor(their_losses, dtype=torch.float64),
         rtol=0,
-        atol=1e-4,
+        atol=1e-4 * min(1.0, max(abs(loss) for loss in their_losses)),
         msg=lambda m: f"{name}: fsdpo {our_losses} vs TRL {their_losses}\n{m}",
     )
     assert our_losses[0] != our_losses[-1], f"{name}: the curve did not move ({our_losses})"
@@ -338,9 +340,9 @@ DPO_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"loss_types": ["discopop"], "discopop_tau": 0.2},
     ),
     "sft": ({"type": "sft"}, {"loss_types": ["sft"]}),
-    "sigmoid+sft": (
-        {"type": ["dpo", "sft"], "weights": [1.0, 0.5]},
-        {"loss_types": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+    "mpo": (  # a weighted mix: MPO's (Wang et al. 2024) as TRL documents it; RPO is ["dpo", "sft"]
+        {"type": ["dpo", "bco_pair", "sft"], "weights": [0.8, 0.2, 1.0]},
+        {"loss_types": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
     ),
     "forward_kl": (
         {"type": "dpo", "f_divergence": "forward_kl"},
