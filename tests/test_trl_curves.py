@@ -377,7 +377,7 @@ _DPO_DEFAULTS = {
 @pytest.mark.parametrize("name", list(DPO_CASES))
 def test_dpo_trainer_curves(
     name: str, world, curve_model: Path, data: dict, trl_dpo: TrlRuns, tmp_path: Path
-):
+) -> None:
     ours, theirs = DPO_CASES[name]
     settings = _DPO_DEFAULTS | theirs
     settings["loss_weights"] = settings["loss_weights"] or [1.0] * len(settings["loss_types"])
@@ -414,7 +414,7 @@ _CPO_DEFAULTS = {"label_smoothing": 0.0, "cpo_alpha": 0.0, "alpha": 0.0, "simpo_
 @pytest.mark.parametrize("name", list(CPO_CASES))
 def test_cpo_trainer_curves(
     name: str, world, curve_model: Path, data: dict, trl_cpo: TrlRuns, tmp_path: Path
-):
+) -> None:
     ours, theirs = CPO_CASES[name]
     their_curve = trl_cpo.curve(**(_CPO_DEFAULTS | theirs))
     our_curve = fsdpo_curve(
@@ -423,7 +423,7 @@ def test_cpo_trainer_curves(
     assert_same_curve(name, our_curve, their_curve)
 
 
-def test_orpo_trainer_curve(world, curve_model: Path, data: dict, trl_orpo: TrlRuns, tmp_path: Path):
+def test_orpo_trainer_curve(world, curve_model: Path, data: dict, trl_orpo: TrlRuns, tmp_path: Path) -> None:
     """ORPOTrainer's `beta` is the paper's lambda (`loss.orpo_lambda`)."""
     their_curve = trl_orpo.curve()
     ours = {"type": "orpo", "orpo_lambda": BETA}
