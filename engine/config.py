@@ -259,7 +259,8 @@ class SchedulerConfig:
     type: Literal["constant", "linear", "cosine"] = "linear"
     """Learning-rate shape after warmup: constant, linear decay or cosine decay."""
     warmup_steps: int = 0
-    """Steps of linear warmup from 0 to `optimizer.lr`."""
+    """Steps of linear warmup to `optimizer.lr`: step s (from 0) trains at (s + 1) / (warmup + 1) of
+    it, so no step trains at lr 0 (Hugging Face / TRL: s / warmup, their first step at 0)."""
     warmup_ratio: float = 0.0
     """Warmup as a share of the total steps (use this or `warmup_steps`, not both)."""
     min_lr_ratio: float = 0.0
