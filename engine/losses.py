@@ -5,7 +5,7 @@ Each loss takes a `PreferenceLogps` (policy and, where needed, reference log-pro
 about models, batches of tokens or ranks, so every loss is checked in tests/test_losses.py
 against a float64 transcription of its paper's formula.
 
-Batch-coupled losses (AOT, BCO's running shift, beta-DPO: registered with `step_stats`) are
+Batch-coupled losses (AOT, BCO's running shift, beta-DPO, KTO: registered with `step_stats`) are
 defined over the optimizer step's global batch: the trainer computes their statistics once per
 step from every rank's pairs (`step_stats`, a `BatchContext` per micro-batch) and they stay pure
 functions of (per-pair tensors, config, context); running state lives in `LossState`. They are
@@ -70,6 +70,10 @@ class PreferenceLogps:
     rejected_shared_logps: Tensor | None = None
     ref_chosen_shared_logps: Tensor | None = None  # the reference's (ld_sides = "both")
     ref_rejected_shared_logps: Tensor | None = None
+    # Unpaired losses (kto): each "pair" is an example, chosen its completion, rejected its KL
+    # completion (another example's, `engine.data.dataset.unpaired_examples`); 1.0 for
+    # desirable examples, 0.0 for undesirable ones. None for preference pairs.
+    desirable: Tensor | None = None
 
 
 @dataclass
@@ -113,6 +117,8 @@ class LossSpec:
     # Batch-coupled: defined over the optimizer step's global batch through a `BatchContext`
     # built from these statistics (implies pair_separable=False).
     step_stats: StepStats | None = None
+    # Takes unpaired examples (`PreferenceLogps.desirable`), not preference pairs.
+    unpaired: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -138,9 +144,10 @@ def register(
     ld_weighted: bool = True,
     f_divergence_ok: bool = False,
     step_stats: StepStats | None = None,
+    unpaired: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator that adds a loss function to `LOSSES` under `name`; with `step_stats` it is
-    batch-coupled (see `BatchContext`)."""
+    batch-coupled (see `BatchContext`), with `unpaired` it takes unpaired examples."""
 
     def add(fn: LossFn) -> LossFn:
         if name in LOSSES:
@@ -155,6 +162,7 @@ def register(
             f_divergence_ok,
             reads,
             step_stats,
+            unpaired,
         )
         return fn
 
@@ -679,6 +687,43 @@ def beta_dpo_loss(logps: PreferenceLogps, cfg: LossConfig, context: BatchContext
     return _output(losses, cfg.beta * chosen, cfg.beta * rejected, extras)
 
 
+def _kto_stats(logps: PreferenceLogps, cfg: LossConfig, state: dict | None) -> tuple[dict, dict]:
+    """KTO's z0: max(0, mean of the KL sequences' log-ratios pi_KL - ref_KL) of the batch."""
+    _, kl = _logratios(logps)
+    return {"kto/z0": kl.mean().clamp(min=0)}, {}
+
+
+@register("kto", needs_reference=True, ld_weighted=False, step_stats=_kto_stats, unpaired=True)
+def kto_loss(logps: PreferenceLogps, cfg: LossConfig, context: BatchContext | None = None) -> LossOutput:
+    """KTO: lambda_D (1 - sigmoid(beta (r - z0))) for a desirable example, lambda_U (1 - sigmoid(
+    beta (z0 - r))) for an undesirable one, r = pi - ref of its completion (pi_c - ref_c here),
+    z0 = max(0, mean over the optimizer step's global batch of pi_KL - ref_KL), detached.
+
+    Ethayarajh, Xu, Muennighoff, Jurafsky, Kiela 2024, "KTO: Model Alignment as Prospect
+    Theoretic Optimization", arXiv:2402.01306 (eq. 8, the loss in its 1 - v form; z0 clamped at 0
+    as its code and TRL 1.16's KTOTrainer). lambda_D = `loss.kto_desirable_weight`, lambda_U =
+    `loss.kto_undesirable_weight`. Each "pair" is an example: its completion on the chosen side,
+    its KL completion (another example's completion after its prompt, `data.kl_shift_chunk`) on
+    the rejected side (pi_r, ref_r = pi_KL, ref_KL), `PreferenceLogps.desirable` its label. z0
+    is over every rank's and micro-batch's examples (`BatchContext`): TRL takes one micro-batch's
+    mean, averaged across ranks (TRL #2153, PR #6335), the same with one micro-batch per step.
+    Normalisation: the sum over the global batch's examples divided by their count, as TRL's
+    per-micro-batch mean averaged over accumulation steps (equal micro-batches). At z0 = 0 and
+    pi = ref each example's loss is lambda / 2 (not ln 2). Without a context z0 is the batch's.
+    Rewards: beta r (`engine.metrics.PairMetrics` averages them over the desirable and the
+    undesirable examples apart). Extras: "kl" = z0 (TRL's name).
+    """
+    if logps.desirable is None:
+        raise ValueError("kto needs unpaired examples (PreferenceLogps.desirable)")
+    context = context or whole_batch(logps, cfg, _kto_stats)
+    r, _ = _logratios(logps)
+    z0 = context.stats["kto/z0"]
+    desirable = cfg.kto_desirable_weight * torch.sigmoid(-cfg.beta * (r - z0))
+    undesirable = cfg.kto_undesirable_weight * torch.sigmoid(-cfg.beta * (z0 - r))
+    losses = torch.where(logps.desirable > 0, desirable, undesirable)
+    return _output(losses, cfg.beta * r, cfg.beta * r, {"kl": z0.expand_as(losses)})
+
+
 class LossState:
     """The running state of the batch-coupled losses (`step_stats`) by name, saved in the
     checkpoints' trainer_state.json (`state_dict`: exact values): 0-d float64 tensors on `device`,
@@ -831,6 +876,12 @@ def check_settings(cfg: LossConfig, problems: Problems) -> None:
     names = _known_names(cfg)
     if names is None:
         return
+    problems.require(
+        len({LOSSES[name].unpaired for name in names}) == 1,
+        f"loss.type: {names} mixes unpaired losses "
+        f"({', '.join(n for n in names if LOSSES[n].unpaired)}) with paired ones: they take different data",
+        "loss.type",
+    )
     if cfg.f_divergence != "reverse_kl":
         others = [name for name in names if not LOSSES[name].f_divergence_ok]
         takers = ", ".join(name for name, spec in LOSSES.items() if spec.f_divergence_ok)
@@ -898,6 +949,11 @@ def needs_reference(cfg: LossConfig) -> bool:
 def needs_logweights(cfg: LossConfig) -> bool:
     """Whether any loss in `cfg.type` needs WPO log-weights."""
     return any(spec.needs_logweights for spec in _specs(cfg))
+
+
+def unpaired(cfg: LossConfig) -> bool:
+    """Whether the losses of `cfg.type` take unpaired examples (`LossSpec.unpaired`)."""
+    return any(spec.unpaired for spec in _specs(cfg))
 
 
 def batch_coupled(cfg: LossConfig) -> bool:

@@ -266,6 +266,17 @@ def check_names(cfg: Config, problems: Problems) -> None:
         )
     losses.check_settings(cfg.loss, problems)
     losses.check_read_settings(cfg.loss, problems)
+    if all(name in losses.LOSSES for name in names) and not losses.unpaired(cfg.loss):
+        d = cfg.data
+        unpaired_settings = {"unpair": d.unpair, "kl_shift_chunk": d.kl_shift_chunk, "format": d.format}
+        takers = ", ".join(n for n, spec in losses.LOSSES.items() if spec.unpaired)
+        for key, value in unpaired_settings.items():
+            problems.require(
+                value not in (True, "unpaired") and (key != "kl_shift_chunk" or value == 0),
+                f"data.{key}={value!r} is for unpaired losses ({takers}), not loss.type {names}",
+                f"data.{key}",
+                "loss.type",
+            )
     t = cfg.training
     mode = FORWARD_MODES.get(t.forward_mode)
     if mode is None:
