@@ -1,0 +1,334 @@
+"""KTO on unpaired data: the row format, paired data split into examples, the dataset-level KL
+completions, the loss against a float64 transcription of the paper, and real runs (resume, forward
+modes, TRL 1.16's KTOTrainer). z0 over the global batch across ranks and micro-batches is in
+tests/test_losses_training.py's sweep (kto runs there with data.unpair)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import DataConfig, DataSource, LossConfig, ModelConfig
+from engine.data import build_dataset, split_eval, unpaired_examples
+from engine.data.dataset import kl_partners
+from engine.data.formats import BadRow, Pair, normalise_row
+from engine.errors import UserError
+from engine.losses import LOSSES, BatchContext, PreferenceLogps, compute_loss, step_stats
+from engine.reference_cache import reference_cache_key
+from tests.conftest import base_tables, main_in_process, read_metrics, train_rows, write_recipe
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+
+
+def kto_logps(seed: int, count: int = 8, scale: float = 8.0, dtype=torch.float64) -> PreferenceLogps:
+    g = torch.Generator().manual_seed(seed)
+
+    def column(offset: float) -> torch.Tensor:
+        return (offset + scale * torch.randn(count, generator=g)).to(dtype)
+
+    return PreferenceLogps(
+        chosen_logps=column(-40.0).requires_grad_(True),
+        rejected_logps=column(-44.0).requires_grad_(True),
+        chosen_tokens=torch.full((count,), 5.0, dtype=dtype),
+        rejected_tokens=torch.full((count,), 5.0, dtype=dtype),
+        ref_chosen_logps=column(-41.0),
+        ref_rejected_logps=column(-52.0),  # the mean KL log-ratio is positive
+        desirable=(torch.arange(count) % 3 != 0).to(dtype),
+    )
+
+
+def paper_kto(logps: PreferenceLogps, beta: float, w_d: float, w_u: float) -> torch.Tensor:
+    """Ethayarajh et al. 2024, eq. 8, per example in float64: z0 = max(0, mean KL log-ratio),
+    detached; lambda_y - v(x, y) with v = lambda_D sigmoid(beta (r - z0)) or
+    lambda_U sigmoid(beta (z0 - r))."""
+    z0 = torch.clamp((logps.rejected_logps - logps.ref_rejected_logps).mean(), min=0).detach()
+    r = logps.chosen_logps - logps.ref_chosen_logps
+    out = []
+    for i in range(len(r)):
+        if logps.desirable[i] == 1:
+            out.append(w_d - w_d * 1 / (1 + torch.exp(-beta * (r[i] - z0))))
+        else:
+            out.append(w_u - w_u * 1 / (1 + torch.exp(-beta * (z0 - r[i]))))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("beta, w_d, w_u", [(0.1, 1.0, 1.0), (0.5, 1.0, 1.33), (2.0, 0.7, 1.5)])
+def test_kto_is_the_papers_formula_in_value_and_gradient(beta: float, w_d: float, w_u: float) -> None:
+    cfg = LossConfig(type="kto", beta=beta, kto_desirable_weight=w_d, kto_undesirable_weight=w_u)
+    ours, theirs = kto_logps(1), kto_logps(1)
+    assert (ours.rejected_logps - ours.ref_rejected_logps).mean() > 0  # z0 is not clamped away
+    out = compute_loss(ours, cfg)
+    expected = paper_kto(theirs, beta, w_d, w_u)
+    torch.testing.assert_close(out.losses, expected, rtol=1e-12, atol=1e-15)
+    out.losses.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(ours.chosen_logps.grad, theirs.chosen_logps.grad, rtol=1e-12, atol=1e-15)
+    assert ours.rejected_logps.grad is None  # z0 is detached: no gradient through the KL sequences
+    torch.testing.assert_close(
+        out.chosen_rewards, beta * (theirs.chosen_logps - theirs.ref_chosen_logps).detach()
+    )
+    torch.testing.assert_close(
+        out.extras["kl"][0], (theirs.rejected_logps - theirs.ref_rejected_logps).mean().detach()
+    )
+
+
+def test_kto_z0_is_of_the_global_batch_and_clamped_at_zero() -> None:
+    """Micro-batches of 2 with the context of the whole batch (`step_stats`, as TrainStep builds
+    it) sum to the whole batch's losses and gradients; a negative mean KL gives z0 = 0."""
+    cfg = LossConfig(type="kto", beta=0.5, kto_undesirable_weight=1.33)
+    whole = kto_logps(2)
+    total = compute_loss(whole, cfg).losses.sum()
+    total.backward()
+    detached = kto_logps(2)
+    stats, _ = step_stats(
+        PreferenceLogps(**{k: v.detach() for k, v in vars(detached).items() if v is not None}), cfg, {}
+    )
+    parts = 0.0
+    grad = torch.zeros(8, dtype=torch.float64)
+    for start in range(0, 8, 2):
+        at = torch.arange(start, start + 2)
+        part = kto_logps(2)
+        part = PreferenceLogps(**{k: v.detach()[at] for k, v in vars(part).items() if v is not None})
+        part.chosen_logps.requires_grad_(True)
+        losses = compute_loss(part, cfg, BatchContext(stats, at)).losses
+        losses.sum().backward()
+        parts = parts + losses.sum().detach()
+        grad[at] = part.chosen_logps.grad
+    torch.testing.assert_close(parts, total.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, whole.chosen_logps.grad, rtol=1e-12, atol=1e-15)
+    negative = kto_logps(3)
+    negative.ref_rejected_logps = negative.rejected_logps.detach() + 1.0
+    assert compute_loss(negative, cfg).extras["kl"][0].item() == 0.0
+
+
+def test_kto_at_init_is_half_the_class_weight_and_finite_at_extremes() -> None:
+    """pi = ref and z0 = 0: each example's loss is lambda / 2 (1 - sigmoid(0)), not ln 2."""
+    cfg = LossConfig(type="kto", beta=0.1, kto_undesirable_weight=1.33)
+    logps = kto_logps(4)
+    logps.ref_chosen_logps = logps.chosen_logps.detach().clone()
+    logps.ref_rejected_logps = logps.rejected_logps.detach().clone()
+    losses = compute_loss(logps, cfg).losses
+    torch.testing.assert_close(losses, torch.where(logps.desirable > 0, 0.5, 0.665).double())
+    for sign in (1.0, -1.0):
+        extreme = kto_logps(5, scale=1e4, dtype=torch.float32)
+        extreme.ref_chosen_logps = extreme.ref_chosen_logps + sign * 1e4
+        out = compute_loss(extreme, LossConfig(type="kto", beta=2.0))
+        out.losses.sum().backward()
+        assert torch.isfinite(out.losses).all() and torch.isfinite(extreme.chosen_logps.grad).all()
+
+
+def test_kto_is_registered_unpaired_and_batch_coupled() -> None:
+    spec = LOSSES["kto"]
+    assert spec.unpaired and spec.step_stats is not None and not spec.pair_separable
+    assert {"beta", "kto_desirable_weight", "kto_undesirable_weight"} <= spec.reads
+    assert not spec.ld_weighted and not spec.f_divergence_ok
+    assert [n for n, s in LOSSES.items() if s.unpaired] == ["kto"]
+
+
+def test_kto_cannot_be_combined_with_a_paired_loss(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="mixes unpaired losses"):
+        compute_loss(kto_logps(1), LossConfig(type=["kto", "sft"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows and examples
+
+NAMES: dict[str, str] = {}
+
+
+def test_unpaired_rows_take_the_paired_shapes() -> None:
+    user = [{"role": "user", "content": "hi"}]
+    answer = [{"role": "assistant", "content": "yo"}]
+    assert normalise_row({"prompt": "p", "completion": "c", "label": True}, "auto", NAMES) == Pair(
+        "p", "c", None
+    )
+    assert normalise_row({"prompt": "p", "completion": "c", "label": False}, "auto", NAMES) == Pair(
+        "p", None, "c"
+    )
+    assert normalise_row({"prompt": user, "completion": "yo", "label": True}, "auto", NAMES) == Pair(
+        user, answer, None
+    )
+    assert normalise_row({"completion": user + answer, "label": False}, "unpaired", NAMES) == Pair(
+        user, None, answer
+    )
+    renamed = {"q": "p", "a": "c", "good": True}
+    assert normalise_row(renamed, "auto", {"prompt": "q", "completion": "a", "label": "good"}) == Pair(
+        "p", "c", None
+    )
+
+
+@pytest.mark.parametrize(
+    "row, problem",
+    [
+        ({"prompt": "p", "completion": "c", "label": 1}, "label: expected a boolean .* got a number"),
+        ({"prompt": "p", "completion": "c", "label": "true"}, "label: expected a boolean"),
+        ({"prompt": "p", "label": True}, "missing column 'completion'"),
+        ({"completion": "c", "label": True}, "missing column 'prompt'"),
+        ({"prompt": "p", "completion": "c"}, "missing column 'chosen'"),  # no label: a paired row
+        (
+            {"prompt": 3, "completion": [{"role": "assistant", "content": "c"}], "label": True},
+            "prompt: expected",
+        ),
+    ],
+)
+def test_bad_unpaired_rows_say_what_is_wrong(row: dict, problem: str) -> None:
+    with pytest.raises(BadRow, match=problem):
+        normalise_row(row, "auto", NAMES)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def unpaired_rows(small_data: dict, count: int) -> list[dict]:
+    """`count` unpaired rows from the demo pairs: chosen (desirable) and rejected alternately."""
+    pairs = [json.loads(line) for line in small_data["train"].read_text().splitlines()[:count]]
+    return [
+        {"prompt": p["prompt"], "completion": p["chosen" if i % 2 == 0 else "rejected"], "label": i % 2 == 0}
+        for i, p in enumerate(pairs)
+    ]
+
+
+def test_a_bad_row_stops_the_run_naming_file_and_row(tmp_path: Path, tokenizer, small_data: dict) -> None:
+    rows = unpaired_rows(small_data, 4)
+    rows[2]["label"] = "yes"
+    path = write_rows(tmp_path / "kto.jsonl", rows)
+    cfg = DataConfig(train=[DataSource(str(path))], cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(
+        UserError, match=r"data.train\[0\] .*kto.jsonl.*row 2 \(line 3\): label: expected a boolean"
+    ):
+        build_dataset(cfg.train, tokenizer, cfg, 0, unpaired=True)
+
+
+def test_paired_data_splits_into_desirable_and_undesirable_examples(
+    tmp_path: Path, tokenizer, small_data: dict
+) -> None:
+    cache = str(tmp_path / "cache")
+    cfg = DataConfig(train=[DataSource(str(small_data["train"]))], cache_dir=cache, max_length=64)
+    pairs = build_dataset(cfg.train, tokenizer, cfg, 0)
+    with pytest.raises(UserError, match=r"row 0 .*a preference pair .* set data.unpair = true"):
+        build_dataset(cfg.train, tokenizer, cfg, 0, unpaired=True)
+    cfg.unpair = True
+    examples = unpaired_examples(
+        build_dataset(cfg.train, tokenizer, cfg, 0, unpaired=True), cfg, 0, "data.train"
+    )
+    assert len(examples) == 2 * len(pairs)
+    for k in (0, 5, 63):
+        pair, good, bad = pairs.pairs[k], examples.pairs[2 * k], examples.pairs[2 * k + 1]
+        assert (good.desirable, bad.desirable) == (True, False)
+        assert good.prompt_ids == bad.prompt_ids == pair.prompt_ids
+        assert (good.chosen_ids, bad.chosen_ids) == (pair.chosen_ids, pair.rejected_ids)
+    assert examples.stats["unpaired"] == {"desirable": 64, "undesirable": 64, "kl_shift_chunk": 0}
+    # each KL completion is another example's completion, each used once (a cycle)
+    completions = [tuple(e.chosen_ids) for e in examples.pairs]
+    kl = [tuple(e.rejected_ids) for e in examples.pairs]
+    assert sorted(kl) == sorted(completions) and sum(a == b for a, b in zip(kl, completions)) < 4
+    # unpaired rows with a paired loss: an error naming the row
+    path = write_rows(tmp_path / "kto.jsonl", unpaired_rows(small_data, 4))
+    kto = DataConfig(train=[DataSource(str(path))], cache_dir=cache)
+    with pytest.raises(UserError, match=r"kto.jsonl\): row 0 .*an unpaired example .* for a paired loss"):
+        build_dataset(kto.train, tokenizer, kto, 0)
+
+
+def test_kl_partners_follow_their_rule() -> None:
+    """Chunk 0: one seeded cycle through all examples (no fixed point). Chunk k: TRL's
+    `add_kl_completion_ids` (completions[-1:] + completions[:-1] per batch of k) on positions."""
+    for count in (2, 7, 50):
+        partners = kl_partners(count, 0, seed=3)
+        assert sorted(partners) == list(range(count)) and not np.any(partners == np.arange(count))
+        seen, at = {0}, 0
+        for _ in range(count - 1):
+            at = int(partners[at])
+            seen.add(at)
+        assert len(seen) == count  # a single cycle
+        assert np.array_equal(partners, kl_partners(count, 0, seed=3))
+        assert count == 2 or not np.array_equal(partners, kl_partners(count, 0, seed=4))
+    for count, chunk in ((10, 4), (8, 8), (9, 4)):
+        positions = list(range(count))
+        trl = []
+        for start in range(0, count, chunk):
+            batch = positions[start : start + chunk]
+            trl += batch[-1:] + batch[:-1]
+        assert kl_partners(count, chunk, seed=0).tolist() == trl
+
+
+def test_the_reference_cache_key_covers_the_kl_pairing(
+    tmp_path: Path, tokenizer, small_data: dict, tiny_model_dir: Path
+) -> None:
+    path = write_rows(tmp_path / "kto.jsonl", unpaired_rows(small_data, 16))
+    digests = set()
+    for chunk in (0, 4, 8):
+        cfg = DataConfig(
+            train=[DataSource(str(path))], cache_dir=str(tmp_path / "cache"), kl_shift_chunk=chunk
+        )
+        examples = unpaired_examples(build_dataset(cfg.train, tokenizer, cfg, 0, unpaired=True), cfg, 0, "t")
+        key = reference_cache_key(ModelConfig(path=str(tiny_model_dir)), 0, tokenizer, examples, cfg)
+        digests.add(key.digest)
+    assert len(digests) == 3
+
+
+def test_eval_examples_take_kl_completions_from_their_own_set(
+    tmp_path: Path, tokenizer, small_data: dict
+) -> None:
+    cfg = DataConfig(train=[DataSource(str(small_data["train"]))], cache_dir=str(tmp_path / "c"), unpair=True)
+    train, held = split_eval(build_dataset(cfg.train, tokenizer, cfg, 0, unpaired=True), 0.25, 0)
+    train, held = (unpaired_examples(d, cfg, 0, n) for d, n in ((train, "train"), (held, "eval")))
+    own = {tuple(e.chosen_ids) for e in held.pairs}
+    assert {tuple(e.rejected_ids) for e in held.pairs} <= own
+    assert len(held) == 32 and len(train) == 96
+
+
+# ----------------------------------------------------------------------------------------------
+# Real runs
+
+
+def test_kto_trains_resumes_exactly_and_packs_the_same(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world
+) -> None:
+    """3 steps on 12 pairs split into 24 examples, with eval at step 0 (each example's loss is
+    its weight / 2 there), then a resume from step 2 that replays step 3 bitwise (the pairing is
+    dataset-level), and the packed forward mode's losses equal to 1e-5."""
+    tables = base_tables(tiny_model_dir, small_data, tmp_path / "straight")
+    tables["data"] |= {"unpair": True, "train": [{"path": str(small_data["train"]), "count": 12}]}
+    tables["training"]["max_steps"] = 3
+    tables["loss"] = {"type": "kto", "beta": 0.1, "kto_undesirable_weight": 1.33}
+    tables["checkpoint"] = {"interval_steps": 2, "keep_last": 2}
+    tables["export"] = {"enabled": False}
+    recipe = write_recipe(tmp_path / "r.toml", tables)
+    proc = main_in_process(recipe)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "straight")
+    assert rows[0]["step"] == 0 and abs(rows[0]["eval/loss"] - (0.5 + 0.665) / 2) < 1e-6  # half desirable
+    assert rows[0]["eval/kl"] == 0 and "eval/rewards/accuracies" not in rows[0]
+    straight = train_rows(tmp_path / "straight")
+    assert (
+        abs(
+            straight[0]["loss"]
+            - (straight[0]["kto/desirable"] * 0.5 + (1 - straight[0]["kto/desirable"]) * 0.665)
+        )
+        < 1e-6
+    )
+    resumed = [
+        f"job.output_dir={tmp_path / 'resumed'}",
+        f"checkpoint.resume={tmp_path / 'straight/checkpoints/step-2'}",
+    ]
+    assert main_in_process(recipe, [*resumed, "data.eval=[]"]).returncode == 0
+    assert [r["loss"] for r in train_rows(tmp_path / "resumed")] == [r["loss"] for r in straight[2:]]
+    packed = ["job.output_dir=" + str(tmp_path / "packed"), "training.forward_mode=packed", "data.eval=[]"]
+    assert main_in_process(recipe, [*packed, "checkpoint.interval_steps=0"]).returncode == 0
+    for a, b in zip(train_rows(tmp_path / "packed"), straight):
+        for key in ("loss", "kl", "logps/kl", "rewards/chosen", "rewards/rejected"):
+            assert abs(a[key] - b[key]) < 1e-5, (key, a, b)
