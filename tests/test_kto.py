@@ -332,3 +332,17 @@ def test_kto_trains_resumes_exactly_and_packs_the_same(
     for a, b in zip(train_rows(tmp_path / "packed"), straight):
         for key in ("loss", "kl", "logps/kl", "rewards/chosen", "rewards/rejected"):
             assert abs(a[key] - b[key]) < 1e-5, (key, a, b)
+
+
+@pytest.mark.parametrize("override", ["data.unpair=true", "data.kl_shift_chunk=8", "data.format=unpaired"])
+def test_unpaired_data_settings_need_an_unpaired_loss(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, override: str
+) -> None:
+    from engine.recipe import load_config
+
+    recipe = write_recipe(tmp_path / "r.toml", base_tables(tiny_model_dir, small_data, tmp_path / "o"))
+    with pytest.raises(
+        UserError, match=rf"data.{override.split('=')[0][5:]}=.* is for unpaired losses \(kto\)"
+    ):
+        load_config(recipe, [override])
+    load_config(recipe, [override, "loss.type=kto"])
