@@ -119,6 +119,9 @@ class LossSpec:
     step_stats: StepStats | None = None
     # Takes unpaired examples (`PreferenceLogps.desirable`), not preference pairs.
     unpaired: bool = False
+    # Unpaired: reads the KL sequences (the rejected side, `unpaired_examples`); without, that
+    # side is empty (no tokens, log-prob 0).
+    kl_sequences: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -145,14 +148,18 @@ def register(
     f_divergence_ok: bool = False,
     step_stats: StepStats | None = None,
     unpaired: bool = False,
+    kl_sequences: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator that adds a loss function to `LOSSES` under `name`; with `step_stats` it is
-    batch-coupled (see `BatchContext`), with `unpaired` it takes unpaired examples."""
+    batch-coupled (see `BatchContext`), with `unpaired` it takes unpaired examples (and with
+    `kl_sequences` their KL sequences)."""
 
     def add(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is registered twice")
         reads = _fields_read(fn) | (_fields_read(step_stats) if step_stats else frozenset())
+        if unpaired:  # an unpaired loss weighs its examples by label (`_by_label`)
+            reads |= _fields_read(_by_label)
         LOSSES[name] = LossSpec(
             fn,
             needs_reference,
@@ -163,6 +170,7 @@ def register(
             reads,
             step_stats,
             unpaired,
+            kl_sequences,
         )
         return fn
 
@@ -693,7 +701,19 @@ def _kto_stats(logps: PreferenceLogps, cfg: LossConfig, state: dict | None) -> t
     return {"kto/z0": kl.mean().clamp(min=0)}, {}
 
 
-@register("kto", needs_reference=True, ld_weighted=False, step_stats=_kto_stats, unpaired=True)
+def _by_label(logps: PreferenceLogps, cfg: LossConfig, desirable: Tensor, undesirable: Tensor) -> Tensor:
+    """An unpaired loss per example: lambda_D `desirable` for a desirable one, lambda_U
+    `undesirable` for an undesirable one (`kto_desirable_weight`, `kto_undesirable_weight`)."""
+    if logps.desirable is None:
+        raise ValueError("an unpaired loss needs unpaired examples (PreferenceLogps.desirable)")
+    return torch.where(
+        logps.desirable > 0, cfg.kto_desirable_weight * desirable, cfg.kto_undesirable_weight * undesirable
+    )
+
+
+@register(
+    "kto", needs_reference=True, ld_weighted=False, step_stats=_kto_stats, unpaired=True, kl_sequences=True
+)
 def kto_loss(logps: PreferenceLogps, cfg: LossConfig, context: BatchContext | None = None) -> LossOutput:
     """KTO: lambda_D (1 - sigmoid(beta (r - z0))) for a desirable example, lambda_U (1 - sigmoid(
     beta (z0 - r))) for an undesirable one, r = pi - ref of its completion (pi_c - ref_c here),
@@ -713,15 +733,28 @@ def kto_loss(logps: PreferenceLogps, cfg: LossConfig, context: BatchContext | No
     Rewards: beta r (`engine.metrics.PairMetrics` averages them over the desirable and the
     undesirable examples apart). Extras: "kl" = z0 (TRL's name).
     """
-    if logps.desirable is None:
-        raise ValueError("kto needs unpaired examples (PreferenceLogps.desirable)")
     context = context or whole_batch(logps, cfg, _kto_stats)
     r, _ = _logratios(logps)
     z0 = context.stats["kto/z0"]
-    desirable = cfg.kto_desirable_weight * torch.sigmoid(-cfg.beta * (r - z0))
-    undesirable = cfg.kto_undesirable_weight * torch.sigmoid(-cfg.beta * (z0 - r))
-    losses = torch.where(logps.desirable > 0, desirable, undesirable)
+    losses = _by_label(logps, cfg, torch.sigmoid(-cfg.beta * (r - z0)), torch.sigmoid(-cfg.beta * (z0 - r)))
     return _output(losses, cfg.beta * r, cfg.beta * r, {"kl": z0.expand_as(losses)})
+
+
+@register("apo_zero_unpaired", needs_reference=True, ld_weighted=False, unpaired=True)
+def apo_zero_unpaired_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """APO-zero on unpaired examples: lambda_D (1 - sigmoid(beta r)) for a desirable example
+    (raises its likelihood), lambda_U sigmoid(beta r) for an undesirable one (lowers it), r = pi -
+    ref of its completion; APO-zero's two terms (`apo_zero`) split over the examples.
+
+    D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions:
+    Addressing Underspecification in Alignment", arXiv:2408.06266, unpaired as TRL 1.16's
+    KTOTrainer `loss_type="apo_zero_unpaired"` (the same weights lambda_D, lambda_U as `kto`). No
+    KL term: the examples have no KL sequences (`kl_sequences`). Pair-separable, normalised as
+    `kto`. At init each example's loss is lambda / 2. Rewards: beta r.
+    """
+    r, _ = _logratios(logps)
+    losses = _by_label(logps, cfg, torch.sigmoid(-cfg.beta * r), torch.sigmoid(cfg.beta * r))
+    return _output(losses, cfg.beta * r, cfg.beta * r)
 
 
 class LossState:
@@ -954,6 +987,12 @@ def needs_logweights(cfg: LossConfig) -> bool:
 def unpaired(cfg: LossConfig) -> bool:
     """Whether the losses of `cfg.type` take unpaired examples (`LossSpec.unpaired`)."""
     return any(spec.unpaired for spec in _specs(cfg))
+
+
+def kl_sequences(cfg: LossConfig) -> bool:
+    """Whether the losses of `cfg.type` read unpaired examples' KL sequences
+    (`LossSpec.kl_sequences`)."""
+    return any(spec.kl_sequences for spec in _specs(cfg))
 
 
 def batch_coupled(cfg: LossConfig) -> bool:

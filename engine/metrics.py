@@ -64,7 +64,8 @@ class PairMetrics:
     the means over the desirable examples, rewards/rejected and logps/rejected over the
     undesirable ones (TRL's KTOTrainer's), "kto/desirable" the desirable share; a metric whose
     examples the window lacks is left out. There is no pair to compare, so rewards/accuracies
-    and rewards/margins are not reported; logps/kl is the KL sequences' mean log-prob."""
+    and rewards/margins are not reported; logps/kl is the KL sequences' mean log-prob (left out
+    for a loss without them, apo_zero_unpaired)."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
@@ -106,6 +107,7 @@ class PairMetrics:
                 "logps/chosen": d,
                 "rewards/rejected": 1 - d,
                 "logps/rejected": 1 - d,
+                "logps/kl": (logps.rejected_tokens > 0).to(torch.float64),  # none: no KL sequences
             }
         if self.sums is not None and list(values) != self.names:
             raise ValueError(f"metrics {list(values)} added to a window of {self.names}")

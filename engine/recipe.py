@@ -277,6 +277,15 @@ def check_names(cfg: Config, problems: Problems) -> None:
                 f"data.{key}",
                 "loss.type",
             )
+    elif all(name in losses.LOSSES for name in names) and not losses.kl_sequences(cfg.loss):
+        takers = ", ".join(n for n, spec in losses.LOSSES.items() if spec.kl_sequences)
+        problems.require(
+            cfg.data.kl_shift_chunk == 0,
+            f"data.kl_shift_chunk={cfg.data.kl_shift_chunk} chooses KL sequences, which loss.type {names} "
+            f"has none of (a KL term: {takers})",
+            "data.kl_shift_chunk",
+            "loss.type",
+        )
     t = cfg.training
     mode = FORWARD_MODES.get(t.forward_mode)
     if mode is None:

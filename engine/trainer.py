@@ -96,9 +96,10 @@ def build_data(cfg: Config) -> tuple[PreTrainedTokenizerBase, PreferenceDataset,
     elif cfg.data.eval_fraction > 0:
         train_data, eval_data = split_eval(train_data, cfg.data.eval_fraction, cfg.job.seed)
     if unpaired:  # after the split: a KL completion is from the example's own set
-        train_data = unpaired_examples(train_data, cfg.data, cfg.job.seed, "data.train")
+        kl = losses.kl_sequences(cfg.loss)
+        train_data = unpaired_examples(train_data, cfg.data, cfg.job.seed, "data.train", kl=kl)
         if eval_data is not None:
-            eval_data = unpaired_examples(eval_data, cfg.data, cfg.job.seed, "data.eval")
+            eval_data = unpaired_examples(eval_data, cfg.data, cfg.job.seed, "data.eval", kl=kl)
     log(train_data.summary())
     return tokenizer, train_data, eval_data
 

@@ -124,10 +124,49 @@ def test_kto_at_init_is_half_the_class_weight_and_finite_at_extremes() -> None:
 
 def test_kto_is_registered_unpaired_and_batch_coupled() -> None:
     spec = LOSSES["kto"]
-    assert spec.unpaired and spec.step_stats is not None and not spec.pair_separable
+    assert spec.unpaired and spec.kl_sequences and spec.step_stats is not None and not spec.pair_separable
     assert {"beta", "kto_desirable_weight", "kto_undesirable_weight"} <= spec.reads
     assert not spec.ld_weighted and not spec.f_divergence_ok
-    assert [n for n, s in LOSSES.items() if s.unpaired] == ["kto"]
+    apo = LOSSES["apo_zero_unpaired"]
+    assert apo.unpaired and not apo.kl_sequences and apo.step_stats is None and apo.pair_separable
+    assert {"beta", "kto_desirable_weight", "kto_undesirable_weight"} <= apo.reads
+    assert [n for n, s in LOSSES.items() if s.unpaired] == ["kto", "apo_zero_unpaired"]
+
+
+def paper_apo_zero_unpaired(logps: PreferenceLogps, beta: float, w_d: float, w_u: float) -> torch.Tensor:
+    """D'Oosterlinck et al. 2024, APO-zero's terms per example in float64 (TRL's unpaired form):
+    lambda_D (1 - sigmoid(beta r)) for a desirable example, lambda_U sigmoid(beta r) otherwise."""
+    r = logps.chosen_logps - logps.ref_chosen_logps
+    out = []
+    for i in range(len(r)):
+        s = 1 / (1 + torch.exp(-beta * r[i]))
+        out.append(w_d * (1 - s) if logps.desirable[i] == 1 else w_u * s)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("beta, w_d, w_u", [(0.1, 1.0, 1.0), (2.0, 0.7, 1.5)])
+def test_apo_zero_unpaired_is_the_papers_formula(beta: float, w_d: float, w_u: float) -> None:
+    """Values and gradients; the KL sequences (the rejected side) are not read; finite at
+    extremes; lambda / 2 per example at init."""
+    cfg = LossConfig(
+        type="apo_zero_unpaired", beta=beta, kto_desirable_weight=w_d, kto_undesirable_weight=w_u
+    )
+    ours, theirs = kto_logps(6), kto_logps(6)
+    out = compute_loss(ours, cfg)
+    expected = paper_apo_zero_unpaired(theirs, beta, w_d, w_u)
+    torch.testing.assert_close(out.losses, expected, rtol=1e-12, atol=1e-15)
+    out.losses.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(ours.chosen_logps.grad, theirs.chosen_logps.grad, rtol=1e-12, atol=1e-15)
+    assert ours.rejected_logps.grad is None and "kl" not in out.extras
+    at_init = kto_logps(7)
+    at_init.ref_chosen_logps = at_init.chosen_logps.detach().clone()
+    torch.testing.assert_close(
+        compute_loss(at_init, cfg).losses, torch.where(at_init.desirable > 0, w_d / 2, w_u / 2).double()
+    )
+    extreme = kto_logps(8, scale=1e4, dtype=torch.float32)
+    compute_loss(extreme, cfg).losses.sum().backward()
+    assert torch.isfinite(extreme.chosen_logps.grad).all()
 
 
 def test_kto_cannot_be_combined_with_a_paired_loss(tmp_path: Path) -> None:
@@ -342,10 +381,16 @@ def test_unpaired_data_settings_need_an_unpaired_loss(
 
     recipe = write_recipe(tmp_path / "r.toml", base_tables(tiny_model_dir, small_data, tmp_path / "o"))
     with pytest.raises(
-        UserError, match=rf"data.{override.split('=')[0][5:]}=.* is for unpaired losses \(kto\)"
+        UserError,
+        match=rf"data.{override.split('=')[0][5:]}=.* is for unpaired losses \(kto, apo_zero_unpaired\)",
     ):
         load_config(recipe, [override])
     load_config(recipe, [override, "loss.type=kto"])
+    if override.startswith("data.kl_shift_chunk"):  # a loss without KL sequences
+        with pytest.raises(
+            UserError, match=r"data.kl_shift_chunk=8 chooses KL sequences, .* \(a KL term: kto\)"
+        ):
+            load_config(recipe, [override, "loss.type=apo_zero_unpaired"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,15 +414,19 @@ def trl_rows(small_data: dict) -> list[dict]:
     ]
 
 
-def test_kto_trains_trl_kto_trainers_curve(
-    tmp_path: Path, tiny_model_dir: Path, small_data: dict, tokenizer, world
+@pytest.mark.parametrize(
+    "loss, forward_mode", [("kto", "concatenated"), ("apo_zero_unpaired", "prefix_shared")]
+)
+def test_unpaired_losses_train_trl_kto_trainers_curve(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, tokenizer, world, loss: str, forward_mode: str
 ) -> None:
     """5 steps of 8 examples (one step = the whole data set, one micro-batch) against TRL 1.16's
-    KTOTrainer on the same weights: the same tokens (prompt, completion with its EOS, KL
-    completion by TRL's +1 shift within chunks of 8: data.kl_shift_chunk = 8), the initial policy
-    as reference, fp32, AdamW with the same settings (decay on weight matrices only on both
-    sides), a constant lr, clipping; each step's loss, kl (z0), rewards and log-probs to 1e-5
-    (they agree to ~4e-6 here: fp32 sums in another order)."""
+    KTOTrainer (its loss_type) on the same weights: the same tokens (prompt, completion with its
+    EOS, for kto the KL completion by TRL's +1 shift within chunks of 8: data.kl_shift_chunk = 8;
+    apo_zero_unpaired has none, its empty side runs in prefix_shared's layout here), the initial
+    policy as reference, fp32, AdamW with the same settings (decay on weight matrices only on
+    both sides), a constant lr, clipping; each step's loss, kl (z0), rewards and log-probs to
+    1e-5 (they agree to ~4e-6 here: fp32 sums in another order)."""
     kto_trainer = pytest.importorskip("trl.trainer.kto_trainer")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -385,10 +434,12 @@ def test_kto_trains_trl_kto_trainers_curve(
     rows = trl_rows(small_data)
     path = write_rows(tmp_path / "kto.jsonl", rows)
     settings = {"lr": 1e-3, "weight_decay": 0.01, "max_grad_norm": 1.0, "beta": 0.1, "w_u": 1.33}
+    kl = loss == "kto"
     cfg = DataConfig(
-        train=[DataSource(str(path))], cache_dir=str(tmp_path / "cache"), max_length=64, kl_shift_chunk=8
+        train=[DataSource(str(path))], cache_dir=str(tmp_path / "cache"), max_length=64, kl_shift_chunk=8 * kl
     )
-    ours = unpaired_examples(build_dataset(cfg.train, tokenizer, cfg, 0, unpaired=True), cfg, 0, "t")
+    examples = build_dataset(cfg.train, tokenizer, cfg, 0, unpaired=True)
+    ours = unpaired_examples(examples, cfg, 0, "t", kl=kl)
 
     def model():
         return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -409,6 +460,7 @@ def test_kto_trains_trl_kto_trainers_curve(
         weight_decay=settings["weight_decay"],
         max_grad_norm=settings["max_grad_norm"],
         lr_scheduler_type="constant",
+        loss_type=loss,
         beta=settings["beta"],
         undesirable_weight=settings["w_u"],
         max_length=64,
@@ -432,14 +484,14 @@ def test_kto_trains_trl_kto_trainers_curve(
     for k, example in enumerate(ours.pairs):
         assert example.prompt_ids == theirs[k]["prompt_ids"], k
         assert example.chosen_ids == theirs[k]["completion_ids"], k
-        assert example.rejected_ids == theirs[k]["KL_completion_ids"], k
+        assert example.rejected_ids == (theirs[k]["KL_completion_ids"] if kl else []), k
         assert example.desirable == theirs[k]["label"], k
     trainer.train()
 
     tables = base_tables(tiny_model_dir, small_data, tmp_path / "fsdpo")
-    tables["data"] |= {"train": [str(path)], "eval": [], "kl_shift_chunk": 8}
-    tables["loss"] = {"type": "kto", "beta": settings["beta"], "kto_undesirable_weight": settings["w_u"]}
-    tables["training"]["max_steps"] = TRL_STEPS
+    tables["data"] |= {"train": [str(path)], "eval": [], "kl_shift_chunk": 8 * kl}
+    tables["loss"] = {"type": loss, "beta": settings["beta"], "kto_undesirable_weight": settings["w_u"]}
+    tables["training"] |= {"max_steps": TRL_STEPS, "forward_mode": forward_mode}
     tables["optimizer"] = {k: settings[k] for k in ("lr", "weight_decay", "max_grad_norm")}
     tables["scheduler"] = {"type": "constant", "warmup_steps": 0}
     tables["export"] = {"enabled": False}
@@ -448,6 +500,10 @@ def test_kto_trains_trl_kto_trainers_curve(
     fsdpo = train_rows(tmp_path / "fsdpo")
     assert len(fsdpo) == len(steps) == TRL_STEPS
     for step, (a, b) in enumerate(zip(fsdpo, steps)):
-        for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
             assert abs(a[key] - b[key]) < 1e-5, (step, key, a[key], b[key])
+        if kl:
+            assert abs(a["kl"] - b["kl"]) < 1e-5, (step, a["kl"], b["kl"])
+        else:  # no KL term, no KL sequences
+            assert "kl" not in a and "logps/kl" not in a and b["kl"] == 0
     assert abs(fsdpo[-1]["loss"] - fsdpo[0]["loss"]) > 1e-2  # it trained

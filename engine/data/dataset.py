@@ -447,7 +447,9 @@ def kl_partners(count: int, chunk: int, seed: int) -> np.ndarray:
     return partners
 
 
-def unpaired_examples(dataset: PreferenceDataset, cfg: DataConfig, seed: int, name: str) -> PreferenceDataset:
+def unpaired_examples(
+    dataset: PreferenceDataset, cfg: DataConfig, seed: int, name: str, *, kl: bool = True
+) -> PreferenceDataset:
     """The unpaired examples of `dataset` (`build_dataset(..., unpaired=True)`, after any eval
     split), numbered from 0, each a `TokenizedPair` of its prompt, its completion (chosen), the
     completion of its `kl_partners` example (rejected: the KL sequence), and `desirable`. A
@@ -455,24 +457,26 @@ def unpaired_examples(dataset: PreferenceDataset, cfg: DataConfig, seed: int, na
     (prompt, rejected, undesirable). A KL completion is cut to fit `data.max_length` after the
     example's prompt (TRL cuts the KL sequence at max_length too). Being a pure function of the
     data set, `data.kl_shift_chunk` and `seed`, the pairing does not depend on batching, world
-    size or resume, and the reference log-probs of the KL sequences are cached with the rest."""
+    size or resume, and the reference log-probs of the KL sequences are cached with the rest.
+    `kl` False (a loss without a KL term, `losses.kl_sequences`): no KL sequences, the rejected
+    side is empty."""
     pairs = dataset.pairs
     if not isinstance(pairs, ArrowPairs):
         raise TypeError("unpaired_examples needs a data set read from the tokenisation cache")
     s = pairs.spans
     has = np.stack([s["chosen_len"] > 0, s["rejected_len"] > 0], axis=1)
     pair, side = np.nonzero(has)  # pair order, the chosen side first
-    if len(pair) < 2:
+    if kl and len(pair) < 2:
         raise UserError(f"{name}: {len(pair)} unpaired example; the KL estimate needs at least 2")
     completion = np.where(side == 0, s["chosen_len"][pair], s["rejected_len"][pair])
-    partner = kl_partners(len(pair), cfg.kl_shift_chunk, seed)
+    partner = kl_partners(len(pair), cfg.kl_shift_chunk, seed) if kl else np.arange(len(pair))
     spans = {key: s[key][pair] for key in ("rows", "prompt_start", "prompt_len")}
     spans |= {
         "side": side.astype(np.int8),
         "chosen_len": completion,
         "kl_rows": spans["rows"][partner],
         "kl_side": side[partner].astype(np.int8),
-        "rejected_len": np.minimum(completion[partner], cfg.max_length - spans["prompt_len"]),
+        "rejected_len": np.minimum(completion[partner], cfg.max_length - spans["prompt_len"]) * kl,
         "desirable": side == 0,
     }
     examples = PreferenceDataset(ArrowPairs(pairs.columns, spans))
@@ -484,7 +488,7 @@ def unpaired_examples(dataset: PreferenceDataset, cfg: DataConfig, seed: int, na
         "unpaired": {
             "desirable": desirable,
             "undesirable": len(pair) - desirable,
-            "kl_shift_chunk": cfg.kl_shift_chunk,
+            **({"kl_shift_chunk": cfg.kl_shift_chunk} if kl else {"kl_sequences": False}),
         },
     }
     return examples
