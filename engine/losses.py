@@ -517,6 +517,18 @@ def whole_batch(logps: PreferenceLogps, cfg: LossConfig, step_stats: StepStats) 
     return BatchContext(stats, torch.arange(len(logps.chosen_logps), device=logps.chosen_logps.device))
 
 
+def valid_batch(logps: PreferenceLogps, cfg: LossConfig, valid: Tensor) -> BatchContext:
+    """The context of an evaluation batch, taken as a whole batch: `step_stats` of its valid
+    pairs (`valid` [B] bool; padding pairs excluded, as in training) without running state.
+    One host read (which pairs are valid); a batch of padding pairs only uses them all."""
+    keep = torch.nonzero(valid).squeeze(1)
+    if not len(keep):
+        keep = torch.arange(len(valid), device=valid.device)
+    detached = replace(logps, **{k: v.detach()[keep] for k, v in vars(logps).items() if v is not None})
+    stats, _ = step_stats(detached, cfg, None)
+    return BatchContext(stats, (torch.cumsum(valid.long(), 0) - 1).clamp(min=0))
+
+
 def _sorted_partners(values: Tensor, partners: Tensor) -> Tensor:
     """For each i, the partner of the same rank: sort(partners)[rank of values[i] in values]."""
     out = torch.empty_like(partners)
@@ -1001,13 +1013,14 @@ def batch_coupled(cfg: LossConfig) -> bool:
 
 
 def step_stats(
-    logps: PreferenceLogps, cfg: LossConfig, state: dict[str, Tensor]
+    logps: PreferenceLogps, cfg: LossConfig, state: dict[str, Tensor] | None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The `BatchContext.stats` of every batch-coupled loss of `cfg.type` over `logps`, the
     detached [N] tensors of the step's global batch (LD-DPO's desensitised sums for the
-    `ld_weighted` ones), and the running state after this step from `state`."""
+    `ld_weighted` ones), and the running state after this step from `state` (None: without
+    running state, as `whole_batch`)."""
     desensitized = length_desensitized(logps, cfg) if needs_shared_length(cfg) else logps
-    stats, after = {}, dict(state)
+    stats, after = {}, dict(state or {})
     for spec in _specs(cfg):
         if spec.step_stats is not None:
             found, changed = spec.step_stats(desensitized if spec.ld_weighted else logps, cfg, state)

@@ -266,7 +266,9 @@ def check_names(cfg: Config, problems: Problems) -> None:
         )
     losses.check_settings(cfg.loss, problems)
     losses.check_read_settings(cfg.loss, problems)
-    if all(name in losses.LOSSES for name in names) and not losses.unpaired(cfg.loss):
+    # (the specs by name: `losses.unpaired` would raise the loss API's check of the settings)
+    specs = [losses.LOSSES[name] for name in names] if all(n in losses.LOSSES for n in names) else []
+    if specs and not any(spec.unpaired for spec in specs):
         d = cfg.data
         unpaired_settings = {"unpair": d.unpair, "kl_shift_chunk": d.kl_shift_chunk, "format": d.format}
         takers = ", ".join(n for n, spec in losses.LOSSES.items() if spec.unpaired)
@@ -277,7 +279,7 @@ def check_names(cfg: Config, problems: Problems) -> None:
                 f"data.{key}",
                 "loss.type",
             )
-    elif all(name in losses.LOSSES for name in names) and not losses.kl_sequences(cfg.loss):
+    elif specs and not any(spec.kl_sequences for spec in specs):
         takers = ", ".join(n for n, spec in losses.LOSSES.items() if spec.kl_sequences)
         problems.require(
             cfg.data.kl_shift_chunk == 0,

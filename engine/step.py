@@ -153,8 +153,11 @@ class TrainStep:
         self, micro: MicroBatch, reference: ReferenceLogps | None, context: losses.BatchContext | None = None
     ) -> tuple[losses.PreferenceLogps, losses.LossOutput, Tensor]:
         """Forward: (log-probs, loss output, per-pair losses with padding pairs zeroed). Without
-        `context`, batch-coupled losses take `micro` as the whole batch (evaluation)."""
+        `context`, batch-coupled losses take `micro`'s valid pairs as the whole batch
+        (evaluation: `losses.valid_batch`)."""
         logps = self.logps(micro, reference)
+        if context is None and losses.batch_coupled(self.cfg.loss):
+            context = losses.valid_batch(logps, self.cfg.loss, micro.valid)
         out = losses.compute_loss(logps, self.cfg.loss, context)
         return logps, out, out.losses * micro.valid
 

@@ -17,7 +17,7 @@ from engine.data import build_dataset, split_eval, unpaired_examples
 from engine.data.dataset import kl_partners
 from engine.data.formats import BadRow, Pair, normalise_row
 from engine.errors import UserError
-from engine.losses import LOSSES, BatchContext, PreferenceLogps, compute_loss, step_stats
+from engine.losses import LOSSES, BatchContext, PreferenceLogps, compute_loss, step_stats, valid_batch
 from engine.reference_cache import reference_cache_key
 from tests.conftest import base_tables, main_in_process, read_metrics, train_rows, write_recipe
 
@@ -507,3 +507,25 @@ def test_unpaired_losses_train_trl_kto_trainers_curve(
         else:  # no KL term, no KL sequences
             assert "kl" not in a and "logps/kl" not in a and b["kl"] == 0
     assert abs(fsdpo[-1]["loss"] - fsdpo[0]["loss"]) > 1e-2  # it trained
+
+
+@pytest.mark.parametrize("name", [n for n, spec in LOSSES.items() if spec.step_stats is not None])
+def test_evaluation_statistics_exclude_padding_pairs(name: str) -> None:
+    """An eval batch's padding pairs (the last batch's repeats, `shard_for_inference`) take no
+    part in a batch-coupled loss's statistics (kto's z0): the valid pairs' losses are those of
+    the valid pairs alone, however extreme the padding."""
+    cfg = LossConfig(type=name, beta=0.5)
+    logps = kto_logps(9)
+    if name != "kto":
+        logps.desirable = None
+    valid = torch.arange(8) < 5
+    padded = PreferenceLogps(**{k: v.detach().clone() for k, v in vars(logps).items() if v is not None})
+    padded.rejected_logps[~valid] += 1e3  # kto: a mean KL log-ratio ~ +375 with them
+    padded.chosen_logps[~valid] -= 1e3
+    alone = PreferenceLogps(**{k: v.detach()[:5] for k, v in vars(logps).items() if v is not None})
+    ours = compute_loss(padded, cfg, valid_batch(padded, cfg, valid))
+    torch.testing.assert_close(ours.losses[:5], compute_loss(alone, cfg).losses, rtol=1e-12, atol=1e-15)
+    if name == "kto":
+        kl = (alone.rejected_logps - alone.ref_rejected_logps).mean().clamp(min=0)
+        torch.testing.assert_close(ours.extras["kl"], kl.expand(8))
+        assert compute_loss(padded, cfg).extras["kl"][0] > 100  # the whole batch's would be wrong
