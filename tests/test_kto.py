@@ -271,6 +271,8 @@ def test_paired_data_splits_into_desirable_and_undesirable_examples(
         assert good.prompt_ids == bad.prompt_ids == pair.prompt_ids
         assert (good.chosen_ids, bad.chosen_ids) == (pair.chosen_ids, pair.rejected_ids)
     assert examples.stats["unpaired"] == {"desirable": 64, "undesirable": 64, "kl_shift_chunk": 0}
+    assert examples.summary().startswith("128 examples (64 desirable, 64 undesirable); ")
+    assert pairs.summary().startswith("64 pairs; ")
     # each KL completion is another example's completion, each used once (a cycle)
     completions = [tuple(e.chosen_ids) for e in examples.pairs]
     kl = [tuple(e.rejected_ids) for e in examples.pairs]

@@ -179,8 +179,14 @@ class PreferenceDataset:
         return self.pairs.rows if isinstance(self.pairs, ArrowPairs) else np.arange(len(self.pairs))
 
     def summary(self) -> str:
-        """One log line: pairs, what the filters dropped, and token-length percentiles."""
-        parts = [f"{len(self)} pairs"]
+        """One log line: pairs (unpaired data: examples, desirable and undesirable), what the
+        filters dropped, and token-length percentiles."""
+        unpaired = self.stats.get("unpaired")
+        if unpaired:
+            labels = f"{unpaired['desirable']} desirable, {unpaired['undesirable']} undesirable"
+            parts = [f"{len(self)} examples ({labels})"]
+        else:
+            parts = [f"{len(self)} pairs"]
         for source in self.stats.get("sources", []):
             dropped = ", ".join(f"{k} {v['dropped']}" for k, v in source["filters"].items() if v["dropped"])
             cut = ", ".join(f"{k} {v}" for k, v in source["truncated"].items() if v)
