@@ -127,8 +127,8 @@ class DataConfig:
     """For unpaired losses (kto): split each preference pair into a desirable example (prompt,
     chosen) and an undesirable one (prompt, rejected), as TRL's KTOTrainer does with paired data."""
     kl_shift_chunk: int = 0
-    """Unpaired losses: which completion each example's KL sequence (its prompt with another
-    example's completion, for kto's KL estimate z0) borrows. 0: a seeded (`job.seed`) random cycle
+    """Unpaired losses with a KL term (kto): which completion each example's KL sequence (its
+    prompt with another example's completion, for the KL estimate z0) borrows. 0: a seeded (`job.seed`) random cycle
     over the data set's examples (never the example's own completion). k > 0: TRL 1.16's rule:
     within consecutive chunks of k examples in data-set order, each takes the previous example's
     completion and the first the chunk's last (TRL's k is per_device_train_batch_size)."""
@@ -189,7 +189,8 @@ class LossConfig:
     (p the length-normalised sequence probability for simpo, the sequence probability for cpo);
     0 keeps log p (SimPO, CPO). TRL's CPOConfig `alpha`; the paper's Mistral setting is 0.25."""
     kto_desirable_weight: float = 1.0
-    """KTO's weight lambda_D of the desirable examples' losses (TRL's `desirable_weight`)."""
+    """KTO's weight lambda_D of the desirable examples' losses (TRL's `desirable_weight`); also
+    `apo_zero_unpaired`'s."""
     kto_undesirable_weight: float = 1.0
     """KTO's weight lambda_U of the undesirable examples' losses (TRL's `undesirable_weight`); the
     paper advises lambda_D n_D / (lambda_U n_U) in [1, 4/3] for n_D desirable, n_U undesirable."""
