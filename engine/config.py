@@ -111,15 +111,27 @@ class DataConfig:
     eval_fraction: float = 0.0
     """Share of the training pairs held out as the eval set when `eval` is empty (seeded; no
     underlying row is in both sets); 0 = no held-out set."""
-    format: Literal["auto", "standard", "conversational", "implicit_prompt"] = "auto"
+    format: Literal["auto", "standard", "conversational", "implicit_prompt", "unpaired"] = "auto"
     """Row format. `standard`: `prompt`, `chosen`, `rejected` strings. `conversational`: `prompt`
     a list of messages, `chosen`/`rejected` one assistant message (or a string). `implicit_prompt`:
     `chosen`/`rejected` whole conversations whose shared turns before the final assistant turn
-    are the prompt. `auto` decides per row: a message-list prompt is conversational, all strings
-    is standard, otherwise implicit (a string prompt beside conversations is then ignored)."""
+    are the prompt. `unpaired` (for unpaired losses such as kto): `prompt`, `completion` (either
+    shape above, or no prompt and `completion` a whole conversation) and a boolean `label` (true:
+    desirable). `auto` decides per row: a `label` without `chosen` is unpaired, a message-list
+    prompt is conversational, all strings is standard, otherwise implicit (a string prompt beside
+    conversations is then ignored)."""
     columns: dict[str, str] = field(default_factory=dict)
-    """Column names in the data for `prompt`, `chosen` and `rejected`, where they differ (e.g.
-    { chosen = "response_a", rejected = "response_b" })."""
+    """Column names in the data for `prompt`, `chosen` and `rejected` (`completion`, `label`),
+    where they differ (e.g. { chosen = "response_a", rejected = "response_b" })."""
+    unpair: bool = False
+    """For unpaired losses (kto): split each preference pair into a desirable example (prompt,
+    chosen) and an undesirable one (prompt, rejected), as TRL's KTOTrainer does with paired data."""
+    kl_shift_chunk: int = 0
+    """Unpaired losses with a KL term (kto): which completion each example's KL sequence (its
+    prompt with another example's completion, for the KL estimate z0) borrows. 0: a seeded (`job.seed`) random cycle
+    over the data set's examples (never the example's own completion). k > 0: TRL 1.16's rule:
+    within consecutive chunks of k examples in data-set order, each takes the previous example's
+    completion and the first the chunk's last (TRL's k is per_device_train_batch_size)."""
     chat_template: str = ""
     """Jinja chat template (the template text, or the path of a .jinja file, relative to the working
     directory) used instead of the tokenizer's own for conversational rows; empty = the
@@ -176,6 +188,12 @@ class LossConfig:
     """AlphaPO's reward shape for `simpo` and `cpo`: the reward log p becomes (1 - p^-alpha) / alpha
     (p the length-normalised sequence probability for simpo, the sequence probability for cpo);
     0 keeps log p (SimPO, CPO). TRL's CPOConfig `alpha`; the paper's Mistral setting is 0.25."""
+    kto_desirable_weight: float = 1.0
+    """KTO's weight lambda_D of the desirable examples' losses (TRL's `desirable_weight`); also
+    `apo_zero_unpaired`'s."""
+    kto_undesirable_weight: float = 1.0
+    """KTO's weight lambda_U of the undesirable examples' losses (TRL's `undesirable_weight`); the
+    paper advises lambda_D n_D / (lambda_U n_U) in [1, 4/3] for n_D desirable, n_U undesirable."""
     f_divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
     """f-DPO's divergence (Wang et al. 2023): each log-ratio log u of `dpo`, `dpo_norm`, `wpo`,
     `ipo`, `hinge`, `robust`, `exo_pair` and `discopop` becomes f'(u), normalised to 0 at u = 1:
@@ -564,8 +582,11 @@ def check(cfg: Config, problems: Problems) -> None:
             column_tables.append((f"{key}[{i}].columns", src.columns))
     for key, columns in column_tables:
         for name, column in columns.items():
-            known = ["prompt", "chosen", "rejected"]
-            message = f"{key}.{name}: expected keys prompt, chosen or rejected{did_you_mean(name, known)}"
+            known = ["prompt", "chosen", "rejected", "completion", "label"]
+            message = (
+                f"{key}.{name}: expected keys prompt, chosen, rejected, completion or label"
+                f"{did_you_mean(name, known)}"
+            )
             p.require(name in known, message, f"{key}.{name}")
             p.expect(bool(column), f"{key}.{name}", "a column name", column)
     p.expect(0 <= d.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)", d.eval_fraction)
@@ -584,6 +605,9 @@ def check(cfg: Config, problems: Problems) -> None:
         "data.max_length",
     )
     p.expect(d.num_proc >= 0, "data.num_proc", "0 (auto) or a number of processes", d.num_proc)
+    p.expect(
+        d.kl_shift_chunk >= 0, "data.kl_shift_chunk", "0 (random) or a chunk size >= 1", d.kl_shift_chunk
+    )
 
     names = [cfg.loss.type] if isinstance(cfg.loss.type, str) else cfg.loss.type
     p.expect(bool(names), "loss.type", "a loss name or a non-empty list", cfg.loss.type)
@@ -604,6 +628,8 @@ def check(cfg: Config, problems: Problems) -> None:
     lc = cfg.loss
     p.expect(lc.orpo_lambda >= 0, "loss.orpo_lambda", "a number >= 0", lc.orpo_lambda)
     p.expect(lc.cpo_alpha >= 0, "loss.cpo_alpha", "a number >= 0", lc.cpo_alpha)
+    for key in ("kto_desirable_weight", "kto_undesirable_weight"):
+        p.expect(getattr(lc, key) > 0, f"loss.{key}", "a number > 0", getattr(lc, key))
     p.expect(0 < lc.f_alpha < 1, "loss.f_alpha", "a number in (0, 1)", lc.f_alpha)
     p.expect(0 <= lc.beta_dpo_filter < 1, "loss.beta_dpo_filter", "a number in [0, 1)", lc.beta_dpo_filter)
     p.expect(

@@ -338,7 +338,10 @@ def shared_prefix_row(batch: PairBatch, device: torch.device, shared_length: boo
         triples.append((p, c, r))
         last_prompt = start + p - 1
         scores.add(last_prompt + torch.arange(c), chosen, i)
-        rejected_positions = torch.cat([torch.tensor([last_prompt]), start + p + c + torch.arange(r - 1)])
+        # (r = 0: an unpaired example without a KL sequence scores nothing there)
+        rejected_positions = torch.cat(
+            [torch.tensor([last_prompt]), start + p + c + torch.arange(max(r - 1, 0))]
+        )[:r]
         scores.add(rejected_positions, rejected, b + i)
         start += p + c + r
     return ModelInputs(

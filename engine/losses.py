@@ -5,7 +5,7 @@ Each loss takes a `PreferenceLogps` (policy and, where needed, reference log-pro
 about models, batches of tokens or ranks, so every loss is checked in tests/test_losses.py
 against a float64 transcription of its paper's formula.
 
-Batch-coupled losses (AOT, BCO's running shift, beta-DPO: registered with `step_stats`) are
+Batch-coupled losses (AOT, BCO's running shift, beta-DPO, KTO: registered with `step_stats`) are
 defined over the optimizer step's global batch: the trainer computes their statistics once per
 step from every rank's pairs (`step_stats`, a `BatchContext` per micro-batch) and they stay pure
 functions of (per-pair tensors, config, context); running state lives in `LossState`. They are
@@ -70,6 +70,10 @@ class PreferenceLogps:
     rejected_shared_logps: Tensor | None = None
     ref_chosen_shared_logps: Tensor | None = None  # the reference's (ld_sides = "both")
     ref_rejected_shared_logps: Tensor | None = None
+    # Unpaired losses (kto): each "pair" is an example, chosen its completion, rejected its KL
+    # completion (another example's, `engine.data.dataset.unpaired_examples`); 1.0 for
+    # desirable examples, 0.0 for undesirable ones. None for preference pairs.
+    desirable: Tensor | None = None
 
 
 @dataclass
@@ -113,6 +117,11 @@ class LossSpec:
     # Batch-coupled: defined over the optimizer step's global batch through a `BatchContext`
     # built from these statistics (implies pair_separable=False).
     step_stats: StepStats | None = None
+    # Takes unpaired examples (`PreferenceLogps.desirable`), not preference pairs.
+    unpaired: bool = False
+    # Unpaired: reads the KL sequences (the rejected side, `unpaired_examples`); without, that
+    # side is empty (no tokens, log-prob 0).
+    kl_sequences: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -138,14 +147,19 @@ def register(
     ld_weighted: bool = True,
     f_divergence_ok: bool = False,
     step_stats: StepStats | None = None,
+    unpaired: bool = False,
+    kl_sequences: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator that adds a loss function to `LOSSES` under `name`; with `step_stats` it is
-    batch-coupled (see `BatchContext`)."""
+    batch-coupled (see `BatchContext`), with `unpaired` it takes unpaired examples (and with
+    `kl_sequences` their KL sequences)."""
 
     def add(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is registered twice")
         reads = _fields_read(fn) | (_fields_read(step_stats) if step_stats else frozenset())
+        if unpaired:  # an unpaired loss weighs its examples by label (`_by_label`)
+            reads |= _fields_read(_by_label)
         LOSSES[name] = LossSpec(
             fn,
             needs_reference,
@@ -155,6 +169,8 @@ def register(
             f_divergence_ok,
             reads,
             step_stats,
+            unpaired,
+            kl_sequences,
         )
         return fn
 
@@ -501,6 +517,18 @@ def whole_batch(logps: PreferenceLogps, cfg: LossConfig, step_stats: StepStats) 
     return BatchContext(stats, torch.arange(len(logps.chosen_logps), device=logps.chosen_logps.device))
 
 
+def valid_batch(logps: PreferenceLogps, cfg: LossConfig, valid: Tensor) -> BatchContext:
+    """The context of an evaluation batch, taken as a whole batch: `step_stats` of its valid
+    pairs (`valid` [B] bool; padding pairs excluded, as in training) without running state.
+    One host read (which pairs are valid); a batch of padding pairs only uses them all."""
+    keep = torch.nonzero(valid).squeeze(1)
+    if not len(keep):
+        keep = torch.arange(len(valid), device=valid.device)
+    detached = replace(logps, **{k: v.detach()[keep] for k, v in vars(logps).items() if v is not None})
+    stats, _ = step_stats(detached, cfg, None)
+    return BatchContext(stats, (torch.cumsum(valid.long(), 0) - 1).clamp(min=0))
+
+
 def _sorted_partners(values: Tensor, partners: Tensor) -> Tensor:
     """For each i, the partner of the same rank: sort(partners)[rank of values[i] in values]."""
     out = torch.empty_like(partners)
@@ -679,6 +707,68 @@ def beta_dpo_loss(logps: PreferenceLogps, cfg: LossConfig, context: BatchContext
     return _output(losses, cfg.beta * chosen, cfg.beta * rejected, extras)
 
 
+def _kto_stats(logps: PreferenceLogps, cfg: LossConfig, state: dict | None) -> tuple[dict, dict]:
+    """KTO's z0: max(0, mean of the KL sequences' log-ratios pi_KL - ref_KL) of the batch."""
+    _, kl = _logratios(logps)
+    return {"kto/z0": kl.mean().clamp(min=0)}, {}
+
+
+def _by_label(logps: PreferenceLogps, cfg: LossConfig, desirable: Tensor, undesirable: Tensor) -> Tensor:
+    """An unpaired loss per example: lambda_D `desirable` for a desirable one, lambda_U
+    `undesirable` for an undesirable one (`kto_desirable_weight`, `kto_undesirable_weight`)."""
+    if logps.desirable is None:
+        raise ValueError("an unpaired loss needs unpaired examples (PreferenceLogps.desirable)")
+    return torch.where(
+        logps.desirable > 0, cfg.kto_desirable_weight * desirable, cfg.kto_undesirable_weight * undesirable
+    )
+
+
+@register(
+    "kto", needs_reference=True, ld_weighted=False, step_stats=_kto_stats, unpaired=True, kl_sequences=True
+)
+def kto_loss(logps: PreferenceLogps, cfg: LossConfig, context: BatchContext | None = None) -> LossOutput:
+    """KTO: lambda_D (1 - sigmoid(beta (r - z0))) for a desirable example, lambda_U (1 - sigmoid(
+    beta (z0 - r))) for an undesirable one, r = pi - ref of its completion (pi_c - ref_c here),
+    z0 = max(0, mean over the optimizer step's global batch of pi_KL - ref_KL), detached.
+
+    Ethayarajh, Xu, Muennighoff, Jurafsky, Kiela 2024, "KTO: Model Alignment as Prospect
+    Theoretic Optimization", arXiv:2402.01306 (eq. 8, the loss in its 1 - v form; z0 clamped at 0
+    as its code and TRL 1.16's KTOTrainer). lambda_D = `loss.kto_desirable_weight`, lambda_U =
+    `loss.kto_undesirable_weight`. Each "pair" is an example: its completion on the chosen side,
+    its KL completion (another example's completion after its prompt, `data.kl_shift_chunk`) on
+    the rejected side (pi_r, ref_r = pi_KL, ref_KL), `PreferenceLogps.desirable` its label. z0
+    is over every rank's and micro-batch's examples (`BatchContext`): TRL takes one micro-batch's
+    mean, averaged across ranks (TRL #2153, PR #6335), the same with one micro-batch per step.
+    Normalisation: the sum over the global batch's examples divided by their count, as TRL's
+    per-micro-batch mean averaged over accumulation steps (equal micro-batches). At z0 = 0 and
+    pi = ref each example's loss is lambda / 2 (not ln 2). Without a context z0 is the batch's.
+    Rewards: beta r (`engine.metrics.PairMetrics` averages them over the desirable and the
+    undesirable examples apart). Extras: "kl" = z0 (TRL's name).
+    """
+    context = context or whole_batch(logps, cfg, _kto_stats)
+    r, _ = _logratios(logps)
+    z0 = context.stats["kto/z0"]
+    losses = _by_label(logps, cfg, torch.sigmoid(-cfg.beta * (r - z0)), torch.sigmoid(-cfg.beta * (z0 - r)))
+    return _output(losses, cfg.beta * r, cfg.beta * r, {"kl": z0.expand_as(losses)})
+
+
+@register("apo_zero_unpaired", needs_reference=True, ld_weighted=False, unpaired=True)
+def apo_zero_unpaired_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """APO-zero on unpaired examples: lambda_D (1 - sigmoid(beta r)) for a desirable example
+    (raises its likelihood), lambda_U sigmoid(beta r) for an undesirable one (lowers it), r = pi -
+    ref of its completion; APO-zero's two terms (`apo_zero`) split over the examples.
+
+    D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions:
+    Addressing Underspecification in Alignment", arXiv:2408.06266, unpaired as TRL 1.16's
+    KTOTrainer `loss_type="apo_zero_unpaired"` (the same weights lambda_D, lambda_U as `kto`). No
+    KL term: the examples have no KL sequences (`kl_sequences`). Pair-separable, normalised as
+    `kto`. At init each example's loss is lambda / 2. Rewards: beta r.
+    """
+    r, _ = _logratios(logps)
+    losses = _by_label(logps, cfg, torch.sigmoid(-cfg.beta * r), torch.sigmoid(cfg.beta * r))
+    return _output(losses, cfg.beta * r, cfg.beta * r)
+
+
 class LossState:
     """The running state of the batch-coupled losses (`step_stats`) by name, saved in the
     checkpoints' trainer_state.json (`state_dict`: exact values): 0-d float64 tensors on `device`,
@@ -831,6 +921,12 @@ def check_settings(cfg: LossConfig, problems: Problems) -> None:
     names = _known_names(cfg)
     if names is None:
         return
+    problems.require(
+        len({LOSSES[name].unpaired for name in names}) == 1,
+        f"loss.type: {names} mixes unpaired losses "
+        f"({', '.join(n for n in names if LOSSES[n].unpaired)}) with paired ones: they take different data",
+        "loss.type",
+    )
     if cfg.f_divergence != "reverse_kl":
         others = [name for name in names if not LOSSES[name].f_divergence_ok]
         takers = ", ".join(name for name, spec in LOSSES.items() if spec.f_divergence_ok)
@@ -900,19 +996,31 @@ def needs_logweights(cfg: LossConfig) -> bool:
     return any(spec.needs_logweights for spec in _specs(cfg))
 
 
+def unpaired(cfg: LossConfig) -> bool:
+    """Whether the losses of `cfg.type` take unpaired examples (`LossSpec.unpaired`)."""
+    return any(spec.unpaired for spec in _specs(cfg))
+
+
+def kl_sequences(cfg: LossConfig) -> bool:
+    """Whether the losses of `cfg.type` read unpaired examples' KL sequences
+    (`LossSpec.kl_sequences`)."""
+    return any(spec.kl_sequences for spec in _specs(cfg))
+
+
 def batch_coupled(cfg: LossConfig) -> bool:
     """Whether any loss in `cfg.type` is batch-coupled (needs a `BatchContext` per micro-batch)."""
     return any(spec.step_stats is not None for spec in _specs(cfg))
 
 
 def step_stats(
-    logps: PreferenceLogps, cfg: LossConfig, state: dict[str, Tensor]
+    logps: PreferenceLogps, cfg: LossConfig, state: dict[str, Tensor] | None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The `BatchContext.stats` of every batch-coupled loss of `cfg.type` over `logps`, the
     detached [N] tensors of the step's global batch (LD-DPO's desensitised sums for the
-    `ld_weighted` ones), and the running state after this step from `state`."""
+    `ld_weighted` ones), and the running state after this step from `state` (None: without
+    running state, as `whole_batch`)."""
     desensitized = length_desensitized(logps, cfg) if needs_shared_length(cfg) else logps
-    stats, after = {}, dict(state)
+    stats, after = {}, dict(state or {})
     for spec in _specs(cfg):
         if spec.step_stats is not None:
             found, changed = spec.step_stats(desensitized if spec.ld_weighted else logps, cfg, state)

@@ -58,31 +58,63 @@ from engine.run_dir import RunDir
 
 class PairMetrics:
     """Sums of per-pair metrics over valid pairs, kept on the device: `add` launches a few
-    kernels and reads nothing back, `reduce` reads them once (one all-reduce of one vector)."""
+    kernels and reads nothing back, `reduce` reads them once (one all-reduce of one vector).
+
+    Unpaired examples (`PreferenceLogps.desirable`, kto): rewards/chosen and logps/chosen are
+    the means over the desirable examples, rewards/rejected and logps/rejected over the
+    undesirable ones (TRL's KTOTrainer's), "kto/desirable" the desirable share; a metric whose
+    examples the window lacks is left out. There is no pair to compare, so rewards/accuracies
+    and rewards/margins are not reported; logps/kl is the KL sequences' mean log-prob (left out
+    for a loss without them, apo_zero_unpaired)."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
-        self.sums: torch.Tensor | None = None  # [names + 1] fp64: each metric's sum, then the pairs
+        # [2 names + 1] fp64: each metric's sum, then each one's count of pairs (its own for the
+        # desirable or undesirable examples' means), then the pairs
+        self.sums: torch.Tensor | None = None
         self.tokens = 0  # real (non-pad) tokens read, for throughput (counted on the host)
 
     def add(self, losses: torch.Tensor, out: LossOutput, logps: PreferenceLogps, valid: torch.Tensor) -> None:
         """Add a micro-batch's per-pair values; `valid` [B] on their device (0: padding pair)."""
         v = valid.to(losses.device, torch.float64)
-        values = {
-            "loss": losses.detach(),
-            "rewards/chosen": out.chosen_rewards,
-            "rewards/rejected": out.rejected_rewards,
-            "rewards/accuracies": out.chosen_rewards > out.rejected_rewards,
-            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
-            "logps/chosen": logps.chosen_logps.detach(),
-            "logps/rejected": logps.rejected_logps.detach(),
-            **out.extras,
-        }
+        over = {}  # metric -> the pairs it averages over, where not all
+        if logps.desirable is None:
+            values = {
+                "loss": losses.detach(),
+                "rewards/chosen": out.chosen_rewards,
+                "rewards/rejected": out.rejected_rewards,
+                "rewards/accuracies": out.chosen_rewards > out.rejected_rewards,
+                "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+                "logps/chosen": logps.chosen_logps.detach(),
+                "logps/rejected": logps.rejected_logps.detach(),
+                **out.extras,
+            }
+        else:
+            d = logps.desirable.to(torch.float64)
+            completion = logps.chosen_logps.detach()
+            values = {
+                "loss": losses.detach(),
+                "rewards/chosen": out.chosen_rewards,
+                "rewards/rejected": out.chosen_rewards,
+                "logps/chosen": completion,
+                "logps/rejected": completion,
+                "logps/kl": logps.rejected_logps.detach(),
+                "kto/desirable": d,
+                **out.extras,
+            }
+            over = {
+                "rewards/chosen": d,
+                "logps/chosen": d,
+                "rewards/rejected": 1 - d,
+                "logps/rejected": 1 - d,
+                "logps/kl": (logps.rejected_tokens > 0).to(torch.float64),  # none: no KL sequences
+            }
         if self.sums is not None and list(values) != self.names:
             raise ValueError(f"metrics {list(values)} added to a window of {self.names}")
         self.names = list(values)
         stacked = torch.stack([value.detach().to(torch.float64) for value in values.values()])  # [K, B]
-        sums = torch.cat([(stacked * v).sum(1), v.sum().unsqueeze(0)])
+        weights = torch.stack([over[name] * v if name in over else v for name in values])  # [K, B]
+        sums = torch.cat([(stacked * weights).sum(1), weights.sum(1), v.sum().unsqueeze(0)])
         self.sums = sums if self.sums is None else self.sums + sums
 
     def reduce(self, device: torch.device, extra: dict[str, float] | None = None) -> dict[str, float]:
@@ -96,9 +128,13 @@ class PairMetrics:
             dist.all_reduce(vector)
         values = vector.tolist()
         k = len(self.names)
-        pairs = values[k]
-        means = {n: values[i] / max(pairs, 1.0) for i, n in sorted(enumerate(self.names), key=lambda x: x[1])}
-        summed = dict(zip(extra, values[k + 1 :]))
+        pairs = values[2 * k] if k else values[0]
+        means = {
+            n: values[i] / max(values[k + i], 1.0)
+            for i, n in sorted(enumerate(self.names), key=lambda x: x[1])
+            if values[k + i] > 0 or pairs == 0
+        }
+        summed = dict(zip(extra, values[2 * k + 1 :] if k else values[1:]))
         return {**means, **summed, "pairs": pairs}
 
 

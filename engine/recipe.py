@@ -266,6 +266,28 @@ def check_names(cfg: Config, problems: Problems) -> None:
         )
     losses.check_settings(cfg.loss, problems)
     losses.check_read_settings(cfg.loss, problems)
+    # (the specs by name: `losses.unpaired` would raise the loss API's check of the settings)
+    specs = [losses.LOSSES[name] for name in names] if all(n in losses.LOSSES for n in names) else []
+    if specs and not any(spec.unpaired for spec in specs):
+        d = cfg.data
+        unpaired_settings = {"unpair": d.unpair, "kl_shift_chunk": d.kl_shift_chunk, "format": d.format}
+        takers = ", ".join(n for n, spec in losses.LOSSES.items() if spec.unpaired)
+        for key, value in unpaired_settings.items():
+            problems.require(
+                value not in (True, "unpaired") and (key != "kl_shift_chunk" or value == 0),
+                f"data.{key}={value!r} is for unpaired losses ({takers}), not loss.type {names}",
+                f"data.{key}",
+                "loss.type",
+            )
+    elif specs and not any(spec.kl_sequences for spec in specs):
+        takers = ", ".join(n for n, spec in losses.LOSSES.items() if spec.kl_sequences)
+        problems.require(
+            cfg.data.kl_shift_chunk == 0,
+            f"data.kl_shift_chunk={cfg.data.kl_shift_chunk} chooses KL sequences, which loss.type {names} "
+            f"has none of (a KL term: {takers})",
+            "data.kl_shift_chunk",
+            "loss.type",
+        )
     t = cfg.training
     mode = FORWARD_MODES.get(t.forward_mode)
     if mode is None:

@@ -290,7 +290,16 @@ def _tokenizer_component(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     }
 
 
-TOKEN_SETTINGS = ("max_length", "max_prompt_length", "truncation", "format", "columns", "chat_template")
+TOKEN_SETTINGS = (
+    "max_length",
+    "max_prompt_length",
+    "truncation",
+    "format",
+    "columns",
+    "chat_template",
+    "unpair",
+    "kl_shift_chunk",
+)
 
 
 def _data_component(

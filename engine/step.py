@@ -22,7 +22,7 @@ host runs ahead and queues work (which FSDP2's implicit prefetch relies on):
 tests/test_syncs.py counts every value read in a step, per forward mode, against this list and
 the model's own (transformers' mask preparation: see there).
 
-Batch-coupled losses (`losses.batch_coupled`: AOT, BCO's running delta, beta-DPO) are defined over
+Batch-coupled losses (`losses.batch_coupled`: AOT, BCO's running delta, beta-DPO, KTO's z0) are defined over
 the step's global batch: before the passes above, `batch_contexts` runs a no-grad forward of
 every micro-batch (one more forward per micro-batch, no backward), all-gathers the per-pair
 log-probs across ranks, orders them by pair id (so the result does not depend on world size or
@@ -88,6 +88,7 @@ class MicroBatch:
     valid: Tensor  # [B] bool: False for padding pairs
     pair_ids: Tensor  # [B] long: rows of the reference table
     real_tokens: int  # of the valid pairs (`PairBatch.real_tokens`), counted on the host
+    desirable: Tensor | None = None  # [B] float: unpaired examples' labels (`PairBatch.desirable`)
 
 
 @dataclass
@@ -134,11 +135,13 @@ class TrainStep:
             to_device(batch.valid, self.device),
             to_device(batch.pair_ids, self.device),
             batch.real_tokens,
+            None if batch.desirable is None else to_device(batch.desirable, self.device),
         )
 
     def logps(self, micro: MicroBatch, reference: ReferenceLogps | None) -> losses.PreferenceLogps:
         """Forward: the policy's log-probs of `micro`, with the reference's when given."""
         logps = score_pairs(self.model, micro.inputs, self.with_logweights)
+        logps.desirable = micro.desirable
         if reference is not None:
             ref = reference.select(micro.pair_ids, self.device)
             logps.ref_chosen_logps, logps.ref_rejected_logps = ref.chosen, ref.rejected
@@ -150,8 +153,11 @@ class TrainStep:
         self, micro: MicroBatch, reference: ReferenceLogps | None, context: losses.BatchContext | None = None
     ) -> tuple[losses.PreferenceLogps, losses.LossOutput, Tensor]:
         """Forward: (log-probs, loss output, per-pair losses with padding pairs zeroed). Without
-        `context`, batch-coupled losses take `micro` as the whole batch (evaluation)."""
+        `context`, batch-coupled losses take `micro`'s valid pairs as the whole batch
+        (evaluation: `losses.valid_batch`)."""
         logps = self.logps(micro, reference)
+        if context is None and losses.batch_coupled(self.cfg.loss):
+            context = losses.valid_batch(logps, self.cfg.loss, micro.valid)
         out = losses.compute_loss(logps, self.cfg.loss, context)
         return logps, out, out.losses * micro.valid
 

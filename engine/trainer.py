@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from engine import losses
 from engine.attention import kernel_plan
 from engine.checkpoint import CheckpointManager, TrainerState, resume_path
 from engine.config import Config
@@ -38,6 +39,7 @@ from engine.data import (
     resolve_chat_template,
     shard_for_inference,
     split_eval,
+    unpaired_examples,
 )
 from engine.distributed import Interrupted, World, log, stopping_at
 from engine.errors import UserError
@@ -86,12 +88,18 @@ def build_data(cfg: Config) -> tuple[PreTrainedTokenizerBase, PreferenceDataset,
     template = resolve_chat_template(cfg.data.chat_template)
     if template:
         tokenizer.chat_template = template
-    train_data = build_dataset(cfg.data.train, tokenizer, cfg.data, cfg.job.seed)
+    unpaired = losses.unpaired(cfg.loss)
+    train_data = build_dataset(cfg.data.train, tokenizer, cfg.data, cfg.job.seed, unpaired=unpaired)
     eval_data = None
     if cfg.data.eval:
-        eval_data = build_dataset(cfg.data.eval, tokenizer, cfg.data, cfg.job.seed)
+        eval_data = build_dataset(cfg.data.eval, tokenizer, cfg.data, cfg.job.seed, unpaired=unpaired)
     elif cfg.data.eval_fraction > 0:
         train_data, eval_data = split_eval(train_data, cfg.data.eval_fraction, cfg.job.seed)
+    if unpaired:  # after the split: a KL completion is from the example's own set
+        kl = losses.kl_sequences(cfg.loss)
+        train_data = unpaired_examples(train_data, cfg.data, cfg.job.seed, "data.train", kl=kl)
+        if eval_data is not None:
+            eval_data = unpaired_examples(eval_data, cfg.data, cfg.job.seed, "data.eval", kl=kl)
     log(train_data.summary())
     return tokenizer, train_data, eval_data
 
@@ -320,7 +328,7 @@ class Trainer:
         self.checkpoints.close()
         stopping_at("during the final evaluation and export")
         after = self.evaluate(total)
-        if before and after:
+        if before and after and "eval/rewards/accuracies" in after:  # preference pairs (not kto's)
             log(
                 "held-out preference accuracy (strict: ties, as at step 0, count as wrong): "
                 f"before {before['eval/rewards/accuracies']:.3f} -> after {after['eval/rewards/accuracies']:.3f}"

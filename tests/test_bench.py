@@ -71,6 +71,18 @@ def test_bench_reports_every_mode(recipe: Path, tmp_path: Path, world) -> None:
     }
 
 
+def test_bench_runs_an_unpaired_loss_on_the_recipes_examples(recipe: Path, tmp_path: Path, world) -> None:
+    """kto benches on the recipe's pairs split into labelled examples (`recipe_pairs`), as the
+    trainer builds them; synthetic pairs have no labels."""
+    kto = [str(recipe), "loss.type=kto", "data.unpair=true", "--steps", "1", "--warmup", "0"]
+    report = cli.main([*kto, "--matmul-size", "64", "--modes", "packed", "--out", str(tmp_path / "b.json")])
+    assert report["modes"]["packed"]["tokens_per_s"] > 0
+    with pytest.raises(
+        UserError, match=r"--synthetic-pairs: loss\.type 'kto' takes labelled unpaired examples"
+    ):
+        cli.main([*kto, "--synthetic-pairs", "8"])
+
+
 @pytest.mark.slow
 def test_bench_under_torchrun(recipe: Path, tmp_path: Path) -> None:
     """2 ranks: the step's pairs are split over ranks (work summed), a token budget gives both

@@ -194,7 +194,7 @@ def test_data_recipe_keys_parse_validate_and_round_trip(tmp_path: Path) -> None:
     for override, words in (
         (
             'data.columns={chossen = "a"}',
-            'data.columns.chossen: expected keys prompt, chosen or rejected (did you mean "chosen"?)',
+            'data.columns.chossen: expected keys prompt, chosen, rejected, completion or label (did you mean "chosen"?)',
         ),
         ("data.columns={chosen = 1}", "data.columns.chosen: expected a string"),
         ("data.columns=3", "data.columns: expected a table of strings"),

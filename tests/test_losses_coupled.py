@@ -21,7 +21,7 @@ from engine.losses import LOSSES, BatchContext, PreferenceLogps, compute_loss, s
 from tests.conftest import base_tables, main_in_process, train_rows, write_recipe
 from tests.test_losses_family import _trl_dpo_loss
 
-BATCH_COUPLED = ["aot", "aot_unpaired", "bco", "bco_batch", "beta_dpo"]
+BATCH_COUPLED = ["aot", "aot_unpaired", "bco", "bco_batch", "beta_dpo", "kto"]  # kto: tests/test_kto.py
 SORTED_OR_SHIFTED = ["aot", "aot_unpaired", "bco", "bco_batch"]  # beta-DPO's sampling: its own tests
 
 

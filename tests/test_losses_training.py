@@ -2,7 +2,7 @@
 
 Two launches (1 rank x micro 8 x accumulation 1 with the concatenated forward; 2 ranks x micro 2
 x accumulation 2 with the separate forward) each train every registered loss for 3 steps: the
-pair-separable ones and the batch-coupled ones (defined over the global batch) must agree.
+pair-separable ones and the batch-coupled ones (defined over the global batch: KTO's z0 too) must agree.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine import losses
-from tests.conftest import base_tables, run_sweep, write_recipe
+from tests.conftest import base_tables, run_sweep, train_rows, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,13 @@ def sweeps(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small
     # noise in elements whose gradient is ~0; at lr 1e-3 that reaches ~2e-5 after 3 steps.
     tables["optimizer"]["lr"] = 1e-4
     recipe = write_recipe(tmp / "sweep.toml", tables)
-    one = {name: [f"loss.type={name}"] for name in losses.LOSSES}
+    # unpaired losses (kto) train on the same pairs split into desirable and undesirable examples,
+    # at an lr that makes KTO's z0 positive by step 3 (0 before: clamped), so it is exercised
+    unpaired = ["data.unpair=true", "optimizer.lr=3e-3"]
+    one = {
+        name: [f"loss.type={name}", *(unpaired if spec.unpaired else [])]
+        for name, spec in losses.LOSSES.items()
+    }
     two = {
         name: [*runs, "training.micro_batch_size=2", "training.forward_mode=separate"]
         for name, runs in one.items()
@@ -58,6 +64,13 @@ def test_losses_do_not_depend_on_the_batch_split(sweeps: dict, name: str, tiny_m
 
     initial = load_file(tiny_model_dir / "model.safetensors")
     assert any(not torch.equal(w1[k], initial[k]) for k in initial), name
+
+
+def test_kto_z0_is_of_the_global_batch(sweeps: dict) -> None:
+    """z0 > 0 at step 3 (so the global-batch mean above is tested, not its clamp), the same for
+    1 rank x micro 8 and 2 ranks x micro 2 x accumulation 2."""
+    one, two = (train_rows(Path(sweeps[k]["_dir"]) / "kto") for k in ("one", "two"))
+    assert one[-1]["kl"] > 0.1 and math.isclose(one[-1]["kl"], two[-1]["kl"], rel_tol=1e-5)
 
 
 def test_reference_free_losses_never_compute_reference_logps(sweeps: dict) -> None:

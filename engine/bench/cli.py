@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from engine import losses
 from engine.bench.common import recipe_pairs, reduce_over_ranks, synthetic_pairs
 from engine.bench.modes import Setup, merge_rounds, paired_speedup, parse_mode, run_mode, summarize
 from engine.bench.trl import import_trl, run_trl
@@ -126,6 +127,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         import_trl()
     cfg = load_config(args.recipe, args.overrides)
     world = init_distributed()
+    if args.against == "trl" and losses.unpaired(cfg.loss):
+        raise UserError(f"--against trl: the TRL runner is DPOTrainer's, not for loss.type {cfg.loss.type!r}")
     if args.against == "trl" and world.world_size > 1:
         raise UserError("--against trl: run it in one process (without torchrun)")
     t = cfg.training
@@ -134,15 +137,21 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         BatchPlan.split(t.global_batch_size, t.micro_batch_size, world.world_size, budget)
     tokenizer = build_tokenizer(cfg.model)
     overrides = _parse_model_config(args.model_config)
+    labels = None
     if args.synthetic_pairs:
+        if losses.unpaired(cfg.loss):
+            raise UserError(
+                f"--synthetic-pairs: loss.type {cfg.loss.type!r} takes labelled unpaired examples: bench it on "
+                "the recipe's data"
+            )
         lo, hi = (int(x) for x in args.completion_len.split(","))
         vocab = overrides.get("vocab_size") or len(tokenizer)
         pairs = synthetic_pairs(
             args.synthetic_pairs, args.prompt_len, (lo, hi), vocab, cfg.data.max_length, cfg.job.seed
         )
     else:
-        pairs = recipe_pairs(cfg, tokenizer)
-    setup = Setup(cfg, pairs, tokenizer.pad_token_id, args.steps, args.warmup, args.rounds, overrides)
+        pairs, labels = recipe_pairs(cfg, tokenizer)
+    setup = Setup(cfg, pairs, tokenizer.pad_token_id, args.steps, args.warmup, args.rounds, overrides, labels)
     for m, (layout, budget) in layouts.items():
         longest = int(FORWARD_MODES[layout].pair_positions(setup.lengths).max()) if budget else 0
         if longest > budget:

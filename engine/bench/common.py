@@ -37,13 +37,21 @@ def synthetic_pairs(
     return pairs
 
 
-def recipe_pairs(cfg: Config, tokenizer) -> list[Pair]:
-    """The recipe's training pairs, in order (`engine.data.build_dataset`)."""
-    from engine.data import build_dataset
+def recipe_pairs(cfg: Config, tokenizer) -> tuple[list[Pair], list[bool] | None]:
+    """The recipe's training pairs, in order (`engine.data.build_dataset`), and None; for an
+    unpaired loss its examples (`engine.data.unpaired_examples`: prompt, completion, KL
+    completion) and their labels, as the trainer builds them."""
+    from engine import losses
+    from engine.data import build_dataset, unpaired_examples
 
-    data = build_dataset(cfg.data.train, tokenizer, cfg.data, cfg.job.seed)
-    pairs = (data.pairs[i] for i in range(len(data)))
-    return [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
+    unpaired = losses.unpaired(cfg.loss)
+    data = build_dataset(cfg.data.train, tokenizer, cfg.data, cfg.job.seed, unpaired=unpaired)
+    if unpaired:
+        kl = losses.kl_sequences(cfg.loss)
+        data = unpaired_examples(data, cfg.data, cfg.job.seed, "data.train", kl=kl)
+    pairs = [data.pairs[i] for i in range(len(data))]
+    labels = [bool(p.desirable) for p in pairs] if unpaired else None
+    return [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs], labels
 
 
 def pair_lengths(pairs: list[Pair]) -> np.ndarray:
@@ -51,14 +59,16 @@ def pair_lengths(pairs: list[Pair]) -> np.ndarray:
     return np.array([[len(x) for x in pair] for pair in pairs], dtype=np.int64).reshape(-1, 3)
 
 
-def pair_batch(pairs: list[Pair], ids: list[int]) -> PairBatch:
-    """A micro-batch of `pairs`, whose indices in the bench's pair list are `ids`."""
+def pair_batch(pairs: list[Pair], ids: list[int], desirable: list[bool] | None = None) -> PairBatch:
+    """A micro-batch of `pairs`, whose indices in the bench's pair list are `ids` (unpaired
+    examples: with their labels `desirable`)."""
     return PairBatch(
         pair_ids=torch.tensor(ids, dtype=torch.long),
         valid=torch.ones(len(pairs), dtype=torch.bool),
         prompts=[p for p, _, _ in pairs],
         chosen=[c for _, c, _ in pairs],
         rejected=[r for _, _, r in pairs],
+        desirable=None if desirable is None else torch.tensor(desirable, dtype=torch.float32),
     )
 
 

@@ -70,6 +70,7 @@ class Setup:
     warmup: int
     rounds: int
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    desirable: list[bool] | None = None  # unpaired examples' labels (`recipe_pairs`)
 
     @functools.cached_property
     def lengths(self) -> np.ndarray:
@@ -129,7 +130,13 @@ def step_batches(setup: Setup, step: int, world: World, layout: str, budget: int
     tokens = FORWARD_MODES[layout].pair_positions(setup.lengths) if budget else None
     ids = step_pair_ids(setup, step)
     groups = rank_micro_batches(ids, world.rank, world.world_size, t.micro_batch_size, budget, tokens)
-    return [pair_batch([setup.pairs[i] for i in group], group) for group in groups]
+    labels = setup.desirable
+    return [
+        pair_batch(
+            [setup.pairs[i] for i in group], group, None if labels is None else [labels[i] for i in group]
+        )
+        for group in groups
+    ]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ The parts, in the order data flows through them:
 - formats.py: standard / conversational / implicit-prompt rows, column names, malformed rows;
 - tokenize.py: chat templates and the exact prompt/completion split;
 - cache.py: tokenising once per source with `datasets.map`, cached on disk, rank 0 first;
-- dataset.py: filters, length policy, mixture sampling, statistics, the eval split;
+- dataset.py: filters, length policy, mixture sampling, statistics, the eval split, unpaired
+  examples with their KL completions (kto);
 - sampler.py: the global-batch sampler (optionally length-grouped), collation, padding cost.
 """
 
@@ -22,6 +23,7 @@ from engine.data.dataset import (
     build_dataset,
     split_eval,
     token_stats,
+    unpaired_examples,
 )
 from engine.data.sampler import (
     GlobalBatchSampler,
@@ -45,4 +47,5 @@ __all__ = [
     "split_eval",
     "token_budget_micro_batches",
     "token_stats",
+    "unpaired_examples",
 ]

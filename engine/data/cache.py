@@ -45,7 +45,7 @@ from engine.hashing import sha256_json
 if TYPE_CHECKING:
     import datasets
 
-TOKENIZATION_VERSION = 1
+TOKENIZATION_VERSION = 2  # 2: unpaired rows (formats.py) tokenise instead of being bad rows
 """Bump when tokenize.py's output for the same inputs changes: old cache folders go unused."""
 ROWS_PER_PROCESS = 10_000  # data.num_proc = 0: one tokenising process per this many rows
 STAGING_MAX_AGE_S = 7 * 24 * 3600  # older staging folders are leftovers of killed runs

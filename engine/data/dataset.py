@@ -23,6 +23,7 @@ access (`pairs[i]`), so a large mixture costs no Python lists per rank.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,10 +53,14 @@ MAX_EXAMPLES = 5  # bad-row problems quoted per source in the statistics
 
 @dataclass
 class TokenizedPair:
+    """A pair; for unpaired losses an example (`unpaired_examples`): chosen is its completion,
+    rejected its KL completion, `desirable` its label."""
+
     pair_id: int
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    desirable: bool | None = None  # None: a preference pair
 
 
 class _TokenColumn:
@@ -77,11 +82,16 @@ class _TokenColumn:
         return values[begin + start : begin + stop].tolist()
 
 
+_SIDES = ("chosen", "rejected")
+
+
 class ArrowPairs(Sequence):
     """Pairs read on access from tokenised Arrow rows, with their truncation applied.
 
     Pair i is row `rows[i]` of the tables: prompt tokens [prompt_start, prompt_start + prompt_len),
-    the first `chosen_len` chosen and `rejected_len` rejected tokens.
+    the first `chosen_len` chosen and `rejected_len` rejected tokens. Unpaired examples
+    (`unpaired_examples`) also have `side` (their completion is row `rows[i]`'s chosen (0) or
+    rejected (1) column), `kl_rows` and `kl_side` (where their KL completion is) and `desirable`.
     """
 
     def __init__(self, columns: dict[str, _TokenColumn], spans: dict[str, np.ndarray]) -> None:
@@ -107,11 +117,20 @@ class ArrowPairs(Sequence):
             raise IndexError(i)
         s, row = self.spans, int(self.rows[i])
         start = int(s["prompt_start"][i])
+        prompt = self.columns["prompt"].ids(row, start, start + int(s["prompt_len"][i]))
+        if "side" not in s:
+            return TokenizedPair(
+                i,
+                prompt,
+                self.columns["chosen"].ids(row, 0, int(s["chosen_len"][i])),
+                self.columns["rejected"].ids(row, 0, int(s["rejected_len"][i])),
+            )
         return TokenizedPair(
             i,
-            self.columns["prompt"].ids(row, start, start + int(s["prompt_len"][i])),
-            self.columns["chosen"].ids(row, 0, int(s["chosen_len"][i])),
-            self.columns["rejected"].ids(row, 0, int(s["rejected_len"][i])),
+            prompt,
+            self.columns[_SIDES[s["side"][i]]].ids(row, 0, int(s["chosen_len"][i])),
+            self.columns[_SIDES[s["kl_side"][i]]].ids(int(s["kl_rows"][i]), 0, int(s["rejected_len"][i])),
+            bool(s["desirable"][i]),
         )
 
     def __iter__(self) -> Iterator[TokenizedPair]:
@@ -160,8 +179,14 @@ class PreferenceDataset:
         return self.pairs.rows if isinstance(self.pairs, ArrowPairs) else np.arange(len(self.pairs))
 
     def summary(self) -> str:
-        """One log line: pairs, what the filters dropped, and token-length percentiles."""
-        parts = [f"{len(self)} pairs"]
+        """One log line: pairs (unpaired data: examples, desirable and undesirable), what the
+        filters dropped, and token-length percentiles."""
+        unpaired = self.stats.get("unpaired")
+        if unpaired:
+            labels = f"{unpaired['desirable']} desirable, {unpaired['undesirable']} undesirable"
+            parts = [f"{len(self)} examples ({labels})"]
+        else:
+            parts = [f"{len(self)} pairs"]
         for source in self.stats.get("sources", []):
             dropped = ", ".join(f"{k} {v['dropped']}" for k, v in source["filters"].items() if v["dropped"])
             cut = ", ".join(f"{k} {v}" for k, v in source["truncated"].items() if v)
@@ -184,7 +209,7 @@ class PreferenceDataset:
             pairs: Sequence[TokenizedPair] = self.pairs.select(positions)
         else:
             pairs = [
-                TokenizedPair(i, p.prompt_ids, p.chosen_ids, p.rejected_ids)
+                dataclasses.replace(p, pair_id=i)
                 for i, p in enumerate(self.pairs[k] for k in positions.tolist())
             ]
         selected = PreferenceDataset(pairs)
@@ -323,11 +348,14 @@ def build_dataset(
     seed: int,
     *,
     name: str | None = None,
+    unpaired: bool = False,
 ) -> PreferenceDataset:
     """Load, tokenise (or reuse the cache), filter, truncate and mix `sources`.
 
     `name` prefixes messages ("data.train", "data.eval"; by default whichever list of `cfg`
-    `sources` is). Under torch.distributed every rank must call this, in the same order.
+    `sources` is). `unpaired`: the data is for an unpaired loss (`check_pairing`); its examples
+    are made by `unpaired_examples`. Under torch.distributed every rank must call this, in the
+    same order.
     """
     key = name or ("data.eval" if sources is cfg.eval else "data.train")
     if not sources:
@@ -356,6 +384,7 @@ def build_dataset(
     for source, config, source_name in zip(tokenized, sources, names):
         kept, stats = filter_source(source, cfg)
         check_kept(stats, source_name)
+        check_pairing(source, kept, cfg, unpaired)
         picked = _sample(stats["kept"], config, source_name, seed)
         examples = stats.pop("bad_row_examples", None)
         stats["sampled"] = len(picked)
@@ -382,6 +411,93 @@ def build_dataset(
         },
     }
     return dataset
+
+
+def check_pairing(
+    source: TokenizedSource, kept: dict[str, np.ndarray], cfg: DataConfig, unpaired: bool
+) -> None:
+    """A UserError naming the first row of `source` (`filter_source`'s `kept` spans) that its
+    loss cannot take: an unpaired example (one completion and a label) for a paired loss, a
+    preference pair for an unpaired loss unless `data.unpair` splits it."""
+    one_sided = (kept["chosen_len"] == 0) | (kept["rejected_len"] == 0)
+    wrong = np.flatnonzero(~one_sided if unpaired else one_sided)
+    if not len(wrong) or (unpaired and cfg.unpair):
+        return
+    where = f"{source.name}: {source.location(int(kept['rows'][wrong[0]]))}"
+    if unpaired:
+        raise UserError(
+            f"{where}: a preference pair (chosen and rejected) for an unpaired loss in loss.type: set "
+            "data.unpair = true to split each pair into a desirable and an undesirable example, or give "
+            "unpaired rows {prompt, completion, label}"
+        )
+    raise UserError(
+        f"{where}: an unpaired example (completion and label) for a paired loss in loss.type: unpaired "
+        'rows need an unpaired loss such as "kto"'
+    )
+
+
+def kl_partners(count: int, chunk: int, seed: int) -> np.ndarray:
+    """The example whose completion each of `count` examples' KL sequence takes
+    (`data.kl_shift_chunk`): chunk 0, a seeded random cycle through all of them (never itself, for
+    count >= 2); chunk k > 0, TRL 1.16's +1 shift within consecutive chunks of k (example s + j
+    takes s + j - 1, the chunk's first its last; a chunk of one takes itself, as in TRL)."""
+    positions = np.arange(count)
+    if chunk:
+        start = positions - positions % chunk
+        last = np.minimum(start + chunk, count) - 1
+        return np.where(positions == start, last, positions - 1)
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"{seed}:kl".encode()).digest()[:8], "little"))
+    cycle = rng.permutation(count)
+    partners = np.empty(count, dtype=np.int64)
+    partners[cycle] = np.roll(cycle, 1)
+    return partners
+
+
+def unpaired_examples(
+    dataset: PreferenceDataset, cfg: DataConfig, seed: int, name: str, *, kl: bool = True
+) -> PreferenceDataset:
+    """The unpaired examples of `dataset` (`build_dataset(..., unpaired=True)`, after any eval
+    split), numbered from 0, each a `TokenizedPair` of its prompt, its completion (chosen), the
+    completion of its `kl_partners` example (rejected: the KL sequence), and `desirable`. A
+    preference pair gives two examples with `data.unpair`, (prompt, chosen, desirable) then
+    (prompt, rejected, undesirable). A KL completion is cut to fit `data.max_length` after the
+    example's prompt (TRL cuts the KL sequence at max_length too). Being a pure function of the
+    data set, `data.kl_shift_chunk` and `seed`, the pairing does not depend on batching, world
+    size or resume, and the reference log-probs of the KL sequences are cached with the rest.
+    `kl` False (a loss without a KL term, `losses.kl_sequences`): no KL sequences, the rejected
+    side is empty."""
+    pairs = dataset.pairs
+    if not isinstance(pairs, ArrowPairs):
+        raise TypeError("unpaired_examples needs a data set read from the tokenisation cache")
+    s = pairs.spans
+    has = np.stack([s["chosen_len"] > 0, s["rejected_len"] > 0], axis=1)
+    pair, side = np.nonzero(has)  # pair order, the chosen side first
+    if kl and len(pair) < 2:
+        raise UserError(f"{name}: {len(pair)} unpaired example; the KL estimate needs at least 2")
+    completion = np.where(side == 0, s["chosen_len"][pair], s["rejected_len"][pair])
+    partner = kl_partners(len(pair), cfg.kl_shift_chunk, seed) if kl else np.arange(len(pair))
+    spans = {key: s[key][pair] for key in ("rows", "prompt_start", "prompt_len")}
+    spans |= {
+        "side": side.astype(np.int8),
+        "chosen_len": completion,
+        "kl_rows": spans["rows"][partner],
+        "kl_side": side[partner].astype(np.int8),
+        "rejected_len": np.minimum(completion[partner], cfg.max_length - spans["prompt_len"]) * kl,
+        "desirable": side == 0,
+    }
+    examples = PreferenceDataset(ArrowPairs(pairs.columns, spans))
+    desirable = int(spans["desirable"].sum())
+    examples.stats = {
+        **dataset.stats,
+        "pairs": len(examples),
+        "tokens": token_stats(examples.lengths()),
+        "unpaired": {
+            "desirable": desirable,
+            "undesirable": len(pair) - desirable,
+            **({"kl_shift_chunk": cfg.kl_shift_chunk} if kl else {"kl_sequences": False}),
+        },
+    }
+    return examples
 
 
 def check_kept(stats: dict[str, Any], name: str) -> None:

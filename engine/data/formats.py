@@ -5,10 +5,15 @@
   message each (a one-message list, or a bare string, which becomes that message).
 - implicit_prompt: `chosen` and `rejected` are whole conversations ending with an assistant
   turn; the messages before it, identical in both, are the prompt.
+- unpaired (KTO's): `prompt`, `completion` and a boolean `label` (true: desirable, false:
+  undesirable); `prompt` and `completion` take the paired shapes (strings; a message list and
+  one assistant message or a string; or, without a prompt, `completion` a whole conversation).
+  The example becomes a `Pair` with its completion on the chosen side (desirable) or the
+  rejected side (undesirable) and None on the other.
 
-`auto` picks per row: a message-list prompt is conversational; string completions are standard;
-anything else is implicit (so a string `prompt` beside whole conversations, as in UltraFeedback,
-is ignored). Messages need string `role` and `content`; keys whose value is null (Arrow fills
+`auto` picks per row: a row with a `label` and no `chosen` is unpaired; a message-list prompt is
+conversational; string completions are standard; anything else is implicit (so a string `prompt`
+beside whole conversations, as in UltraFeedback, is ignored). Messages need string `role` and `content`; keys whose value is null (Arrow fills
 absent struct fields with nulls) are dropped so templates see the message as written.
 """
 
@@ -22,6 +27,7 @@ from engine.errors import UserError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 COLUMNS = ("prompt", "chosen", "rejected")
+UNPAIRED_COLUMNS = ("prompt", "completion", "label")
 Messages = list[dict[str, Any]]
 
 
@@ -32,12 +38,17 @@ class BadRow(Exception):
 @dataclass(frozen=True)
 class Pair:
     prompt: str | Messages
-    chosen: str | Messages  # a string (standard) or one assistant message (conversational)
-    rejected: str | Messages
+    chosen: str | Messages | None  # a string (standard) or one assistant message (conversational)
+    rejected: str | Messages | None  # None: the other side of an unpaired example
 
     @property
     def conversational(self) -> bool:
         return isinstance(self.prompt, list)
+
+    @property
+    def sides(self) -> list[str]:
+        """The completions the row has: both, or an unpaired example's one."""
+        return [side for side in ("chosen", "rejected") if getattr(self, side) is not None]
 
     def completion_text(self, side: str) -> str:
         value = getattr(self, side)
@@ -49,6 +60,17 @@ def check_columns(name: str, column_names: Sequence[str], fmt: str, columns: Map
     naming source `name` when one that `fmt` needs is missing. JSON rows have no schema and are
     checked row by row (`normalise_row`)."""
     names = {c: columns.get(c, c) for c in COLUMNS}
+    unpaired = {c: columns.get(c, c) for c in UNPAIRED_COLUMNS}
+    if fmt == "unpaired" or (
+        fmt == "auto" and unpaired["label"] in column_names and names["chosen"] not in column_names
+    ):
+        for column in (unpaired["completion"], unpaired["label"]):
+            if column not in column_names:
+                raise UserError(
+                    f"{name}: no column {column!r} (columns: {', '.join(column_names)}; "
+                    'name yours with data.columns, e.g. { completion = "..." })'
+                )
+        return [c for c in unpaired.values() if c in column_names]
     needed = [names["chosen"], names["rejected"]] + ([] if fmt == "implicit_prompt" else [names["prompt"]])
     for column in needed:
         if column not in column_names and (column != names["prompt"] or fmt != "auto"):
@@ -101,22 +123,23 @@ def _completion(value: Any, column: str) -> Messages:
     return messages
 
 
+def _conversation(value: Any, column: str) -> Messages:
+    """A whole conversation ending with an assistant turn (an implicit prompt's)."""
+    if isinstance(value, str):
+        raise BadRow(
+            f"{column}: a string completion needs a string `prompt` column "
+            "(an implicit prompt is read from message lists)"
+        )
+    conversation = _messages(value, column)
+    if conversation[-1]["role"] != "assistant":
+        raise BadRow(
+            f"{column}: the conversation must end with an assistant turn, got {conversation[-1]['role']!r}"
+        )
+    return conversation
+
+
 def _split_implicit(chosen: Any, rejected: Any, names: Mapping[str, str]) -> Pair:
-    conversations = []
-    for side, value in (("chosen", chosen), ("rejected", rejected)):
-        if isinstance(value, str):
-            raise BadRow(
-                f"{names[side]}: a string completion needs a string `prompt` column "
-                "(an implicit prompt is read from message lists)"
-            )
-        conversation = _messages(value, names[side])
-        if conversation[-1]["role"] != "assistant":
-            raise BadRow(
-                f"{names[side]}: the conversation must end with an assistant turn, "
-                f"got {conversation[-1]['role']!r}"
-            )
-        conversations.append(conversation)
-    chosen, rejected = conversations
+    chosen, rejected = _conversation(chosen, names["chosen"]), _conversation(rejected, names["rejected"])
     if chosen[:-1] != rejected[:-1]:
         k = next(
             (i for i, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1])) if a != b),
@@ -138,12 +161,45 @@ def _missing(column: str, row: Mapping[str, Any]) -> BadRow:
     return BadRow(f"missing column {column!r} (the row's columns: {keys}; name yours with data.columns)")
 
 
+def _unpaired(row: Mapping[str, Any], names: Mapping[str, str]) -> Pair:
+    """An unpaired example: its completion on the chosen (desirable) or rejected side."""
+    for column in ("completion", "label"):
+        if names[column] not in row:
+            raise _missing(names[column], row)
+    label, prompt, completion = row[names["label"]], row.get(names["prompt"]), row[names["completion"]]
+    if not isinstance(label, bool):
+        raise BadRow(
+            f"{names['label']}: expected a boolean (true: desirable, false: undesirable), got {_describe(label)}"
+        )
+    if isinstance(prompt, list):
+        prompt, completion = _messages(prompt, names["prompt"]), _completion(completion, names["completion"])
+    elif isinstance(completion, str):
+        if names["prompt"] not in row:
+            raise _missing(names["prompt"], row)
+        if not isinstance(prompt, str):
+            raise BadRow(f"{names['prompt']}: expected a string, got {_describe(prompt)}")
+    elif prompt is None or isinstance(prompt, str):  # implicit: the completion is a conversation
+        conversation = _conversation(completion, names["completion"])
+        if len(conversation) == 1:
+            raise BadRow(
+                f"{names['completion']}: only an assistant turn and no prompt (give a `prompt` column, "
+                "or the whole conversation)"
+            )
+        prompt, completion = conversation[:-1], conversation[-1:]
+    else:
+        raise BadRow(f"{names['prompt']}: expected a string or a list of messages, got {_describe(prompt)}")
+    return Pair(prompt, completion, None) if label else Pair(prompt, None, completion)
+
+
 def normalise_row(row: Mapping[str, Any], fmt: str, columns: Mapping[str, str]) -> Pair:
     """The pair in `row` read as format `fmt` ("auto" decides per row), or raise BadRow.
 
-    `columns` maps prompt/chosen/rejected to the row's own column names where they differ.
+    `columns` maps prompt/chosen/rejected (completion/label) to the row's own column names where
+    they differ.
     """
-    names = {c: columns.get(c, c) for c in COLUMNS}
+    names = {c: columns.get(c, c) for c in COLUMNS + UNPAIRED_COLUMNS}
+    if fmt == "unpaired" or (fmt == "auto" and names["label"] in row and names["chosen"] not in row):
+        return _unpaired(row, names)
     for side in ("chosen", "rejected"):
         if names[side] not in row:
             raise _missing(names[side], row)

@@ -25,6 +25,9 @@ class PairBatch:
     prompts: list[list[int]]
     chosen: list[list[int]]
     rejected: list[list[int]]
+    # unpaired examples (chosen: the completion, rejected: the KL completion): [B] float, 1.0 for
+    # desirable ones; None for preference pairs
+    desirable: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -47,6 +50,9 @@ def collate(dataset: PreferenceDataset, indices: list[int], valid: list[bool] | 
         prompts=[p.prompt_ids for p in pairs],
         chosen=[p.chosen_ids for p in pairs],
         rejected=[p.rejected_ids for p in pairs],
+        desirable=None
+        if not pairs or pairs[0].desirable is None
+        else torch.tensor([p.desirable for p in pairs], dtype=torch.float32),
     )
 
 

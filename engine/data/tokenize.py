@@ -169,7 +169,7 @@ def tokenize_rows(
     for i in range(n):
         try:
             pair: Pair = normalise_row(_read_row(batch, i), fmt, columns)
-            if any(not pair.completion_text(side).strip() for side in ("chosen", "rejected")):
+            if any(not pair.completion_text(side).strip() for side in pair.sides):
                 out["status"][i] = EMPTY
             elif pair.chosen == pair.rejected:
                 out["status"][i] = IDENTICAL
@@ -184,11 +184,11 @@ def tokenize_rows(
             else:
                 prompt_text = _render(tokenizer, pair.prompt, chat_template, True)
                 texts = [
-                    _render(tokenizer, pair.prompt + c, chat_template, False)
+                    None if c is None else _render(tokenizer, pair.prompt + c, chat_template, False)
                     for c in (pair.chosen, pair.rejected)
                 ]
                 for side, text in zip(("chosen", "rejected"), texts):
-                    if not text.startswith(prompt_text):
+                    if text is not None and not text.startswith(prompt_text):
                         k = _first_difference(prompt_text, text)
                         raise _TemplateMismatch(
                             f"{names[side]}: the chat template's prompt rendering (with the generation "
@@ -206,18 +206,19 @@ def tokenize_rows(
     eos = tokenizer.eos_token_id
     if standard:
         prompts = tokenizer([t[1] for t in standard], add_special_tokens=True)["input_ids"]
-        completions = tokenizer([t[k] for t in standard for k in (2, 3)], add_special_tokens=False)[
-            "input_ids"
-        ]
+        completions = _tokenize_sides(tokenizer, standard)
         for j, (i, *_) in enumerate(standard):
-            chosen, rejected = completions[2 * j], completions[2 * j + 1]
-            _store(out, i, prompts[j], _close_with_eos(chosen, eos), _close_with_eos(rejected, eos), names)
+            chosen, rejected = ([] if ids is None else _close_with_eos(ids, eos) for ids in completions[j])
+            _store(out, i, prompts[j], chosen, rejected, names)
     if chat:
         prompts = tokenizer([t[1] for t in chat], add_special_tokens=False)["input_ids"]
-        fulls = tokenizer([t[k] for t in chat for k in (2, 3)], add_special_tokens=False)["input_ids"]
+        fulls = _tokenize_sides(tokenizer, chat)
         for j, (i, prompt_text, *_) in enumerate(chat):
             prompt, completions = prompts[j], []
-            for side, full in zip(("chosen", "rejected"), fulls[2 * j : 2 * j + 2]):
+            for side, full in zip(("chosen", "rejected"), fulls[j]):
+                if full is None:  # the other side of an unpaired example
+                    completions.append([])
+                    continue
                 if full[: len(prompt)] != prompt:
                     out["status"][i] = BAD_ROW
                     out["problem"][i] = (
@@ -237,15 +238,27 @@ class _TemplateMismatch(Exception):
     pass
 
 
+def _tokenize_sides(
+    tokenizer: PreTrainedTokenizerBase, rows: list[tuple[int, str, str | None, str | None]]
+) -> list[list[list[int] | None]]:
+    """The chosen and rejected texts of `rows` tokenised in one call (no special tokens); None
+    for an unpaired example's missing side."""
+    texts = [text for row in rows for text in row[2:] if text is not None]
+    ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    return [[None if text is None else next(ids) for text in row[2:]] for row in rows]
+
+
 def _store(
     out: dict[str, list], i: int, prompt: list[int], chosen: list[int], rejected: list[int], names: Mapping
 ) -> None:
+    """Row i's ids, or its status; an unpaired example has [] on its missing side."""
     if not prompt:
         out["status"][i] = BAD_ROW
         out["problem"][i] = (
             f"{names['prompt']}: tokenises to nothing (a completion needs a prompt token before it)"
         )
     elif len(chosen) == 1 or len(rejected) == 1:  # only the EOS: the template dropped the content
+        # (an unpaired example's missing side is [], kept)
         out["status"][i] = EMPTY
     elif chosen == rejected:
         out["status"][i] = IDENTICAL
