@@ -6,6 +6,7 @@ tests/test_losses_training.py's sweep (kto runs there with data.unpair)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -372,7 +373,8 @@ def test_kto_trains_resumes_exactly_and_packs_the_same(
     assert main_in_process(recipe, [*packed, "checkpoint.interval_steps=0"]).returncode == 0
     for a, b in zip(train_rows(tmp_path / "packed"), straight):
         for key in ("loss", "kl", "logps/kl", "rewards/chosen", "rewards/rejected"):
-            assert abs(a[key] - b[key]) < 1e-5, (key, a, b)
+            # relative: logps/kl sums ~50 nats of fp32 terms, laid out in another order
+            assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-6), (key, a, b)
 
 
 @pytest.mark.parametrize("override", ["data.unpair=true", "data.kl_shift_chunk=8", "data.format=unpaired"])
