@@ -266,6 +266,7 @@ def check_names(cfg: Config, problems: Problems) -> None:
         )
     losses.check_settings(cfg.loss, problems)
     losses.check_read_settings(cfg.loss, problems)
+    losses.check_reference_mode(cfg.loss, cfg.reference.mode, problems)
     t = cfg.training
     mode = FORWARD_MODES.get(t.forward_mode)
     if mode is None:
