@@ -24,6 +24,8 @@ from tests.conftest import (
     write_recipe,
 )
 
+TOKEN_KL = ["tdpo", "tdpo1"]  # the losses that need token-level KL sums, checked here
+
 # ----------------------------------------------------------------------------------------------
 # TDPO's loss: a float64 transcription of the paper's code (trainers.py `tdpo_loss`)
 
