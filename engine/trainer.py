@@ -123,6 +123,11 @@ def attention_plan(cfg: Config, causal_lm: nn.Module, world: World, dtype: torch
 def build_reference_cache(cfg: Config, world: World) -> None:
     """Collective: the reference log-prob cache of the recipe's data sets and nothing else, for
     precomputing it on other hardware (no checkpoint is read, nothing else is written)."""
+    if cfg.reference.mode == "live":
+        raise UserError(
+            'reference.mode = "live": --build-reference-only has nothing to cache, a live reference '
+            'is run beside the policy on every micro-batch (the cache serves reference.mode = "cached")'
+        )
     check_compiler(cfg.parallel, world.device.type)
     torch.manual_seed(cfg.job.seed)
     tokenizer, train_data, eval_data = build_data(cfg)

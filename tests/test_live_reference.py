@@ -309,3 +309,15 @@ def test_dry_run_counts_the_live_reference() -> None:
     assert estimate_memory(live, size, 2, 2).get("reference") == 4 * size.parameters // 2
     live.lora.enabled = True
     assert estimate_memory(live, size, 2, 2).get("reference") == 0
+
+
+def test_build_reference_only_has_nothing_to_cache_with_a_live_reference(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world
+) -> None:
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.toml", _tables(tiny_model_dir, small_data, out, type="tdpo"))
+    proc = main_in_process(recipe, ["--build-reference-only", "reference.mode=live"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if "reference.mode" in line]
+    assert 'reference.mode = "live": --build-reference-only has nothing to cache' in line
+    assert not (out / "reference").exists()
