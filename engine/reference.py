@@ -198,6 +198,7 @@ class LiveReference:
     ) -> None:
         self.model, self.token_kl, self.adapters_off = model, token_kl, adapters_off
         self.sync_steps, self.sync_alpha = sync_steps, sync_alpha
+        self._forwarded = False  # a forward ran since the last `_release`
         head = model.causal_lm.get_output_embeddings()
         if adapters_off and token_kl and isinstance(head, BaseTunerLayer):
             raise UserError(
@@ -216,13 +217,28 @@ class LiveReference:
 
     def scores(self, inputs: list[ModelInputs]) -> ReferenceScores:
         """The reference's scores of a micro-batch laid out as `inputs` (no grad)."""
+        self._release()  # what the previous micro-batch, an evaluation or a checkpoint left
         with self._as_reference():
             scores = reference_scores(self.model, inputs, self.token_kl)
+        self._forwarded = True
         if self.token_kl and not self.adapters_off:  # the policy's forward and backward call its head
             for module in (self.model, self.model.causal_lm.get_output_embeddings()):
                 if isinstance(module, FSDPModule):
                     module.unshard()
+        else:
+            self._release()
         return scores
+
+    def _release(self) -> None:
+        """A clean FSDP state for the frozen reference, its shards registered: FSDP2 expects a
+        backward after each forward, which resets its units; without it the output unit (and
+        the root) stay gathered, and the chunked LM head leaves that unit mid-forward, where a
+        plain `reshard` keeps it gathered (a sync would then write to the gathered copy, which
+        the next reshard drops). `reset_iter_state` reshards every unit and resets that state.
+        With LoRA the reference is the policy, whose backward does this."""
+        if self._forwarded and not self.adapters_off and isinstance(self.model, FSDPModule):
+            self.model.reset_iter_state()
+        self._forwarded = False
 
     def due(self, step: int) -> bool:
         """Whether the reference is synced once `step` optimizer steps are done (TR-DPO)."""
@@ -234,6 +250,7 @@ class LiveReference:
         by shard: both models are sharded alike, so no rank communicates."""
         if self.adapters_off:
             raise ValueError("a LoRA live reference is the base model: it cannot be synced")
+        self._release()  # write to the shards, not to gathered copies
         alpha = self.sync_alpha
         for (name, ref), (policy_name, param) in zip(
             self.model.named_parameters(), policy.named_parameters(), strict=True

@@ -20,6 +20,7 @@ from tests.conftest import (
     base_tables,
     load_final_weights,
     main_in_process,
+    run_sweep,
     train_rows,
     write_recipe,
 )
@@ -162,15 +163,21 @@ def _tables(tiny_model_dir: Path, small_data: dict, out: Path, **loss) -> dict:
     return tables
 
 
-def _trainer(tmp_path: Path, tables: dict, world):
+def _trainer(tmp_path: Path, tables: dict, world, overrides: list[str] = ()):
     from engine.recipe import load_config
     from engine.trainer import Trainer
 
-    return Trainer(load_config(write_recipe(tmp_path / "r.toml", tables)), world)
+    return Trainer(load_config(write_recipe(tmp_path / "r.toml", tables), overrides), world)
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    full = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in model.named_parameters()}
+    """The parameters of `model` as a checkpoint saves them: its state dict (which, under FSDP2,
+    registers the shards again: a unit left gathered after a forward is read from its shards)."""
+    state = model.state_dict()
+    full = {
+        n: state[n].full_tensor() if hasattr(state[n], "full_tensor") else state[n]
+        for n, _ in model.named_parameters()
+    }
     return {n: p.detach().double().clone() for n, p in full.items()}
 
 
@@ -214,7 +221,7 @@ def test_live_reference_is_the_cached_one_at_step_0_and_tr_dpo_syncs_it(
         if step + 1 == 2:
             expected = {n: 0.25 * policy[n] + 0.75 * initial[n] for n in initial}
         for name, value in _weights(trainer.live.model).items():
-            torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-7, msg=f"{step} {name}")
     assert rows[0]["loss"] == float(torch.tensor(LN2)) and rows[0]["token_kl/chosen"] == 0.0
     assert rows[0]["rewards/margins"] == 0.0
     assert not torch.equal(policy["causal_lm.lm_head.weight"], expected["causal_lm.lm_head.weight"])
@@ -239,6 +246,72 @@ def test_tr_dpo_resumes_exactly(tmp_path: Path, tiny_model_dir: Path, small_data
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight][2:]
     a, b = load_final_weights(tmp_path / "straight"), load_final_weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# TDPO (the gathered reference LM head) and TR-DPO (the shard-local sync) on 2 ranks
+LIVE_RUNS = {
+    "tdpo": ["loss.type=tdpo", "reference.mode=live", "training.logprob_chunk_tokens=8"],
+    "tr_dpo": [
+        "reference.mode=live",
+        "reference.sync_steps=2",
+        "reference.sync_alpha=0.5",
+        "checkpoint.interval_steps=2",
+        "export.enabled=true",
+    ],
+}
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_and_resume_on_one(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world
+) -> None:
+    """One launch of 2 ranks (the policy and the live reference sharded over both, one micro-batch
+    of 2 each) against the same global batch of 4 on 1 rank in-process (2 micro-batches): the
+    same per-step losses; the 2-rank TR-DPO checkpoint at step 2 (its reference just synced, saved
+    in 2 shards) resumed on 1 rank continues with the 2-rank run's loss and ends at its final
+    weights. Not bitwise across world sizes: the gradients add up in another order."""
+    import math
+
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+
+    tables = _tables(tiny_model_dir, small_data, tmp_path / "unused")
+    tables["training"] |= {"max_steps": 3, "global_batch_size": 4, "micro_batch_size": 2}
+    recipe = write_recipe(tmp_path / "r.toml", tables)
+    two = run_sweep(recipe, tmp_path / "two", LIVE_RUNS, nproc=2)
+
+    def losses(out: Path, *overrides: str) -> list[float]:
+        proc = main_in_process(recipe, [*overrides, f"job.output_dir={out}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [row["loss"] for row in train_rows(out)]
+
+    def same(ours: list[float], theirs: list[float]) -> bool:
+        close = (math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6) for a, b in zip(ours, theirs))
+        return len(ours) == len(theirs) and all(close)
+
+    for name, overrides in LIVE_RUNS.items():
+        theirs = two[name]["losses"]
+        assert theirs[0] != theirs[-1] and same(losses(tmp_path / name, *overrides), theirs), name
+    saved = tmp_path / "two" / "tr_dpo" / "checkpoints" / "step-2"
+    keys = FileSystemReader(str(saved)).read_metadata().state_dict_metadata
+    assert any(key.startswith("reference.") for key in keys)
+    # resumed on 1 rank: the reference is the one synced at step 2, 0.5 p2 + 0.5 p0 (p2 the policy
+    # restored, p0 the initial weights), its 2 shards read as one
+    resume = [*LIVE_RUNS["tr_dpo"], f"job.output_dir={tmp_path / 'resumed'}", f"checkpoint.resume={saved}"]
+    trainer = _trainer(tmp_path, tables, world, resume)
+    policy, initial = _weights(trainer.model), load_file(tiny_model_dir / "model.safetensors")
+    for name, value in _weights(trainer.live.model).items():
+        p0 = initial[name.removeprefix("causal_lm.")].double()
+        torch.testing.assert_close(value, 0.5 * policy[name] + 0.5 * p0, rtol=1e-6, atol=1e-7, msg=name)
+    trainer.train()
+    resumed = [row["loss"] for row in train_rows(tmp_path / "resumed")]
+    assert same(resumed, two["tr_dpo"]["losses"][2:]), (resumed, two["tr_dpo"]["losses"])
+    final = torch.load(tmp_path / "two" / "tr_dpo" / "weights.pt", weights_only=True)
+    for run in ("resumed", "tr_dpo"):
+        weights = load_final_weights(tmp_path / run)
+        assert weights.keys() == final.keys()
+        for key, value in weights.items():
+            torch.testing.assert_close(value, final[key], rtol=0, atol=1e-5, msg=f"{run}: {key}")
 
 
 def test_lora_live_reference_is_the_base_model_without_a_copy(
