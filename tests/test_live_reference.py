@@ -394,3 +394,91 @@ def test_build_reference_only_has_nothing_to_cache_with_a_live_reference(
     (line,) = [line for line in proc.stderr.splitlines() if "reference.mode" in line]
     assert 'reference.mode = "live": --build-reference-only has nothing to cache' in line
     assert not (out / "reference").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# TR-DPO against TRL 1.16's DPOTrainer with sync_ref_model (tests/test_trl_curves.py's setting:
+# 5 steps of 4 pairs, one process, fp32, AdamW, linear decay without warmup, clipping)
+
+TRL_STEPS, TRL_BATCH, TRL_BETA = 5, 4, 0.5
+TRL_OPTIMIZER = {"lr": 2e-3, "weight_decay": 0.01, "betas": [0.9, 0.95], "eps": 1e-6, "max_grad_norm": 0.5}
+
+
+@pytest.mark.filterwarnings(
+    "ignore:`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated:FutureWarning"
+)
+def test_tr_dpo_curve_equals_trls_sync_ref_model(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world
+) -> None:
+    """TR-DPO with a soft update every 2 steps (sync_steps 2, alpha 0.5): fsdpo's 5 per-step
+    losses, final policy and final reference equal those of TRL's DPOTrainer with
+    sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.5 (its
+    SyncRefModelCallback mixes on each step end whose global step is a multiple of 2, after the
+    optimizer step: fsdpo syncs then too), to 1e-4. TRL trains on fsdpo's own token ids, in
+    fsdpo's order (its tokenisation bypassed, as engine/bench/trl.py does), nothing truncated."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.export import full_hf_state_dict
+
+    tables = base_tables(tiny_model_dir, small_data, tmp_path / "fsdpo")
+    tables["data"]["eval"] = []
+    tables["loss"] = {"type": "dpo", "beta": TRL_BETA}
+    tables["training"] = {
+        "global_batch_size": TRL_BATCH,
+        "micro_batch_size": TRL_BATCH,
+        "max_steps": TRL_STEPS,
+    }
+    tables["optimizer"] = TRL_OPTIMIZER
+    tables["scheduler"] = {"type": "linear", "warmup_steps": 0}
+    tables["parallel"] = {"mixed_precision": "fp32"}
+    tables["reference"] = {"mode": "live", "sync_steps": 2, "sync_alpha": 0.5}
+    tables["export"] = {"enabled": False}
+    ours = _trainer(tmp_path, tables, world)
+    pairs = [
+        ours.train_data.pairs[i] for s in range(TRL_STEPS) for b in ours.sampler.micro_batches(s) for i in b
+    ]
+    longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    assert longest < tables["data"]["max_length"]  # nothing truncated: TRL gets max_length=None
+    ours.train()
+    our_losses = [row["loss"] for row in train_rows(tmp_path / "fsdpo")]
+
+    class Pretokenized(trl.DPOTrainer):
+        def _prepare_dataset(self, dataset, *args, **kwargs):  # fsdpo's ids (EOS included)
+            return dataset
+
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+    o = TRL_OPTIMIZER
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=TRL_BATCH, max_steps=TRL_STEPS,
+        learning_rate=o["lr"], weight_decay=o["weight_decay"], adam_beta1=o["betas"][0],
+        adam_beta2=o["betas"][1], adam_epsilon=o["eps"], max_grad_norm=o["max_grad_norm"],
+        lr_scheduler_type="linear", warmup_steps=0, beta=TRL_BETA, max_length=None,
+        sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.5,
+        logging_steps=1, report_to=[], save_strategy="no", train_sampling_strategy="sequential",
+        dataloader_num_workers=0, use_cpu=True, bf16=False, disable_tqdm=True,
+    )  # fmt: skip
+    model, ref_model = (
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        for _ in range(2)
+    )
+    theirs = Pretokenized(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=Dataset.from_dict({c: [getattr(p, c) for p in pairs] for c in columns}),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+    theirs.train()
+    their_losses = [entry["loss"] for entry in theirs.state.log_history if "loss" in entry]
+
+    assert len(our_losses) == len(their_losses) == TRL_STEPS and our_losses[0] != our_losses[-1]
+    torch.testing.assert_close(
+        torch.tensor(our_losses), torch.tensor(their_losses), rtol=0, atol=1e-4,
+        msg=lambda m: f"fsdpo {our_losses} vs TRL {their_losses}\n{m}",
+    )  # fmt: skip
+    for mine, trls in ((ours.model, model), (ours.live.model, ref_model)):
+        expected = trls.state_dict()
+        for key, value in full_hf_state_dict(mine).items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-4, msg=key)
