@@ -199,6 +199,11 @@ class LiveReference:
         self.model, self.token_kl, self.adapters_off = model, token_kl, adapters_off
         self.sync_steps, self.sync_alpha = sync_steps, sync_alpha
         self._forwarded = False  # a forward ran since the last `_release`
+        if not adapters_off and not hasattr(FSDPModule, "reset_iter_state"):  # see `_release`
+            raise UserError(
+                f'reference.mode = "live": needs FSDPModule.reset_iter_state, which torch '
+                f"{torch.__version__} lacks; upgrade torch (or use LoRA, whose reference is the policy)"
+            )
         head = model.causal_lm.get_output_embeddings()
         if adapters_off and token_kl and isinstance(head, BaseTunerLayer):
             raise UserError(
