@@ -2,7 +2,8 @@
 
 A checkpoint is `output_dir/checkpoints/step-N/`:
 - the DCP files of the model and optimizer state (sharded: every rank writes its own shards;
-  DCP reshards on load, so a checkpoint saved on 8 ranks resumes on 4 or 1);
+  DCP reshards on load, so a checkpoint saved on 8 ranks resumes on 4 or 1), and TR-DPO's live
+  reference model (`reference.sync_steps`);
 - `trainer_state.json`: step, consumed pairs (a global count, independent of world size), the
   global batch size, counters, the scheduler state, the batch-coupled losses' running state
   (`engine.losses.LossState`: BCO's reward mean);
@@ -36,7 +37,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from engine.config import CheckpointConfig
 from engine.distributed import World, from_main, log
@@ -46,6 +53,7 @@ from engine.run_dir import RunDir
 
 # Frozen parameters (LoRA's base weights) are not saved: they come from model.path on resume.
 STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+REFERENCE_OPTIONS = StateDictOptions(strict=False)  # a live reference: frozen, all of it saved
 STEP_DIR = re.compile(r"^step-(\d+)$")
 COMPLETE = "COMPLETE"
 
@@ -150,8 +158,9 @@ def resume_path(cfg: CheckpointConfig, output_dir: Path) -> Path | None:
 
 class CheckpointManager:
     """Decides when to save, and saves, publishes, prunes and resumes the checkpoints of one run:
-    the model, optimizer and scheduler it was given, the trainer state and RNG states handed to
-    `save`. Collective methods are marked.
+    the model, optimizer and scheduler it was given (and a TR-DPO live `reference` model, whose
+    weights follow the policy's), the trainer state and RNG states handed to `save`. Collective
+    methods are marked.
 
     `recipe` (the resolved recipe TOML) is stored in every checkpoint, so `python -m engine.export`
     can rebuild the model from the checkpoint alone.
@@ -168,9 +177,10 @@ class CheckpointManager:
         steps_per_epoch: int,
         recipe: str,
         loss_state: LossState | None = None,
+        reference: nn.Module | None = None,
     ) -> None:
         self.cfg, self.rank, self.world_size = cfg, world.rank, world.world_size
-        self.loss_state = loss_state
+        self.loss_state, self.reference = loss_state, reference
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.steps_per_epoch, self.recipe = steps_per_epoch, recipe
         self.run_dir = run_dir  # saving, publishing and pruning touch only fsdpo's own files
@@ -200,8 +210,7 @@ class CheckpointManager:
                 f"training.global_batch_size: the checkpoint {path} was trained with "
                 f"{saved.global_batch_size} pairs per step, this run asks for {gbs}"
             )
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=STATE_OPTIONS)
-        to_load = {"model": model_sd, "optim": optim_sd}
+        to_load = self._state()
         try:
             dcp.load(to_load, checkpoint_id=str(path))
         except (OSError, CheckpointException) as e:  # unreadable files, or not this model's state
@@ -213,6 +222,8 @@ class CheckpointManager:
             optim_state_dict=to_load["optim"],
             options=STATE_OPTIONS,
         )
+        if self.reference is not None:
+            set_model_state_dict(self.reference, to_load["reference"], options=REFERENCE_OPTIONS)
         rng_file = path / "rng" / f"rank-{self.rank}.pt"
         if saved.world_size == self.world_size and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=True))
@@ -266,8 +277,7 @@ class CheckpointManager:
         error = from_main(error)  # every rank learns whether the folder is there to write into
         if error is not None:
             self._save_failed(error, staging)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=STATE_OPTIONS)
-        to_save = {"model": model_sd, "optim": optim_sd}
+        to_save = self._state()
         try:
             # the collective write first: a full disk then fails on every rank alike
             if self.cfg.async_save:
@@ -282,6 +292,14 @@ class CheckpointManager:
             self._save_failed(e, staging)
         if not self.cfg.async_save:
             self._publish(staging, final)
+
+    def _state(self) -> dict[str, Any]:
+        """The DCP state dicts a checkpoint holds: model, optimizer (and the live reference)."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=STATE_OPTIONS)
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.reference is not None:
+            state["reference"] = get_model_state_dict(self.reference, options=REFERENCE_OPTIONS)
+        return state
 
     def wait(self) -> None:
         """Collective: finish an in-flight async save and publish it."""

@@ -220,6 +220,9 @@ class LossConfig:
     exp(-z^2 / 2) of the margin's z-score (the paper's code `loss.mode_weight`), in [0, 1)."""
     beta_dpo_momentum: float = 0.9
     """beta-DPO's momentum of the running mean and std of the margins (its code's gamma), in [0, 1)."""
+    tdpo_alpha: float = 0.5
+    """TDPO2's (Zeng et al. 2024) weight alpha of the sequential KL difference (the paper's code
+    `loss.alpha`, 0.5); `tdpo1` takes none."""
 
 
 @dataclass
@@ -337,6 +340,18 @@ class ReferenceConfig:
     batch_size: int = 0
     """Pairs per rank per reference forward (no grad, so larger than training); 0 = 4 x
     `training.micro_batch_size`."""
+    mode: Literal["cached", "live"] = "cached"
+    """`cached`: reference log-probs computed once by the initial policy and cached (above).
+    `live`: a frozen copy of the initial policy (with LoRA the base model, adapters off: no
+    copy), sharded as the policy and run beside it on every micro-batch; needed by `tdpo` and by
+    `sync_steps` (TR-DPO)."""
+    sync_steps: int = 0
+    """TR-DPO (Gorbatovski et al. 2024): every `sync_steps` optimizer steps the live reference
+    becomes sync_alpha x policy + (1 - sync_alpha) x reference (TRL's `ref_model_sync_steps`);
+    0 = never (a frozen reference). Needs `mode = "live"`, not LoRA."""
+    sync_alpha: float = 1.0
+    """TR-DPO's mix-up weight alpha in (0, 1] (TRL's `ref_model_mixup_alpha`): 1 copies the
+    policy (hard update every tau = sync_steps), below 1 a soft (EMA) update."""
 
 
 @dataclass
@@ -671,7 +686,29 @@ def check(cfg: Config, problems: Problems) -> None:
     )
     p.expect(0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", "a number in [0, 1]", s.min_lr_ratio)
 
-    p.expect(cfg.reference.batch_size >= 0, "reference.batch_size", ">= 0", cfg.reference.batch_size)
+    r = cfg.reference
+    p.expect(r.batch_size >= 0, "reference.batch_size", ">= 0", r.batch_size)
+    p.expect(r.sync_steps >= 0, "reference.sync_steps", "an integer >= 0 (0 = never)", r.sync_steps)
+    p.expect(0 < r.sync_alpha <= 1, "reference.sync_alpha", "a number in (0, 1]", r.sync_alpha)
+    p.require(
+        r.sync_alpha == 1 or r.sync_steps > 0,
+        f"reference.sync_alpha={r.sync_alpha} changes nothing: it needs reference.sync_steps > 0",
+        "reference.sync_alpha",
+        "reference.sync_steps",
+    )
+    p.require(
+        r.sync_steps == 0 or r.mode == "live",
+        'reference.sync_steps: TR-DPO updates a live reference; set reference.mode = "live"',
+        "reference.sync_steps",
+        "reference.mode",
+    )
+    p.require(
+        r.sync_steps == 0 or not cfg.lora.enabled,
+        "reference.sync_steps: with LoRA the reference is the base model (adapters off), which the "
+        "policy never changes; TR-DPO needs full fine-tuning (lora.enabled = false)",
+        "reference.sync_steps",
+        "lora.enabled",
+    )
     try:
         parse_size(cfg.export.max_shard_size)
     except ValueError:

@@ -25,6 +25,14 @@ Asked for (`shared_length=True`: LD-DPO's `loss.ld_alpha`), a layout also flags 
 that lies within its pair's shared length l = min(chosen tokens, rejected tokens), counted from
 the completion's start, and the forward adds a second per-sequence sum over the flagged tokens.
 The layout knows both lengths of each pair on the host, so the flags cost the device no read.
+
+A live reference (`reference.mode = "live"`) runs the same forward on the same inputs under
+no_grad (`reference_scores`). For TDPO's token-level KL it also returns its final hidden states
+at the scored positions, and the policy's forward takes them with the reference's LM head: each
+chunk of the head pass then computes both models' next-token distributions and sums
+KL(ref || policy) per token into each sequence (`SequenceScores.token_kl`). Only one chunk of
+[chunk tokens, vocab] logits of each model exists at a time, recomputed in backward like the
+policy's own (so the reference's head must stay gathered from forward to backward).
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ class SequenceScores:
     tokens: Tensor  # number of scored tokens
     logweights: Tensor | None  # WPO: mean of log p(y_t) - log sum_v p(v)^2, detached
     shared_logps: Tensor | None = None  # LD-DPO: summed over the pair's shared length
+    token_kl: Tensor | None = None  # TDPO: summed KL(ref || this model) of each scored token
+    hidden: Tensor | None = None  # [N, H] final hidden states of the scored positions (asked for)
 
 
 class SequenceLogprobs(nn.Module):
@@ -66,7 +76,10 @@ class SequenceLogprobs(nn.Module):
     score several sequences (prefix sharing: the last prompt position predicts both completions'
     first tokens), so all layouts share this one function. `score_in_shared` [N] bool, when
     given, flags the scored tokens within their pair's shared length: their per-sequence sum is
-    `SequenceScores.shared_logps`.
+    `SequenceScores.shared_logps`. `return_hidden` adds the scored positions' final hidden
+    states (`SequenceScores.hidden`: a live reference's, for TDPO); `reference_hidden` with
+    `reference_head` (another model's hidden states at the same positions and its LM head) adds
+    each sequence's summed token-level KL from that model (`SequenceScores.token_kl`).
 
     `chunk_tokens` positions go through the LM head at a time, each chunk's logits recomputed in
     backward; 0 scores all positions in one chunk and keeps its logits for backward (the
@@ -95,6 +108,9 @@ class SequenceLogprobs(nn.Module):
         with_logweights: bool = False,
         segments: AttentionSegments | None = None,
         score_in_shared: Tensor | None = None,
+        return_hidden: bool = False,
+        reference_hidden: Tensor | None = None,
+        reference_head: nn.Module | None = None,
     ) -> SequenceScores:
         decoder = self.causal_lm.get_decoder()
         if segments is None:
@@ -114,25 +130,31 @@ class SequenceLogprobs(nn.Module):
                     'training.forward_mode = "concatenated"'
                 )
         hidden = hidden.flatten(0, 1).index_select(0, score_positions)  # [N, H]
-        token_logps, token_logweights = score_tokens(
+        reference = None if reference_head is None else (reference_head, reference_hidden)
+        token_logps, token_logweights, token_kl = score_tokens(
             self.causal_lm.get_output_embeddings(),
             hidden,
             score_targets,
             self.chunk_tokens,
             with_logweights,
             getattr(self.causal_lm.config, "final_logit_softcapping", None),
+            reference,
         )
 
         tokens = sequence_tokens.to(torch.float32)
         zeros = torch.zeros_like(tokens)
         logps = zeros.index_add(0, score_sequences, token_logps)
-        logweights = shared = None
+        logweights = shared = kl = None
+        if token_kl is not None:
+            kl = zeros.index_add(0, score_sequences, token_kl)
         if with_logweights:
             summed = zeros.index_add(0, score_sequences, token_logweights.detach())
             logweights = summed / tokens.clamp(min=1)
         if score_in_shared is not None:
             shared = zeros.index_add(0, score_sequences, token_logps.masked_fill(~score_in_shared, 0.0))
-        return SequenceScores(logps, tokens, logweights, shared)
+        return SequenceScores(
+            logps, tokens, logweights, shared, kl, hidden.detach() if return_hidden else None
+        )
 
 
 def score_tokens(
@@ -142,39 +164,61 @@ def score_tokens(
     chunk_tokens: int,
     with_logweights: bool = False,
     softcap: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """log p(target) [N] fp32 of each hidden state [N, H] through `head`, and WPO's per-token
-    log-weights (zeros unless asked), `chunk_tokens` rows at a time with each chunk's logits
-    recomputed in backward (0 = one chunk, logits kept for backward)."""
+    reference: tuple[nn.Module, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """log p(target) [N] fp32 of each hidden state [N, H] through `head`, WPO's per-token
+    log-weights (zeros unless asked) and, with `reference` (another model's LM head and its hidden
+    states [N, H] at the same positions), each token's KL(reference || this model) [N] (else
+    None), `chunk_tokens` rows at a time with each chunk's logits recomputed in backward (0 = one
+    chunk, logits kept for backward)."""
+    size = chunk_tokens if chunk_tokens > 0 else max(hidden.shape[0], 1)
+    ref_head, ref_hidden = reference if reference is not None else (None, None)
+    ref_chunks = ref_hidden.split(size) if ref_hidden is not None else [None] * len(hidden.split(size))
+    chunks = zip(hidden.split(size), targets.split(size), ref_chunks)
     if chunk_tokens <= 0 or not torch.is_grad_enabled():
-        size = max(hidden.shape[0] if chunk_tokens <= 0 else chunk_tokens, 1)
-        parts = [
-            _score_chunk(head, h, y, softcap, with_logweights)
-            for h, y in zip(hidden.split(size), targets.split(size))
-        ]
+        parts = [_score_chunk(head, h, y, softcap, with_logweights, ref_head, r) for h, y, r in chunks]
     else:
         parts = [
-            checkpoint(_score_chunk, head, h, y, softcap, with_logweights, use_reentrant=False)
-            for h, y in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens))
+            checkpoint(_score_chunk, head, h, y, softcap, with_logweights, ref_head, r, use_reentrant=False)
+            for h, y, r in chunks
         ]
     if not parts:
         empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return empty, empty, empty if reference is not None else None
+    kl = torch.cat([p[2] for p in parts]) if reference is not None else None
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), kl
+
+
+def _logits(head: nn.Module, hidden: Tensor, softcap: float | None) -> Tensor:
+    logits = head(hidden).float()
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
 def _score_chunk(
-    head: nn.Module, hidden: Tensor, targets: Tensor, softcap: float | None, with_logweights: bool
-) -> tuple[Tensor, Tensor]:
-    logits = head(hidden).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    head: nn.Module,
+    hidden: Tensor,
+    targets: Tensor,
+    softcap: float | None,
+    with_logweights: bool,
+    ref_head: nn.Module | None = None,
+    ref_hidden: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    logits = _logits(head, hidden, softcap)
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    zeros = logp.new_zeros(logp.shape)
+    kl = zeros
+    if ref_head is not None:
+        with torch.no_grad():  # the reference is frozen
+            ref_logits = _logits(ref_head, ref_hidden, softcap)
+            ref_logp = ref_logits - torch.logsumexp(ref_logits, dim=-1, keepdim=True)
+        # KL(ref || pi) = sum_v p_ref(v) (log p_ref(v) - log pi(v)); both log-softmaxes written
+        # alike, so equal models give exactly 0
+        kl = (ref_logp.exp() * (ref_logp - (logits - lse.unsqueeze(-1)))).sum(-1)
     if not with_logweights:
-        return logp, logp.new_zeros(logp.shape)
+        return logp, zeros, kl
     # log sum_v p(v)^2 = logsumexp(2 z) - 2 logsumexp(z)
-    return logp, logp - (torch.logsumexp(2 * logits, dim=-1) - 2 * lse)
+    return logp, logp - (torch.logsumexp(2 * logits, dim=-1) - 2 * lse), kl
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,27 +399,73 @@ def shared_prefix_row(batch: PairBatch, device: torch.device, shared_length: boo
 
 
 def score_pairs(
-    model: nn.Module, inputs: list[ModelInputs], with_logweights: bool = False
+    model: nn.Module,
+    inputs: list[ModelInputs],
+    with_logweights: bool = False,
+    reference: ReferenceScores | None = None,
 ) -> PreferenceLogps:
     """The per-pair log-probs of a micro-batch laid out as `inputs` (a layout's output: the B
-    chosen then the B rejected sequences, in order, over one or more forwards)."""
-    parts = [model(**vars(x), with_logweights=with_logweights) for x in inputs]
-    b = sum(x.num_sequences for x in inputs) // 2
+    chosen then the B rejected sequences, in order, over one or more forwards). With `reference`
+    (a live reference's `reference_scores` of the same inputs) its log-probs fill the `ref_*`
+    fields, and its hidden states, when it kept them, give the token-level KL sums."""
+    if reference is None or reference.hidden is None:
+        parts = [model(**vars(x), with_logweights=with_logweights) for x in inputs]
+    else:
+        parts = [
+            model(
+                **vars(x), with_logweights=with_logweights, reference_hidden=h, reference_head=reference.head
+            )
+            for x, h in zip(inputs, reference.hidden)
+        ]
+    logps = _pair_logps(_merged(parts), sum(x.num_sequences for x in inputs) // 2)
+    if reference is not None:
+        ref = reference.logps
+        logps.ref_chosen_logps, logps.ref_rejected_logps = ref.chosen_logps, ref.rejected_logps
+        logps.ref_chosen_shared_logps = ref.chosen_shared_logps
+        logps.ref_rejected_shared_logps = ref.rejected_shared_logps
+    return logps
+
+
+@dataclass
+class ReferenceScores:
+    """A live reference's forward of a micro-batch (`reference_scores`): its per-pair log-probs
+    and, for the token-level KL, each forward's scored hidden states and its LM head."""
+
+    logps: PreferenceLogps
+    hidden: list[Tensor] | None = None
+    head: nn.Module | None = None
+
+
+@torch.no_grad()
+def reference_scores(
+    model: nn.Module, inputs: list[ModelInputs], with_hidden: bool = False
+) -> ReferenceScores:
+    """The live reference `model`'s scores of a micro-batch laid out as `inputs`, under no_grad;
+    `with_hidden` keeps its scored hidden states and names its LM head (TDPO's token-level KL)."""
+    parts = [model(**vars(x), return_hidden=with_hidden) for x in inputs]
+    logps = _pair_logps(_merged(parts), sum(x.num_sequences for x in inputs) // 2)
+    if not with_hidden:
+        return ReferenceScores(logps)
+    return ReferenceScores(logps, [p.hidden for p in parts], model.causal_lm.get_output_embeddings())
+
+
+def _merged(parts: list[SequenceScores]) -> SequenceScores:
+    """The sequence scores of several forwards, in order, as one (without hidden states)."""
     if len(parts) == 1:
-        return _pair_logps(parts[0], b)
-    lws, shared = [p.logweights for p in parts], [p.shared_logps for p in parts]
-    merged = SequenceScores(
-        torch.cat([p.logps for p in parts]),
-        torch.cat([p.tokens for p in parts]),
-        None if lws[0] is None else torch.cat(lws),
-        None if shared[0] is None else torch.cat(shared),
+        return parts[0]
+
+    def cat(name: str) -> Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return SequenceScores(
+        cat("logps"), cat("tokens"), cat("logweights"), cat("shared_logps"), cat("token_kl")
     )
-    return _pair_logps(merged, b)
 
 
 def _pair_logps(scores: SequenceScores, b: int) -> PreferenceLogps:
     """Split 2B sequence scores (chosen first, then rejected) into per-pair tensors."""
-    lw, shared = scores.logweights, scores.shared_logps
+    lw, shared, kl = scores.logweights, scores.shared_logps, scores.token_kl
     return PreferenceLogps(
         chosen_logps=scores.logps[:b],
         rejected_logps=scores.logps[b:],
@@ -385,6 +475,8 @@ def _pair_logps(scores: SequenceScores, b: int) -> PreferenceLogps:
         rejected_logweights=None if lw is None else lw[b:],
         chosen_shared_logps=None if shared is None else shared[:b],
         rejected_shared_logps=None if shared is None else shared[b:],
+        chosen_token_kl=None if kl is None else kl[:b],
+        rejected_token_kl=None if kl is None else kl[b:],
     )
 
 

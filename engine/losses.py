@@ -74,6 +74,10 @@ class PreferenceLogps:
     # completion (another example's, `engine.data.dataset.unpaired_examples`); 1.0 for
     # desirable examples, 0.0 for undesirable ones. None for preference pairs.
     desirable: Tensor | None = None
+    # TDPO: sum over the completion's tokens of KL(ref(. | x, y<t) || policy(. | x, y<t)), the
+    # token-level KL of the two next-token distributions (differentiable in the policy's)
+    chosen_token_kl: Tensor | None = None
+    rejected_token_kl: Tensor | None = None
 
 
 @dataclass
@@ -122,6 +126,7 @@ class LossSpec:
     # Unpaired: reads the KL sequences (the rejected side, `unpaired_examples`); without, that
     # side is empty (no tokens, log-prob 0).
     kl_sequences: bool = False
+    needs_token_kl: bool = False  # TDPO's sequential KL: a live reference (`reference.mode`)
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -149,6 +154,7 @@ def register(
     step_stats: StepStats | None = None,
     unpaired: bool = False,
     kl_sequences: bool = False,
+    needs_token_kl: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator that adds a loss function to `LOSSES` under `name`; with `step_stats` it is
     batch-coupled (see `BatchContext`), with `unpaired` it takes unpaired examples (and with
@@ -171,6 +177,7 @@ def register(
             step_stats,
             unpaired,
             kl_sequences,
+            needs_token_kl,
         )
         return fn
 
@@ -503,6 +510,46 @@ def cal_dpo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
     target = 1 / (2 * cfg.beta)
     losses = -F.logsigmoid(a - b) + 0.5 * ((a - target) ** 2 + (b + target) ** 2)
     return _output(losses, cfg.beta * a, cfg.beta * b)
+
+
+def _token_kl(logps: PreferenceLogps) -> tuple[Tensor, Tensor]:
+    """TDPO's sequential KL sums (chosen, rejected) of the policy from the live reference."""
+    if logps.chosen_token_kl is None or logps.rejected_token_kl is None:
+        raise ValueError("this loss needs token-level KL sums (chosen_token_kl, rejected_token_kl)")
+    return logps.chosen_token_kl, logps.rejected_token_kl
+
+
+def _tdpo(logps: PreferenceLogps, cfg: LossConfig, kl_term: Callable[[Tensor, Tensor], Tensor]) -> LossOutput:
+    """-log sigmoid(beta (h - kl_term(D_c, D_r))), rewards beta (log-ratio + D) (the code's)."""
+    chosen, rejected = _logratios(logps)
+    kl_c, kl_r = _token_kl(logps)
+    losses = -F.logsigmoid(cfg.beta * ((chosen - rejected) - kl_term(kl_c, kl_r)))
+    extras = {"token_kl/chosen": kl_c, "token_kl/rejected": kl_r}
+    return _output(losses, cfg.beta * (chosen + kl_c), cfg.beta * (rejected + kl_r), extras)
+
+
+@register("tdpo1", needs_reference=True, needs_token_kl=True)
+def tdpo1_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """TDPO1: -log sigmoid(beta (h - (D_r - D_c))), D_c, D_r the sequential KL divergences
+    sum_t KL(ref(. | x, y<t) || pi(. | x, y<t)) over the chosen and rejected completions.
+
+    Zeng, Liu, Ma, Yang, Zhang, Wang 2024, "Token-level Direct Preference Optimization",
+    arXiv:2404.11999, eq. 19, as its reference code (Vance0124/Token-level-Direct-Preference-
+    Optimization, trainers.py `tdpo_loss`, if_tdpo2=False). The gradient flows through both KLs.
+    Rewards: beta (pi_c - ref_c + D_c), beta (pi_r - ref_r + D_r) (the code's).
+    """
+    return _tdpo(logps, cfg, lambda kl_c, kl_r: kl_r - kl_c)
+
+
+@register("tdpo", needs_reference=True, needs_token_kl=True)
+def tdpo_loss(logps: PreferenceLogps, cfg: LossConfig) -> LossOutput:
+    """TDPO2: -log sigmoid(beta (h - alpha (D_r - sg(D_c)))), alpha = `loss.tdpo_alpha`, sg a
+    stop-gradient, D_c, D_r as in `tdpo1_loss`.
+
+    Zeng et al. 2024, arXiv:2404.11999, eq. 21 (the paper's recommended form, its code's default
+    if_tdpo2=True, alpha 0.5). Rewards as `tdpo1_loss`.
+    """
+    return _tdpo(logps, cfg, lambda kl_c, kl_r: cfg.tdpo_alpha * (kl_r - kl_c.detach()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -989,6 +1036,35 @@ def _specs(cfg: LossConfig) -> list[LossSpec]:
 def needs_reference(cfg: LossConfig) -> bool:
     """Whether any loss in `cfg.type` needs reference log-probs."""
     return any(spec.needs_reference for spec in _specs(cfg))
+
+
+def needs_token_kl(cfg: LossConfig) -> bool:
+    """Whether any loss in `cfg.type` needs TDPO's token-level KL sums (a live reference)."""
+    return any(spec.needs_token_kl for spec in _specs(cfg))
+
+
+def check_reference_mode(cfg: LossConfig, mode: str, problems: Problems) -> None:
+    """Records in `problems` a `reference.mode` the losses of `cfg.type` cannot use: a live
+    reference for reference-free losses only (nothing would read it), a cached one for a loss
+    that needs the token-level KL (the reference's whole next-token distributions)."""
+    names = _known_names(cfg)
+    if names is None:
+        return
+    specs = [LOSSES[name] for name in names]
+    problems.require(
+        mode != "live" or any(spec.needs_reference for spec in specs),
+        f'reference.mode = "live": loss.type {names} uses no reference; leave it "cached"',
+        "reference.mode",
+        "loss.type",
+    )
+    kl = [name for name, spec in zip(names, specs) if spec.needs_token_kl]
+    problems.require(
+        mode == "live" or not kl,
+        f"loss.type {kl}: the token-level KL needs the reference's next-token distributions, "
+        'not cached log-probs; set reference.mode = "live"',
+        "reference.mode",
+        "loss.type",
+    )
 
 
 def needs_logweights(cfg: LossConfig) -> bool:

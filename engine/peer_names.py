@@ -77,10 +77,24 @@ PEER_KEYS: dict[str, tuple[str, str]] = {
     ),
     "precompute_ref_log_probs": (
         "reference.cache_dir",
-        "fsdpo always precomputes reference log-probs, cached here",
+        'fsdpo precomputes reference log-probs, cached here (reference.mode = "cached", the default)',
     ),
     "precompute_ref_batch_size": ("reference.batch_size", ""),
-    "sync_ref_model": ("", "fsdpo's reference is the initial policy, fixed"),
+    # TR-DPO (TRL) and TDPO (its authors' code, Vance0124/Token-level-Direct-Preference-Optimization)
+    "sync_ref_model": (
+        "reference.sync_steps",
+        'TR-DPO: reference.mode = "live" with reference.sync_steps > 0 (0 = never)',
+    ),
+    "ref_model_sync_steps": (
+        "reference.sync_steps",
+        "TR-DPO's tau (TRL's default 512, fsdpo's 0 = never); needs reference.mode = \"live\"",
+    ),
+    "ref_model_mixup_alpha": (
+        "reference.sync_alpha",
+        "TR-DPO's alpha (TRL's default 0.6, fsdpo's 1: a copy)",
+    ),
+    "if_tdpo2": ("loss.type", '"tdpo" is TDPO2, "tdpo1" TDPO1'),
+    "loss.alpha": ("loss.tdpo_alpha", "TDPO2's alpha (TRL CPOTrainer's AlphaPO alpha is loss.alphapo_alpha)"),
     # model, LoRA
     "model_name_or_path": ("model.path", ""),
     "model._component_": ("model.path", "a Hugging Face model folder or hub id"),

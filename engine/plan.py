@@ -45,7 +45,11 @@ size: ranks for `full`/`grad_op`, ranks per shard group for `hybrid`, 1 for `non
   only its input (h values per token) and one block's full set is recomputed at a time;
 - LM-head chunk: the forward scores completion tokens through the head in chunks of
   `training.logprob_chunk_tokens` (0 = all at once), recomputed in backward: logits in the
-  compute dtype, their fp32 copy and its gradient (vocab x (bytes + 8) per token of one chunk).
+  compute dtype, their fp32 copy and its gradient (vocab x (bytes + 8) per token of one chunk);
+- a live reference (`reference.mode = "live"`): its parameters, 4 P / S (an fp32 copy sharded as
+  the policy; none with LoRA: the reference is the base model), gathered one unit at a time
+  while the policy's are not; with a token-level KL loss (tdpo) its LM-head unit (or tied root)
+  stays gathered and each head chunk computes its logits too (vocab x (bytes + 8) per token).
 Not counted: the CUDA context and allocator fragmentation (budget a few GiB), communication
 buffers, the reference log-probs (a few bytes per pair).
 """
@@ -64,6 +68,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from engine import losses
 from engine.config import Config, LoraConfig
 from engine.data.sampler import BatchPlan, plan_batches
 from engine.distributed import ranks_per_node as node_ranks
@@ -256,7 +261,21 @@ def estimate_memory(
     chunk = min(t.logprob_chunk_tokens or tokens, tokens)
     how = f"{chunk} tokens x vocab {size.vocab_size} x ({dtype_bytes} + 8) B"
     add(MemoryItem("head_chunk", chunk * size.vocab_size * (dtype_bytes + 8), how))
+    if cfg.reference.mode == "live":
+        add(_live_reference(cfg, size, shard, dtype_bytes, chunk))
     return est
+
+
+def _live_reference(cfg: Config, size: ModelSize, shard: int, dtype_bytes: int, chunk: int) -> MemoryItem:
+    """The live reference's memory (see the module docstring)."""
+    if cfg.lora.enabled:
+        return MemoryItem("reference", 0, "live: the base model with adapters off, no copy")
+    count, how = 4 * size.parameters // shard, f"live: fp32 copy, {_n(size.parameters)} / {shard}"
+    if losses.needs_token_kl(cfg.loss):
+        head = size.output_unit or size.root
+        count += head * dtype_bytes + chunk * size.vocab_size * (dtype_bytes + 8)
+        how += f" + its LM head gathered ({_n(head)}) + its head chunk ({chunk} tokens x vocab)"
+    return MemoryItem("reference", count, how)
 
 
 def _n(count: int) -> str:

@@ -288,6 +288,7 @@ def check_names(cfg: Config, problems: Problems) -> None:
             "data.kl_shift_chunk",
             "loss.type",
         )
+    losses.check_reference_mode(cfg.loss, cfg.reference.mode, problems)
     t = cfg.training
     mode = FORWARD_MODES.get(t.forward_mode)
     if mode is None:

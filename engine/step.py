@@ -4,6 +4,9 @@
 `SequenceLogprobs`, sharded by `parallelize` over the recipe's mesh, a pretrained safetensors
 folder created on the meta device and loaded shard by shard (no rank ever holds the whole model).
 
+`build_live_reference` is the live reference (`reference.mode = "live"`, engine/reference.py
+`LiveReference`): `build_model` once more, frozen, or with LoRA the policy itself (adapters off).
+
 `TrainStep` is one optimizer step over a rank's micro-batches: forward and backward of each
 (gradient reduction deferred to the last one under `parallel.gradient_sync`), the loss divided
 by the global pair count (see engine/trainer.py), one finiteness decision for all ranks (a
@@ -50,6 +53,7 @@ from engine.loading import materialize_and_load
 from engine.metrics import PairMetrics, peak_memory_gib
 from engine.model import build_policy, sharded_weights_dir
 from engine.parallel import build_mesh, defers_gradient_sync, local_state_bytes, parallelize
+from engine.reference import LiveReference
 from engine.reference_cache import ReferenceLogps
 
 
@@ -80,6 +84,22 @@ def build_model(
     return model, mesh
 
 
+def build_live_reference(cfg: Config, world: World, policy: nn.Module) -> LiveReference | None:
+    """The live reference of `policy` (`build_model`'s, before any update) when `reference.mode`
+    is "live": a second `build_model` (the same initial weights, sharded the same way), frozen in
+    eval mode; with LoRA the policy itself, its adapters disabled. None for a cached reference."""
+    r = cfg.reference
+    if r.mode != "live":
+        return None
+    token_kl = losses.needs_token_kl(cfg.loss)
+    if cfg.lora.enabled:
+        return LiveReference(policy, token_kl, adapters_off=True)
+    model, _ = build_model(cfg, world)
+    model.requires_grad_(False)
+    model.eval()
+    return LiveReference(model, token_kl, sync_steps=r.sync_steps, sync_alpha=r.sync_alpha)
+
+
 @dataclass
 class MicroBatch:
     """A micro-batch's inputs on the device (`TrainStep.prepare`), copied ahead of its forward."""
@@ -103,8 +123,9 @@ class TrainStep:
     """One optimizer step of `model` (`build_model`) over a rank's micro-batches (`__call__`).
 
     `reference` (on the device: `ReferenceLogps.to`) holds the reference log-probs (and their
-    shared-length sums for LD-DPO), looked up by pair id; None for reference-free losses. `mode`
-    overrides `training.forward_mode`.
+    shared-length sums for LD-DPO), looked up by pair id; None for reference-free losses and
+    under `live` (`build_live_reference`), a reference model run on each micro-batch instead.
+    `mode` overrides `training.forward_mode`.
     """
 
     def __init__(
@@ -117,10 +138,12 @@ class TrainStep:
         pad_id: int,
         reference: ReferenceLogps | None = None,
         mode: str | None = None,
+        live: LiveReference | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.cfg, self.device, self.pad_id, self.reference = cfg, device, pad_id, reference
         self.mode = mode or cfg.training.forward_mode
+        self.live = live
         self.defer_gradient_sync = defers_gradient_sync(cfg.parallel)
         self.with_logweights = losses.needs_logweights(cfg.loss)
         self.shared_length = losses.needs_shared_length(cfg.loss)
@@ -139,10 +162,12 @@ class TrainStep:
         )
 
     def logps(self, micro: MicroBatch, reference: ReferenceLogps | None) -> losses.PreferenceLogps:
-        """Forward: the policy's log-probs of `micro`, with the reference's when given."""
-        logps = score_pairs(self.model, micro.inputs, self.with_logweights)
+        """Forward: the policy's log-probs of `micro`, with the reference's when given (a live
+        reference's forward of `micro` when there is one)."""
+        live = self.live.scores(micro.inputs) if self.live is not None else None
+        logps = score_pairs(self.model, micro.inputs, self.with_logweights, live)
         logps.desirable = micro.desirable
-        if reference is not None:
+        if reference is not None:  # the cache (None under a live reference)
             ref = reference.select(micro.pair_ids, self.device)
             logps.ref_chosen_logps, logps.ref_rejected_logps = ref.chosen, ref.rejected
             logps.ref_chosen_shared_logps = ref.chosen_shared

@@ -53,7 +53,7 @@ from engine.progress import Progress
 from engine.recipe import to_toml
 from engine.reference import ReferenceProvider
 from engine.run_dir import RunDir, check_output_dir, prepare_output_dir
-from engine.step import TrainStep, build_model
+from engine.step import TrainStep, build_live_reference, build_model
 
 
 def startup_warnings(cfg: Config, total_steps: int, sampler: GlobalBatchSampler) -> list[str]:
@@ -131,6 +131,11 @@ def attention_plan(cfg: Config, causal_lm: nn.Module, world: World, dtype: torch
 def build_reference_cache(cfg: Config, world: World) -> None:
     """Collective: the reference log-prob cache of the recipe's data sets and nothing else, for
     precomputing it on other hardware (no checkpoint is read, nothing else is written)."""
+    if cfg.reference.mode == "live":
+        raise UserError(
+            'reference.mode = "live": --build-reference-only has nothing to cache, a live reference '
+            'is run beside the policy on every micro-batch (the cache serves reference.mode = "cached")'
+        )
     check_compiler(cfg.parallel, world.device.type)
     torch.manual_seed(cfg.job.seed)
     tokenizer, train_data, eval_data = build_data(cfg)
@@ -181,14 +186,17 @@ class Trainer:
         )
         self.train_reference = self.references.get(self.train_data, "train", cfg.data.train)
         self.eval_reference = self.references.get(self.eval_data, "eval", cfg.data.eval)
+        self.live = build_live_reference(cfg, world, self.model)  # reference.mode = "live"
         self.step = TrainStep(
-            self.model, self.optimizer, self.scheduler, cfg, world.device, self.pad_id, self.train_reference
-        )
+            self.model, self.optimizer, self.scheduler, cfg, world.device, self.pad_id, self.train_reference,
+            live=self.live,
+        )  # fmt: skip
         self.state_bytes: dict[str, int] | None = None  # this rank's state, once the first update made it
 
         self.checkpoints = CheckpointManager(
             self.run_dir, cfg.checkpoint, world, self.model, self.optimizer, self.scheduler,
             self.sampler.steps_per_epoch, to_toml(cfg), self.step.loss_state,
+            self.live.model if self.live is not None and self.live.sync_steps else None,
         )  # fmt: skip
         self.state = TrainerState(
             global_batch_size=t.global_batch_size, world_size=world.world_size, total_steps=self.total_steps
@@ -258,6 +266,8 @@ class Trainer:
         micro_batches = self.sampler.micro_batches(step)
         batches = [collate(self.train_data, indices) for indices in micro_batches]
         result = self.step(batches, window, poison=_fault_nan_step() == step + 1)
+        if self.live is not None and self.live.due(step + 1):  # TR-DPO
+            self.live.sync(self.model)
         for indices in micro_batches:
             self.meter.add(self.pair_lengths[indices])
         if self.step.state_bytes is not None and self.state_bytes is None:  # the first update

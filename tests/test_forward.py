@@ -128,7 +128,7 @@ def test_chunked_logps_and_gradients_equal_unchunked() -> None:
     for chunk in (5, 0):
         head.zero_grad()
         h = hidden.clone().requires_grad_()
-        logp, logweight = score_tokens(head, h, targets, chunk, with_logweights=True)
+        logp, logweight, _ = score_tokens(head, h, targets, chunk, with_logweights=True)
         (logp * torch.linspace(-1, 1, 53)).sum().backward()
         results.append((logp.detach(), logweight, h.grad, head.weight.grad.clone()))
     for a, b in zip(*results):

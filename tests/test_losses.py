@@ -398,10 +398,11 @@ def assert_relative(actual: torch.Tensor, expected: list[float], rtol: float, at
 
 
 def test_every_loss_is_registered_and_has_a_reference() -> None:
+    from tests.test_live_reference import TOKEN_KL  # referenced there, with the token-level KL
     from tests.test_losses_coupled import BATCH_COUPLED  # referenced there, over whole batches
 
     unpaired = ["apo_zero_unpaired"]  # pair-separable on unpaired examples: tests/test_kto.py
-    assert sorted(LOSSES) == sorted(ALL_LOSSES + BATCH_COUPLED + unpaired)
+    assert sorted(LOSSES) == sorted(ALL_LOSSES + BATCH_COUPLED + unpaired + TOKEN_KL)
     assert sorted(REFERENCES) == sorted(ALL_LOSSES)
 
 

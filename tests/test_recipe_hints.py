@@ -152,6 +152,8 @@ def test_common_trl_names_are_trl_names_and_get_a_hint(tmp_path: Path) -> None:
         ("lora_rank", 'did you mean "lora.r"?'),
         ("lora_alpha", 'did you mean "lora.alpha"?'),
         ("ld_alpha", 'did you mean "loss.ld_alpha"?'),  # TRL's name, an fsdpo key
+        ("ref_model_sync_steps", 'did you mean "reference.sync_steps"?'),  # TR-DPO's tau in TRL
+        ("if_tdpo2", 'did you mean "loss.type"? "tdpo" is TDPO2'),  # TDPO's code
     ],
 )
 def test_peer_names_point_to_fsdpo_keys_at_every_level(tmp_path: Path, name: str, hint: str) -> None:
@@ -181,6 +183,7 @@ def test_peer_names_point_to_fsdpo_keys_at_every_level(tmp_path: Path, name: str
         ("optimizer", "_component_", "fsdpo's optimizer is always AdamW"),  # torchtune
         ("loss", "_component_", 'did you mean "loss.type"?'),
         ("loss", "gamma", 'did you mean "loss.gamma_beta_ratio"?'),
+        ("loss", "alpha", 'did you mean "loss.tdpo_alpha"?'),  # TDPO's code, not lora.alpha
         ("model", "lora_rank", 'did you mean "lora.r"?'),
         ("optimizer", "learning_rate", 'did you mean "optimizer.lr"?'),
         ("optimizer", "lrr", 'did you mean "optimizer.lr"?'),  # no peer name: a close spelling

@@ -39,7 +39,7 @@ def logprob_step(variant: str, vocab: int, hidden: int, rows: int, seq_len: int,
         logits = head(states.view(rows, seq_len, hidden)).float()
         logp = torch.log_softmax(logits, -1).gather(-1, targets.view(rows, seq_len, 1)).squeeze(-1)
     else:
-        logp, _ = score_tokens(head, states, targets, 0 if variant == "unchunked" else chunk_tokens)
+        logp, _, _ = score_tokens(head, states, targets, 0 if variant == "unchunked" else chunk_tokens)
     logp.sum().backward()
     elapsed = time.perf_counter() - start
     peak = peak_memory_gib(torch.device("cpu"))
