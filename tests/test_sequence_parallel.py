@@ -1,0 +1,117 @@
+"""Sequence parallelism (`parallel.sequence_parallel`): a packed row split over a sequence group
+of ranks equals the unsplit row on one rank (losses, gradients, reference log-probs), and the
+settings it cannot serve are errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from transformers import AutoConfig
+
+from engine.errors import UserError
+from engine.recipe import load_config
+from engine.sequence_parallel import check_heads, data_parallel
+from tests.conftest import (
+    ASSETS,
+    LN2,
+    base_tables,
+    main_in_process,
+    run_sweep,
+    sweep_stdout,
+    train_rows,
+    write_recipe,
+)
+
+MODES = ("packed", "prefix_shared")
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small_data: dict) -> Path:
+    tmp = tmp_path_factory.mktemp("sequence-parallel")
+    tables = base_tables(tiny_model_dir, small_data, tmp / "unused")
+    tables["data"]["eval"] = []
+    tables["training"].update(max_steps=5, micro_batch_size=4)  # 2 accumulation steps
+    tables["export"] = {"enabled": False}
+    return write_recipe(tmp / "r.toml", tables)
+
+
+@pytest.fixture(scope="module")
+def split(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """Each forward mode trained on one sequence group of 2 ranks (one launch)."""
+    out = tmp_path_factory.mktemp("split")
+    runs = {mode: [f"training.forward_mode={mode}", "parallel.sequence_parallel=2"] for mode in MODES}
+    return out, run_sweep(recipe, out, runs, nproc=2)
+
+
+def _one_rank(recipe: Path, out: Path, mode: str, world) -> Path:
+    proc = main_in_process(recipe, [f"training.forward_mode={mode}", f"job.output_dir={out}"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out
+
+
+def _reference(output_dir: Path) -> dict[str, torch.Tensor]:
+    (path,) = (output_dir / "reference").glob("reference-*.safetensors")
+    return safetensors.torch.load_file(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_two_ranks_split_equal_one_rank(
+    recipe: Path, split: tuple[Path, dict], mode: str, world, tmp_path: Path
+) -> None:
+    out, results = split
+    assert "2 ranks (data 1 x sequence 2: each row split over 2 ranks)" in sweep_stdout(out)[mode]
+    one = _one_rank(recipe, tmp_path / "one", mode, world)
+    expected = [row["loss"] for row in train_rows(one)]
+    got = results[mode]["losses"]
+    assert len(expected) == 5 and abs(expected[0] - expected[-1]) > 1e-3, expected  # it trained
+    assert abs(got[0] - LN2) < 1e-6, got  # the policy is its cached reference at step 0
+    for a, b in zip(expected, got, strict=True):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (mode, expected, got)
+    # per-sequence log-probs of every pair: the reference pass, split over the group
+    mine, theirs = _reference(out / mode), _reference(one)
+    assert torch.equal(mine["pair_hashes"], theirs["pair_hashes"])
+    for name in ("chosen_logps", "rejected_logps"):
+        torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6)
+
+
+def test_data_parallel_rank_and_divisibility() -> None:
+    assert data_parallel(5, 8, 2) == (2, 4)
+    assert data_parallel(3, 4, 1) == (3, 4)
+    with pytest.raises(UserError, match=r"parallel.sequence_parallel=3 must divide the 4 ranks"):
+        data_parallel(0, 4, 3)
+
+
+def test_heads_must_split() -> None:
+    config = AutoConfig.from_pretrained(ASSETS / "tiny-llama")  # 4 heads, 2 KV heads
+    check_heads(config, 2)
+    with pytest.raises(UserError, match=r"4 attention heads and 2 KV heads must each split 4 ways"):
+        check_heads(config, 4)
+
+
+def test_n_not_dividing_the_world_is_an_error(recipe: Path, world, tmp_path: Path) -> None:
+    overrides = ["parallel.sequence_parallel=2", "training.forward_mode=packed"]
+    proc = main_in_process(recipe, [*overrides, f"job.output_dir={tmp_path}"])
+    assert proc.returncode == 2
+    assert "parallel.sequence_parallel=2 must divide the 1 ranks" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["training.forward_mode=concatenated"], "training.forward_mode: parallel.sequence_parallel=2"),
+        (["parallel.compile=true"], "parallel.compile: not supported with parallel.sequence_parallel=2"),
+        (
+            ["reference.mode=live", "loss.type=tdpo"],
+            "reference.mode: not supported with parallel.sequence_parallel=2",
+        ),
+        (["parallel.sequence_parallel=0"], "parallel.sequence_parallel: expected an integer >= 1"),
+    ],
+)
+def test_settings_it_cannot_serve(recipe: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        load_config(recipe, ["parallel.sequence_parallel=2", *overrides])
