@@ -72,6 +72,10 @@ def test_two_ranks_split_equal_one_rank(
     assert abs(got[0] - LN2) < 1e-6, got  # the policy is its cached reference at step 0
     for a, b in zip(expected, got, strict=True):
         assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (mode, expected, got)
+    # the gradient itself (Adam and clipping would hide a gradient scaled by N from the losses)
+    norms = [[row["grad_norm"] for row in train_rows(d)] for d in (one, out / mode)]
+    for a, b in zip(*norms, strict=True):
+        assert math.isclose(a, b, rel_tol=1e-5), (mode, norms)
     # per-sequence log-probs of every pair: the reference pass, split over the group
     mine, theirs = _reference(out / mode), _reference(one)
     assert torch.equal(mine["pair_hashes"], theirs["pair_hashes"])
