@@ -33,8 +33,8 @@ MODES = ("packed", "prefix_shared")
 def recipe(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small_data: dict) -> Path:
     tmp = tmp_path_factory.mktemp("sequence-parallel")
     tables = base_tables(tiny_model_dir, small_data, tmp / "unused")
-    tables["data"]["eval"] = []
-    tables["training"].update(max_steps=5, micro_batch_size=4)  # 2 accumulation steps
+    tables["data"].update(train=[{"path": str(small_data["train"]), "count": 40}], eval=[])  # 5 steps
+    tables["training"]["max_steps"] = 5
     tables["export"] = {"enabled": False}
     return write_recipe(tmp / "r.toml", tables)
 
