@@ -119,3 +119,17 @@ def test_n_not_dividing_the_world_is_an_error(recipe: Path, world, tmp_path: Pat
 def test_settings_it_cannot_serve(recipe: Path, overrides: list[str], message: str) -> None:
     with pytest.raises(UserError, match=message):
         load_config(recipe, ["parallel.sequence_parallel=2", *overrides])
+
+
+def test_dry_run_plans_the_data_parallel_ranks(recipe: Path) -> None:
+    from engine.plan import dry_run
+
+    packed = ["training.forward_mode=packed", "training.micro_batch_size=4"]
+    plan = dry_run(load_config(recipe, [*packed, "parallel.sequence_parallel=2"]), 4, 4)
+    assert "4 (4 per node, 1 node, data 2 x sequence 2)" in plan
+    assert "1 = 8 / (4 x 2 data-parallel ranks)" in plan
+    assert "parallel.sequence_parallel=2: each rank holds 1/2 of every packed row" in plan
+    with pytest.raises(UserError, match="2 KV heads must each split 4 ways"):
+        dry_run(load_config(recipe, [*packed, "parallel.sequence_parallel=4"]), 4, 4)
+    with pytest.raises(UserError, match="sequence_parallel=3 must divide the 4 ranks"):
+        dry_run(load_config(recipe, [*packed, "parallel.sequence_parallel=3"]), 4, 4)
