@@ -47,10 +47,54 @@ def split(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     return out, run_sweep(recipe, out, runs, nproc=2)
 
 
-def _one_rank(recipe: Path, out: Path, mode: str, world) -> Path:
-    proc = main_in_process(recipe, [f"training.forward_mode={mode}", f"job.output_dir={out}"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out
+@pytest.fixture(scope="module")
+def four(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """Data 2 x sequence 2 on 4 ranks (the reference pass, the sampler and the metrics then see
+    two data-parallel ranks, each a sequence group)."""
+    out = tmp_path_factory.mktemp("four")
+    runs = {
+        "packed": [
+            "training.forward_mode=packed",
+            "parallel.sequence_parallel=2",
+            "training.micro_batch_size=4",
+        ]
+    }
+    return out, run_sweep(recipe, out, runs, nproc=4)
+
+
+@pytest.fixture(scope="module")
+def one_rank(recipe: Path, tmp_path_factory: pytest.TempPathFactory, world):
+    """The output folder of the recipe trained in forward `mode` on this process's one rank."""
+    runs: dict[str, Path] = {}
+
+    def run(mode: str) -> Path:
+        if mode not in runs:
+            out = tmp_path_factory.mktemp(f"one-{mode}")
+            proc = main_in_process(recipe, [f"training.forward_mode={mode}", f"job.output_dir={out}"])
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+            runs[mode] = out
+        return runs[mode]
+
+    return run
+
+
+def _same_training(one: Path, split: Path, losses: list[float], what: str) -> None:
+    """`split` (a sweep run: its folder and losses) trained as `one` did: step-0 loss ln 2, the
+    loss curve and the gradient norms to 1e-5, and the reference log-probs of every pair."""
+    expected = [row["loss"] for row in train_rows(one)]
+    assert len(expected) == 5 and abs(expected[0] - expected[-1]) > 1e-3, expected  # it trained
+    assert abs(losses[0] - LN2) < 1e-6, losses  # the policy is its cached reference at step 0
+    for a, b in zip(expected, losses, strict=True):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (what, expected, losses)
+    # the gradient itself (Adam and clipping would hide a gradient scaled by N from the losses)
+    norms = [[row["grad_norm"] for row in train_rows(d)] for d in (one, split)]
+    for a, b in zip(*norms, strict=True):
+        assert math.isclose(a, b, rel_tol=1e-5), (what, norms)
+    # per-sequence log-probs of every pair: the reference pass, split over the group
+    mine, theirs = _reference(split), _reference(one)
+    assert torch.equal(mine["pair_hashes"], theirs["pair_hashes"])
+    for name in ("chosen_logps", "rejected_logps"):
+        torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6)
 
 
 def _reference(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -60,27 +104,17 @@ def _reference(output_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
-def test_two_ranks_split_equal_one_rank(
-    recipe: Path, split: tuple[Path, dict], mode: str, world, tmp_path: Path
-) -> None:
+def test_two_ranks_split_equal_one_rank(split: tuple[Path, dict], one_rank, mode: str) -> None:
     out, results = split
     assert "2 ranks (data 1 x sequence 2: each row split over 2 ranks)" in sweep_stdout(out)[mode]
-    one = _one_rank(recipe, tmp_path / "one", mode, world)
-    expected = [row["loss"] for row in train_rows(one)]
-    got = results[mode]["losses"]
-    assert len(expected) == 5 and abs(expected[0] - expected[-1]) > 1e-3, expected  # it trained
-    assert abs(got[0] - LN2) < 1e-6, got  # the policy is its cached reference at step 0
-    for a, b in zip(expected, got, strict=True):
-        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (mode, expected, got)
-    # the gradient itself (Adam and clipping would hide a gradient scaled by N from the losses)
-    norms = [[row["grad_norm"] for row in train_rows(d)] for d in (one, out / mode)]
-    for a, b in zip(*norms, strict=True):
-        assert math.isclose(a, b, rel_tol=1e-5), (mode, norms)
-    # per-sequence log-probs of every pair: the reference pass, split over the group
-    mine, theirs = _reference(out / mode), _reference(one)
-    assert torch.equal(mine["pair_hashes"], theirs["pair_hashes"])
-    for name in ("chosen_logps", "rejected_logps"):
-        torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6)
+    _same_training(one_rank(mode), out / mode, results[mode]["losses"], mode)
+
+
+@pytest.mark.slow
+def test_data_two_by_sequence_two_equals_one_rank(four: tuple[Path, dict], one_rank) -> None:
+    out, results = four
+    assert "4 ranks (data 2 x sequence 2: each row split over 2 ranks)" in sweep_stdout(out)["packed"]
+    _same_training(one_rank("packed"), out / "packed", results["packed"]["losses"], "data 2 x sequence 2")
 
 
 def test_data_parallel_rank_and_divisibility() -> None:
