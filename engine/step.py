@@ -151,13 +151,14 @@ class TrainStep:
         self.batch_coupled = losses.batch_coupled(cfg.loss)
         self.loss_state = losses.LossState(device)  # batch-coupled losses' (checkpointed)
         self.state_bytes: dict[str, int] | None = None  # local shards, after the first update
-        self.counts = model.sequence is None or model.sequence.counts  # this rank's pair metrics
+        self.sequence = getattr(model, "sequence", None)  # `SequenceLogprobs.sequence` (no model: None)
+        self.counts = self.sequence is None or self.sequence.counts  # this rank's pair metrics count
 
     def prepare(self, batch: PairBatch) -> MicroBatch:
         """Build `batch`'s inputs on the host and start their copies to the device."""
         return MicroBatch(
             FORWARD_MODES[self.mode].inputs(
-                batch, self.pad_id, self.device, self.shared_length, self.model.sequence
+                batch, self.pad_id, self.device, self.shared_length, self.sequence
             ),
             to_device(batch.valid, self.device),
             to_device(batch.pair_ids, self.device),
@@ -207,9 +208,8 @@ class TrainStep:
         if world_size > 1:
             gathered = [torch.empty_like(local) for _ in range(world_size)]
             dist.all_gather(gathered, local)
-        sequence = self.model.sequence
-        if sequence is not None:  # one copy of each data-parallel rank's pairs
-            gathered, rank = gathered[:: sequence.size], rank // sequence.size
+        if self.sequence is not None:  # one copy of each data-parallel rank's pairs
+            gathered, rank = gathered[:: self.sequence.size], rank // self.sequence.size
         table = torch.cat(gathered, dim=1)
         order = torch.argsort(table[-1], stable=True)
         dtype = parts[0].chosen_logps.dtype

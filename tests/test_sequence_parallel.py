@@ -27,6 +27,12 @@ from tests.conftest import (
 )
 
 MODES = ("packed", "prefix_shared")
+# each on 2 ranks split over one sequence group against 1 rank; beta-DPO's statistics are the
+# step's global batch (all-gathered: a sequence group's ranks hold the same pairs)
+VARIANTS = {
+    **{mode: [f"training.forward_mode={mode}"] for mode in MODES},
+    "beta_dpo": ["training.forward_mode=packed", "loss.type=beta_dpo"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +49,7 @@ def recipe(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small
 def split(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """Each forward mode trained on one sequence group of 2 ranks (one launch)."""
     out = tmp_path_factory.mktemp("split")
-    runs = {mode: [f"training.forward_mode={mode}", "parallel.sequence_parallel=2"] for mode in MODES}
+    runs = {name: [*VARIANTS[name], "parallel.sequence_parallel=2"] for name in VARIANTS}
     return out, run_sweep(recipe, out, runs, nproc=2)
 
 
@@ -64,16 +70,16 @@ def four(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
 
 @pytest.fixture(scope="module")
 def one_rank(recipe: Path, tmp_path_factory: pytest.TempPathFactory, world):
-    """The output folder of the recipe trained in forward `mode` on this process's one rank."""
+    """The output folder of the recipe trained as `VARIANTS[name]` on this process's one rank."""
     runs: dict[str, Path] = {}
 
-    def run(mode: str) -> Path:
-        if mode not in runs:
-            out = tmp_path_factory.mktemp(f"one-{mode}")
-            proc = main_in_process(recipe, [f"training.forward_mode={mode}", f"job.output_dir={out}"])
+    def run(name: str) -> Path:
+        if name not in runs:
+            out = tmp_path_factory.mktemp(f"one-{name}")
+            proc = main_in_process(recipe, [*VARIANTS[name], f"job.output_dir={out}"])
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-            runs[mode] = out
-        return runs[mode]
+            runs[name] = out
+        return runs[name]
 
     return run
 
@@ -103,11 +109,11 @@ def _reference(output_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", MODES)
-def test_two_ranks_split_equal_one_rank(split: tuple[Path, dict], one_rank, mode: str) -> None:
+@pytest.mark.parametrize("name", VARIANTS)
+def test_two_ranks_split_equal_one_rank(split: tuple[Path, dict], one_rank, name: str) -> None:
     out, results = split
-    assert "2 ranks (data 1 x sequence 2: each row split over 2 ranks)" in sweep_stdout(out)[mode]
-    _same_training(one_rank(mode), out / mode, results[mode]["losses"], mode)
+    assert "2 ranks (data 1 x sequence 2: each row split over 2 ranks)" in sweep_stdout(out)[name]
+    _same_training(one_rank(name), out / name, results[name]["losses"], name)
 
 
 @pytest.mark.slow
