@@ -57,6 +57,7 @@ import inspect
 import itertools
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,9 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from engine.errors import UserError
+
+if TYPE_CHECKING:
+    from engine.sequence_parallel import SequenceGroup
 
 PREFIX = "fsdpo_"
 KWARG = "fsdpo_segments"
@@ -86,6 +90,7 @@ class AttentionSegments:
         self.blocks = [b for b in blocks if b[1] > b[0]]
         self.length = length
         self.used = False  # set by attention: a model that ignores the keyword is caught
+        self.sequence: SequenceGroup | None = None  # `split_over`: this rank holds 1/N of the row
         self.tensors: PackedTensors | None = None
         self._masks: dict[tuple[int, int, int | None], Tensor] = {}
         end = 0
@@ -126,6 +131,15 @@ class AttentionSegments:
             blocks.append((rejected, rejected + r, ((start, start + p), (rejected, rejected + r))))
             start = rejected + r
         return cls(blocks, start)
+
+    def split_over(self, group: SequenceGroup) -> AttentionSegments:
+        """The row padded to a multiple of `group.size` positions (the padding one more block,
+        which sees only itself), to be held split along positions over `group`: attention then
+        exchanges positions for heads (engine/sequence_parallel.py)."""
+        padded = -(-self.length // group.size) * group.size
+        segments = AttentionSegments([*self.blocks, (self.length, padded, ((self.length, padded),))], padded)
+        segments.sequence = group
+        return segments
 
     def layout(self) -> list[int]:
         """The blocks as a flat list (`from_layout` reads it back): per block its query start and
@@ -698,6 +712,9 @@ def _attention_for(base: str) -> Callable:
     ) -> tuple[Tensor, None]:
         if fsdpo_segments is None:
             return _base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
+        group = fsdpo_segments.sequence
+        if group is not None:  # this rank's positions, all heads -> the whole row, its heads
+            query, key, value = group.to_heads(query), group.to_heads(key), group.to_heads(value)
         out = segment_attention(
             module,
             query,
@@ -709,7 +726,7 @@ def _attention_for(base: str) -> Callable:
             sliding_window=kwargs.get("sliding_window"),
             softcap=kwargs.get("softcap"),
         )
-        return out, None
+        return (out if group is None else group.to_positions(out)), None
 
     return attention
 

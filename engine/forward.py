@@ -49,6 +49,7 @@ from torch.utils.checkpoint import checkpoint
 from engine.attention import KWARG, AttentionSegments, enable_segment_attention, segmented_forward
 from engine.data import GlobalBatchSampler, PairBatch, PreferenceDataset
 from engine.losses import PreferenceLogps
+from engine.sequence_parallel import SequenceGroup, check_heads
 
 
 @dataclass
@@ -88,12 +89,19 @@ class SequenceLogprobs(nn.Module):
     """
 
     def __init__(
-        self, causal_lm: nn.Module, chunk_tokens: int = 1024, attention_kernel: str = "auto"
+        self,
+        causal_lm: nn.Module,
+        chunk_tokens: int = 1024,
+        attention_kernel: str = "auto",
+        sequence: SequenceGroup | None = None,
     ) -> None:
         super().__init__()
         self.causal_lm = causal_lm
         self.chunk_tokens = chunk_tokens
         self.attention_kernel = attention_kernel
+        if sequence is not None:
+            check_heads(causal_lm.config, sequence.size)
+        self.sequence = sequence  # layouts give this rank its share of each row (`shard_row`)
         enable_segment_attention(causal_lm)  # padded forwards keep the configured kernel
 
     def forward(
@@ -143,15 +151,20 @@ class SequenceLogprobs(nn.Module):
 
         tokens = sequence_tokens.to(torch.float32)
         zeros = torch.zeros_like(tokens)
-        logps = zeros.index_add(0, score_sequences, token_logps)
-        logweights = shared = kl = None
+        sums = {"logps": zeros.index_add(0, score_sequences, token_logps)}
         if token_kl is not None:
-            kl = zeros.index_add(0, score_sequences, token_kl)
+            sums["kl"] = zeros.index_add(0, score_sequences, token_kl)
         if with_logweights:
-            summed = zeros.index_add(0, score_sequences, token_logweights.detach())
-            logweights = summed / tokens.clamp(min=1)
+            sums["logweights"] = zeros.index_add(0, score_sequences, token_logweights.detach())
         if score_in_shared is not None:
-            shared = zeros.index_add(0, score_sequences, token_logps.masked_fill(~score_in_shared, 0.0))
+            sums["shared"] = zeros.index_add(
+                0, score_sequences, token_logps.masked_fill(~score_in_shared, 0.0)
+            )
+        group = None if segments is None else segments.sequence
+        if group is not None:  # sequences span the group's ranks: one sum of every partial sum
+            sums = dict(zip(sums, group.sum(torch.stack(list(sums.values())))))
+        logps, kl, shared = sums["logps"], sums.get("kl"), sums.get("shared")
+        logweights = sums["logweights"] / tokens.clamp(min=1) if with_logweights else None
         return SequenceScores(
             logps, tokens, logweights, shared, kl, hidden.detach() if return_hidden else None
         )
@@ -398,6 +411,38 @@ def shared_prefix_row(batch: PairBatch, device: torch.device, shared_length: boo
     )
 
 
+def shard_row(inputs: ModelInputs, group: SequenceGroup, device: torch.device) -> ModelInputs:
+    """This rank's share of a padding-free layout's row (`inputs`, on the host) under sequence
+    parallelism, on `device`: the row padded to a multiple of `group.size` positions (padding ids
+    and position ids 0, attending only to themselves: `AttentionSegments.split_over`), positions
+    [k T/N, (k+1) T/N) of it for the group's k-th rank, and the scored tokens at those positions,
+    re-based to the slice. Targets come from the whole row; each sequence's token count is the
+    whole row's (its sums are added across the group in the forward)."""
+    if inputs.segments is None or inputs.input_ids.shape[0] != 1:
+        raise ValueError("sequence parallelism splits one packed row (a padding-free forward mode)")
+    segments = inputs.segments.split_over(group)
+    size = segments.length // group.size
+    start = group.rank * size
+
+    def mine(row: Tensor) -> Tensor:
+        padded = torch.nn.functional.pad(row, (0, segments.length - row.shape[1]))
+        return to_device(padded[:, start : start + size], device)
+
+    local = (inputs.score_positions >= start) & (inputs.score_positions < start + size)
+    flags = None if inputs.score_in_shared is None else to_device(inputs.score_in_shared[local], device)
+    return ModelInputs(
+        mine(inputs.input_ids),
+        None,
+        mine(inputs.position_ids),
+        to_device(inputs.score_positions[local] - start, device),
+        to_device(inputs.score_targets[local], device),
+        to_device(inputs.score_sequences[local], device),
+        to_device(inputs.sequence_tokens, device),
+        segments,
+        flags,
+    )
+
+
 def score_pairs(
     model: nn.Module,
     inputs: list[ModelInputs],
@@ -534,6 +579,21 @@ class ForwardMode:
             )
         return self.real_positions(lengths)
 
+    def inputs(
+        self,
+        batch: PairBatch,
+        pad_id: int,
+        device: torch.device,
+        shared_length: bool = False,
+        sequence: SequenceGroup | None = None,
+    ) -> list[ModelInputs]:
+        """`batch` laid out on `device`; with `sequence` (`SequenceLogprobs.sequence`) laid out on
+        the host, then this rank's share of each row (`shard_row`)."""
+        if sequence is None:
+            return self.layout(batch, pad_id, device, shared_length)
+        host = self.layout(batch, pad_id, torch.device("cpu"), shared_length)
+        return [shard_row(x, sequence, device) for x in host]
+
     def __call__(
         self,
         model: nn.Module,
@@ -543,7 +603,8 @@ class ForwardMode:
         with_logweights: bool,
         shared_length: bool = False,
     ) -> PreferenceLogps:
-        return score_pairs(model, self.layout(batch, pad_id, device, shared_length), with_logweights)
+        inputs = self.inputs(batch, pad_id, device, shared_length, model.sequence)
+        return score_pairs(model, inputs, with_logweights)
 
 
 FORWARD_MODES: dict[str, ForwardMode] = {}

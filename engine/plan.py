@@ -77,6 +77,7 @@ from engine.forward import forward_work
 from engine.metrics import ModelShape, model_flops, model_shape
 from engine.parallel import compute_dtype, defers_gradient_sync, edge_units, mesh_shape, shard_size
 from engine.recipe import to_toml
+from engine.sequence_parallel import check_heads, data_parallel
 
 GIB = 2**30
 
@@ -198,7 +199,7 @@ def estimate_memory(
     dtype_bytes = 2 if bf16 else 4
     dtype = "bf16" if bf16 else "fp32"
     shard = shard_size(p, world_size, ranks_per_node)
-    batches = plan_batches(t, world_size)
+    batches = data_batches(cfg, world_size)
     host = p.cpu_offload and device_type == "cuda"
     est = MemoryEstimate(dtype, shard)
     add = est.items.append
@@ -309,10 +310,18 @@ def plan_run(
 ) -> Plan:
     """The whole plan; without `hf_config` (a hub id offline) only the arithmetic and the mesh.
     `pair_lengths`: [N, 3] prompt, chosen and rejected tokens of sampled training pairs."""
-    batches = plan_batches(cfg.training, world_size)
+    batches = data_batches(cfg, world_size)
     mesh = mesh_shape(cfg.parallel, world_size, ranks_per_node)
     plan = Plan(batches, ranks_per_node, mesh)
+    n = cfg.parallel.sequence_parallel
+    if n > 1:
+        plan.notes.append(
+            f"note: parallel.sequence_parallel={n}: each rank holds 1/{n} of every packed row; the "
+            "activation estimate is still that of a whole row on one rank (not yet divided by it)"
+        )
     if hf_config is not None:
+        if n > 1:
+            check_heads(hf_config, n)
         plan.size = measure_model(hf_config, cfg.lora, cfg.model.trust_remote_code)
         plan.memory = estimate_memory(cfg, plan.size, world_size, ranks_per_node)
         plan.flops = step_flops(cfg, plan.size.flops, pair_lengths)
@@ -342,13 +351,22 @@ def step_flops(cfg: Config, shape: ModelShape, pair_lengths: np.ndarray | None) 
     return per_pair * t.global_batch_size, f"{mode}, {how}"
 
 
+def data_batches(cfg: Config, world_size: int) -> BatchPlan:
+    """`plan_batches` over the ranks that read different pairs (all of them, or one per sequence
+    group: `engine.sequence_parallel.data_parallel`, whose UserError it raises)."""
+    _, data_ranks = data_parallel(0, world_size, cfg.parallel.sequence_parallel)
+    return plan_batches(cfg.training, data_ranks)
+
+
 def format_plan(cfg: Config, plan: Plan, inputs: list[str]) -> str:
-    b = plan.batches
-    nodes = math.ceil(b.world_size / max(1, plan.ranks_per_node))
+    b, n = plan.batches, cfg.parallel.sequence_parallel
+    world = b.world_size * n
+    nodes = math.ceil(world / max(1, plan.ranks_per_node))
     shape, names = plan.mesh
     out = ["# resolved recipe", to_toml(cfg).rstrip(), "", "# inputs", *inputs, "", "# ranks and batches"]
+    groups = f", data {b.world_size} x sequence {n}" if n > 1 else ""
     rows = [
-        ("ranks", f"{b.world_size} ({plan.ranks_per_node} per node, {nodes} node{'s' * (nodes > 1)})"),
+        ("ranks", f"{world} ({plan.ranks_per_node} per node, {nodes} node{'s' * (nodes > 1)}{groups})"),
         ("global batch", f"{b.global_batch_size} pairs per optimizer step"),
         *(
             [
@@ -366,7 +384,8 @@ def format_plan(cfg: Config, plan: Plan, inputs: list[str]) -> str:
                 ),
                 (
                     "accumulation steps",
-                    f"{b.accumulation_steps} = {b.global_batch_size} / ({b.micro_batch_size} x {b.world_size} ranks)",
+                    f"{b.accumulation_steps} = {b.global_batch_size} / ({b.micro_batch_size} x {b.world_size} "
+                    f"{'data-parallel ' * (n > 1)}ranks)",
                 ),
             ]
         ),
@@ -559,7 +578,7 @@ def dry_run(cfg: Config, world_size: int | None = None, ranks_per_node: int | No
         raise UserError(f"--ranks-per-node={ranks_per_node} must divide --world-size={world_size}")
     ranks_per_node = min(ranks_per_node, world_size)
     inputs, notes, hf_config, pair_lengths = check_inputs(cfg)
-    plan_batches(cfg.training, world_size)  # the sampler's rule, as the real run checks after the data
+    data_batches(cfg, world_size)  # the sampler's rule, as the real run checks after the data
     # Model-specific limits on the recipe (the sliding-window attention limit) go here, calling
     # the function the real run calls, with `hf_config` (None: a hub model not reachable offline).
     plan = plan_run(cfg, hf_config, world_size, ranks_per_node, pair_lengths)

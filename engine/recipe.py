@@ -258,7 +258,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 def check_names(cfg: Config, problems: Problems) -> None:
     """The recipe's names of registered things: each `loss.type` in `engine.losses.LOSSES` and
     the settings its losses take (`engine.losses.check_settings`), `training.forward_mode` in
-    `engine.forward.FORWARD_MODES`, and what a mode allows (token budgets need a padding-free one)."""
+    `engine.forward.FORWARD_MODES`, and what a mode allows (token budgets and sequence parallelism need a
+    padding-free one)."""
     names = [cfg.loss.type] if isinstance(cfg.loss.type, str) else cfg.loss.type
     for name in names:
         problems.require(
@@ -306,6 +307,13 @@ def check_names(cfg: Config, problems: Problems) -> None:
         f"(a padded mode's cost is set by its longest row), got {t.forward_mode!r}",
         "training.micro_batch_tokens",
         "training.forward_mode",
+    )
+    problems.require(
+        cfg.parallel.sequence_parallel == 1 or mode is None or mode.padding_free,
+        f"training.forward_mode: parallel.sequence_parallel={cfg.parallel.sequence_parallel} splits one "
+        f"packed row over ranks: it needs forward_mode {' or '.join(padding_free)}, got {t.forward_mode!r}",
+        "training.forward_mode",
+        "parallel.sequence_parallel",
     )
 
 

@@ -59,6 +59,7 @@ from engine.reference_cache import (
     reference_cache_key,
     save_reference_cache,
 )
+from engine.sequence_parallel import data_parallel
 
 
 def reference_layout(training_mode: str) -> str:
@@ -78,26 +79,31 @@ def compute_reference_logps(
     name: str = "train",
     mode: str = "concatenated",
     shared_length: bool = False,
+    sequence_parallel: int = 1,
 ) -> ReferenceLogps:
+    """Collective: every pair's reference log-probs, each computed by one data-parallel rank (of
+    `world_size` ranks in groups of `sequence_parallel`, whose first rank's sums count)."""
     was_training = model.training
     model.eval()
     n = len(dataset)
     # chosen, rejected, filled (, chosen shared, rejected shared)
     sums = torch.zeros(5 if shared_length else 3, n, dtype=torch.float64, device=device)
     start = time.perf_counter()
-    shards = shard_for_inference(n, batch_size, rank, world_size)
+    data_rank, data_size = data_parallel(rank, world_size, sequence_parallel)
+    counts = rank % sequence_parallel == 0
+    shards = shard_for_inference(n, batch_size, data_rank, data_size)
     progress = Progress(n, f"reference log-probs ({name})", "pair", enabled=rank == 0)
     for indices, valid in shards:
         batch = collate(dataset, indices, valid)
         logps = policy_logps(mode, model, batch, pad_id, device, shared_length=shared_length)
-        ids, keep = to_device(batch.pair_ids, device), to_device(batch.valid, device)
+        ids, keep = to_device(batch.pair_ids, device), to_device(batch.valid & counts, device)
         values = [logps.chosen_logps, logps.rejected_logps, keep]
         if shared_length:
             values += [logps.chosen_shared_logps, logps.rejected_shared_logps]
         # padding pairs add zeros (no boolean indexing: its output size would stop the host)
         for row, value in zip(sums, values):
             row.index_add_(0, ids, torch.where(keep, value.double(), 0.0))
-        progress.update(int(batch.valid.sum()) * world_size)  # host flags
+        progress.update(int(batch.valid.sum()) * data_size)  # host flags
     progress.close()
     if world_size > 1:
         dist.all_reduce(sums)
@@ -171,7 +177,7 @@ class ReferenceProvider:
             reference = compute_reference_logps(
                 self.model, dataset, self.tokenizer.pad_token_id, world.device, self.batch_size,
                 world.rank, world.world_size, name, reference_layout(cfg.training.forward_mode),
-                shared_length,
+                shared_length, cfg.parallel.sequence_parallel,
             )  # fmt: skip
         if world.is_main:
             path = save_reference_cache(self.dir, key, dataset, reference)

@@ -55,6 +55,7 @@ from engine.model import build_policy, sharded_weights_dir
 from engine.parallel import build_mesh, defers_gradient_sync, local_state_bytes, parallelize
 from engine.reference import LiveReference
 from engine.reference_cache import ReferenceLogps
+from engine.sequence_parallel import build_sequence_group
 
 
 def build_model(
@@ -67,8 +68,9 @@ def build_model(
         causal_lm = build_policy(cfg.model, cfg.lora, cfg.job.seed, defer_weights=weights_dir is not None)
     t = cfg.training
     mesh = build_mesh(cfg.parallel, world.world_size, world.ranks_per_node, world.device.type)
+    sequence = build_sequence_group(cfg.parallel.sequence_parallel, world.world_size)
     model = parallelize(
-        SequenceLogprobs(causal_lm, t.logprob_chunk_tokens, t.attention_kernel),
+        SequenceLogprobs(causal_lm, t.logprob_chunk_tokens, t.attention_kernel, sequence),
         cfg.parallel,
         mesh,
         world.device,
@@ -150,11 +152,15 @@ class TrainStep:
         self.batch_coupled = losses.batch_coupled(cfg.loss)
         self.loss_state = losses.LossState(device)  # batch-coupled losses' (checkpointed)
         self.state_bytes: dict[str, int] | None = None  # local shards, after the first update
+        self.sequence = getattr(model, "sequence", None)  # `SequenceLogprobs.sequence` (no model: None)
+        self.counts = self.sequence is None or self.sequence.counts  # this rank's pair metrics count
 
     def prepare(self, batch: PairBatch) -> MicroBatch:
         """Build `batch`'s inputs on the host and start their copies to the device."""
         return MicroBatch(
-            FORWARD_MODES[self.mode].layout(batch, self.pad_id, self.device, self.shared_length),
+            FORWARD_MODES[self.mode].inputs(
+                batch, self.pad_id, self.device, self.shared_length, self.sequence
+            ),
             to_device(batch.valid, self.device),
             to_device(batch.pair_ids, self.device),
             batch.real_tokens,
@@ -174,6 +180,11 @@ class TrainStep:
             logps.ref_rejected_shared_logps = ref.rejected_shared
         return logps
 
+    def counted(self, valid: Tensor) -> Tensor:
+        """`valid` [B] as the pair metrics count it: all False on a sequence group's ranks but the
+        first (they hold the same pairs)."""
+        return valid & self.counts
+
     def pair_losses(
         self, micro: MicroBatch, reference: ReferenceLogps | None, context: losses.BatchContext | None = None
     ) -> tuple[losses.PreferenceLogps, losses.LossOutput, Tensor]:
@@ -188,8 +199,9 @@ class TrainStep:
 
     def batch_contexts(self, micros: list[MicroBatch]) -> tuple[list[losses.BatchContext], dict[str, Tensor]]:
         """The `BatchContext` of each of this rank's micro-batches from the step's global batch
-        (a no-grad forward of each, all-gathered across ranks, in pair-id order), and the loss
-        state after this step. Collective. Every rank holds the same number of pairs, all valid
+        (a no-grad forward of each, all-gathered across ranks, in pair-id order; of a sequence
+        group's ranks, which hold the same pairs, the first one's), and the loss state after this
+        step. Collective. Every rank holds the same number of pairs, all valid
         (`engine.data.sampler.rank_micro_batches`), so nothing is read on the host."""
         with torch.no_grad():
             parts = [self.logps(micro, self.reference) for micro in micros]
@@ -201,6 +213,8 @@ class TrainStep:
         if world_size > 1:
             gathered = [torch.empty_like(local) for _ in range(world_size)]
             dist.all_gather(gathered, local)
+        if self.sequence is not None:  # one copy of each data-parallel rank's pairs
+            gathered, rank = gathered[:: self.sequence.size], rank // self.sequence.size
         table = torch.cat(gathered, dim=1)
         order = torch.argsort(table[-1], stable=True)
         dtype = parts[0].chosen_logps.dtype
@@ -242,8 +256,8 @@ class TrainStep:
                 upcoming = prepared[index + 1] if prepared else self.prepare(batches[index + 1])
             loss.backward()
             if window is not None:
-                window.add(pair_losses, out, logps, micro.valid)
-                window.tokens += micro.real_tokens
+                window.add(pair_losses, out, logps, self.counted(micro.valid))
+                window.tokens += micro.real_tokens if self.counts else 0
 
         # one collective decides both: skip the update (a non-finite loss on some rank) and stop
         # after this step (a stop signal on some rank; SIGTERM's number wins over SIGINT's); its

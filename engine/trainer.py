@@ -53,6 +53,7 @@ from engine.progress import Progress
 from engine.recipe import to_toml
 from engine.reference import ReferenceProvider
 from engine.run_dir import RunDir, check_output_dir, prepare_output_dir
+from engine.sequence_parallel import data_parallel
 from engine.step import TrainStep, build_live_reference, build_model
 
 
@@ -105,10 +106,12 @@ def build_data(cfg: Config) -> tuple[PreTrainedTokenizerBase, PreferenceDataset,
 
 
 def build_sampler(cfg: Config, train_data: PreferenceDataset, world: World) -> GlobalBatchSampler:
-    """This rank's share of every global batch, in micro-batches of pairs or of tokens."""
+    """This rank's share of every global batch, in micro-batches of pairs or of tokens (a sequence
+    group's ranks share one: `engine.sequence_parallel.data_parallel`)."""
     t, d = cfg.training, cfg.data
+    rank, size = data_parallel(world.rank, world.world_size, cfg.parallel.sequence_parallel)
     return GlobalBatchSampler(
-        len(train_data), t.global_batch_size, t.micro_batch_size, world.rank, world.world_size, cfg.job.seed,
+        len(train_data), t.global_batch_size, t.micro_batch_size, rank, size, cfg.job.seed,
         lengths=train_data.sequence_lengths() if d.group_by_length else None,
         group_by_length=d.group_by_length,
         micro_batch_tokens=t.micro_batch_tokens,
@@ -163,6 +166,7 @@ class Trainer:
 
         self.tokenizer, self.train_data, self.eval_data = build_data(cfg)
         self.pad_id = self.tokenizer.pad_token_id
+        self.data_rank = data_parallel(world.rank, world.world_size, cfg.parallel.sequence_parallel)
         self.pair_lengths = self.train_data.lengths()
         self.sampler = build_sampler(cfg, self.train_data, world)
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.sampler.steps_per_epoch
@@ -218,9 +222,11 @@ class Trainer:
         else:
             batching = f"{self.sampler.accumulation_steps} accumulation steps of {t.micro_batch_size} pairs"
         peak = self.meter.peak
+        n = self.cfg.parallel.sequence_parallel
+        groups = f" (data {self.data_rank[1]} x sequence {n}: each row split over {n} ranks)" if n > 1 else ""
         return (
             f"model: {self.num_params / 1e6:.2f}M parameters ({self.trainable_params / 1e6:.2f}M trained), "
-            f"{self.world.world_size} ranks, sharding {self.cfg.parallel.sharding} over mesh {tuple(mesh_shape)}, "
+            f"{self.world.world_size} ranks{groups}, sharding {self.cfg.parallel.sharding} over mesh {tuple(mesh_shape)}, "
             f"{batching}, {self.total_steps} steps, compute {self.dtype}, "
             f"MFU peak {format_rate(peak.flops)} per rank ({peak.why})"
         )
@@ -285,14 +291,12 @@ class Trainer:
             return None
         self.model.eval()
         window = PairMetrics()
-        shards = shard_for_inference(
-            len(self.eval_data), self.references.batch_size, self.world.rank, self.world.world_size
-        )
+        shards = shard_for_inference(len(self.eval_data), self.references.batch_size, *self.data_rank)
         progress = Progress(len(shards), f"eval at step {step}", "batch", enabled=self.world.is_main)
         for indices, valid in shards:
             micro = self.step.prepare(collate(self.eval_data, indices, valid))
             logps, out, pair_losses = self.step.pair_losses(micro, self.eval_reference)
-            window.add(pair_losses, out, logps, micro.valid)
+            window.add(pair_losses, out, logps, self.step.counted(micro.valid))
             progress.update()
         progress.close()
         self.model.train()

@@ -131,6 +131,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--against trl: the TRL runner is DPOTrainer's, not for loss.type {cfg.loss.type!r}")
     if args.against == "trl" and world.world_size > 1:
         raise UserError("--against trl: run it in one process (without torchrun)")
+    if cfg.parallel.sequence_parallel > 1:
+        raise UserError(
+            "parallel.sequence_parallel: the bench does not split rows over sequence groups yet; "
+            "measure sequence parallelism with a training run (its tokens_per_s and peak_mem_gib)"
+        )
     t = cfg.training
     layouts = {m: parse_mode(m, cfg) for m in modes}
     for _, budget in layouts.values():  # the sampler's rule: pairs split over ranks and micro-batches
