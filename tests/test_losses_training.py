@@ -2,7 +2,8 @@
 
 Two launches (1 rank x micro 8 x accumulation 1 with the concatenated forward; 2 ranks x micro 2
 x accumulation 2 with the separate forward) each train every registered loss for 3 steps: the
-pair-separable ones and the batch-coupled ones (defined over the global batch: KTO's z0 too) must agree.
+pair-separable ones and the batch-coupled ones (defined over the global batch: KTO's z0 too) must agree;
+TDPO with its live reference.
 """
 
 from __future__ import annotations
@@ -33,8 +34,14 @@ def sweeps(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small
     # unpaired losses (kto) train on the same pairs split into desirable and undesirable examples,
     # at an lr that makes KTO's z0 positive by step 3 (0 before: clamped), so it is exercised
     unpaired = ["data.unpair=true", "optimizer.lr=3e-3"]
+    # token-level KL losses (tdpo) run beside a live reference model
+    live = ["reference.mode=live"]
     one = {
-        name: [f"loss.type={name}", *(unpaired if spec.unpaired else [])]
+        name: [
+            f"loss.type={name}",
+            *(unpaired if spec.unpaired else []),
+            *(live if spec.needs_token_kl else []),
+        ]
         for name, spec in losses.LOSSES.items()
     }
     two = {
@@ -75,7 +82,7 @@ def test_kto_z0_is_of_the_global_batch(sweeps: dict) -> None:
 
 def test_reference_free_losses_never_compute_reference_logps(sweeps: dict) -> None:
     for name, spec in losses.LOSSES.items():
-        expected = 1 if spec.needs_reference else 0
+        expected = 1 if spec.needs_reference and not spec.needs_token_kl else 0  # live: no cache pass
         assert sweeps["one"][name]["reference_forwards"] == expected, name
         assert sweeps["two"][name]["reference_forwards"] == expected, name
 
