@@ -256,7 +256,7 @@ def test_a_long_post_train_command_leaves_no_rank_in_a_collective(
     overrides = ["training.max_steps=1", "training.micro_batch_size=4", "data.eval=[]"]
     overrides += ["parallel.collective_timeout_s=6"]
     overrides += ["post_train.command=sleep 12 && echo evaluated {model_dir}"]
-    proc = run_training(recipe, overrides, nproc=2)
+    proc = run_training(recipe, overrides, nproc=2, forked=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "post_train.json").read_text())
     assert record["exit_code"] == 0 and record["seconds"] >= 12
