@@ -82,17 +82,23 @@ def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny Llama (weights + config + tokenizer) built from the demo config."""
+    return save_random_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def save_random_llama(out: Path, config_changes: dict[str, Any] | None = None, std: float = 0.08) -> Path:
+    """Save into `out` a random-init Llama of the demo config (with `config_changes`), seed 0,
+    its matrices drawn with `std` (larger than the default init, so that log-probs vary between
+    pairs and steps), next to the demo tokenizer and generation config."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    out = tmp_path_factory.mktemp("tiny-llama")
     config = AutoConfig.from_pretrained(ASSETS / "tiny-llama")
+    config.update(config_changes or {})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # larger-than-default init so that log-probs vary between pairs and steps
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2:
-                p.normal_(0, 0.08)
+                p.normal_(0, std)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(ASSETS / "tiny-llama").save_pretrained(out)
     shutil.copy(ASSETS / "tiny-llama" / "generation_config.json", out / "generation_config.json")

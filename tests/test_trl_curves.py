@@ -29,14 +29,13 @@ import copy
 import gc
 import json
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.conftest import ASSETS, train_rows, write_recipe
+from tests.conftest import save_random_llama, train_rows, write_recipe
 
 trl = pytest.importorskip("trl")
 
@@ -63,24 +62,9 @@ CHOSEN_TOKENS = 4  # every chosen completion: 4 digit tokens + EOS
 @pytest.fixture(scope="module")
 def curve_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-layer Llama of hidden size 32 with the demo tokenizer, saved once."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("curve-llama")
-    config = AutoConfig.from_pretrained(ASSETS / "tiny-llama")
-    config.update(
-        {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-         "num_key_value_heads": 1, "head_dim": 16}
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # log-probs that differ between pairs and steps
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.2)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(ASSETS / "tiny-llama").save_pretrained(out)
-    shutil.copy(ASSETS / "tiny-llama" / "generation_config.json", out / "generation_config.json")
-    return out
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "head_dim": 16}  # fmt: skip
+    return save_random_llama(tmp_path_factory.mktemp("curve-llama"), shape, std=0.2)
 
 
 def _numbers(rng: random.Random, count: int) -> list[int]:
