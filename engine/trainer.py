@@ -139,6 +139,11 @@ def build_reference_cache(cfg: Config, world: World) -> None:
             'reference.mode = "live": --build-reference-only has nothing to cache, a live reference '
             'is run beside the policy on every micro-batch (the cache serves reference.mode = "cached")'
         )
+    if not losses.needs_reference(cfg.loss):
+        raise UserError(
+            f"loss.type {losses.loss_names(cfg.loss)}: --build-reference-only has nothing to cache, "
+            "the loss uses no reference model"
+        )
     check_compiler(cfg.parallel, world.device.type)
     torch.manual_seed(cfg.job.seed)
     tokenizer, train_data, eval_data = build_data(cfg)

@@ -150,6 +150,18 @@ def test_cache_built_on_two_ranks_serves_one_rank_and_back(
         assert all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7) for a, b in zip(x, y)), (x, y)
 
 
+def test_build_reference_only_refuses_a_loss_without_a_reference(
+    tmp_path: Path, tiny_model_dir: Path, small_data: dict, world
+) -> None:
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.toml", base_tables(tiny_model_dir, small_data, out))
+    proc = main_in_process(recipe, ["--build-reference-only", "loss.type=simpo"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("fsdpo:")]
+    assert "loss.type ['simpo']: --build-reference-only has nothing to cache" in line, line
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_build_reference_only_then_train(
     tmp_path: Path, tiny_model_dir: Path, small_data: dict, world
 ) -> None:
