@@ -173,3 +173,41 @@ def test_dry_run_plans_the_data_parallel_ranks(recipe: Path) -> None:
         dry_run(load_config(recipe, [*packed, "parallel.sequence_parallel=4"]), 4, 4)
     with pytest.raises(UserError, match="sequence_parallel=3 must divide the 4 ranks"):
         dry_run(load_config(recipe, [*packed, "parallel.sequence_parallel=3"]), 4, 4)
+
+
+def test_dry_run_memory_per_rank_falls_with_n(recipe: Path) -> None:
+    """Llama-3-8B (h 4096, i 14336, 32 blocks, vocab 128256) on 8 ranks, 2 x 4096-token pairs per
+    micro-batch (a 16384-token packed row), every block checkpointed: a rank's activations are
+    ceil(16384 / N) tokens x 2 B (bf16) x (32 x 4096 kept inputs + 8 x 4096 + 4 x 14336 of the
+    recomputed block); the rest does not depend on N; the longest row that fits is the last
+    token count within each GPU's memory less the reserve."""
+    from engine.plan import GIB, GPU_GIB, RESERVE_GIB, format_plan, plan_run
+
+    config = AutoConfig.from_pretrained(Path(__file__).parent / "data" / "configs" / "llama-3-8b")
+    base = [
+        "training.forward_mode=packed",
+        "training.micro_batch_size=2",
+        "training.global_batch_size=16",
+        "data.max_length=4096",
+        "parallel.activation_checkpointing=full",
+        "training.logprob_chunk_tokens=1024",
+    ]
+    per_token = 2 * (32 * 4096 + 8 * 4096 + 4 * 14336)
+    fixed = None
+    for n in (1, 2, 4, 8):
+        cfg = load_config(recipe, [*base, f"parallel.sequence_parallel={n}"])
+        plan = plan_run(cfg, config, 8, 8)
+        memory = plan.memory
+        assert memory.get("activations") == math.ceil(16384 / n) * per_token, n
+        assert memory.get("head_chunk") == 1024 * 128256 * (2 + 8)
+        rest = memory.device_total - memory.get("activations")
+        assert fixed in (None, rest)
+        fixed = rest
+        expected = [((gib - RESERVE_GIB) * GIB - rest) // per_token for gib in GPU_GIB]
+        assert plan.fits == expected and expected[0] > 16384, (plan.fits, expected)
+        text = format_plan(cfg, plan, [])
+        fits = ", ".join(f"{t} in {g} GiB" for g, t in zip(GPU_GIB, expected, strict=True))
+        assert f"tokens per rank per forward: {fits} of GPU memory" in text
+        assert (f"a row over the {n} ranks of a sequence group: {n} x that" in text) == (n > 1)
+        if n > 1:
+            assert f"{16384 // n} tokens per rank (1/{n} of a 16384-token row)" in text
