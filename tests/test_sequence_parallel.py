@@ -47,9 +47,11 @@ def recipe(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small
 
 @pytest.fixture(scope="module")
 def split(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """Each forward mode trained on one sequence group of 2 ranks (one launch)."""
+    """Each forward mode trained on one sequence group of 2 ranks, and packed again with a
+    checkpoint at step 3 (one launch)."""
     out = tmp_path_factory.mktemp("split")
     runs = {name: [*VARIANTS[name], "parallel.sequence_parallel=2"] for name in VARIANTS}
+    runs["checkpointed"] = [*runs["packed"], "checkpoint.interval_steps=3"]
     return out, run_sweep(recipe, out, runs, nproc=2)
 
 
@@ -114,6 +116,29 @@ def test_two_ranks_split_equal_one_rank(split: tuple[Path, dict], one_rank, name
     out, results = split
     assert "2 ranks (data 1 x sequence 2: each row split over 2 ranks)" in sweep_stdout(out)[name]
     _same_training(one_rank(name), out / name, results[name]["losses"], name)
+
+
+@pytest.mark.slow
+def test_resume_on_one_rank_without_sequence_parallelism(
+    split: tuple[Path, dict], one_rank, recipe: Path, world, tmp_path: Path
+) -> None:
+    """The step-3 checkpoint of sequence 2 on 2 ranks, resumed on this process's one rank with
+    N = 1, continues the uninterrupted curve (1 rank's, as the 2 ranks' is) to 1e-5."""
+    out, results = split
+    saved = out / "checkpointed" / "checkpoints" / "step-3"
+    assert saved.is_dir()
+    assert results["checkpointed"]["losses"] == results["packed"]["losses"]  # saving changes nothing
+    resumed = tmp_path / "resumed"
+    proc = main_in_process(
+        recipe, [*VARIANTS["packed"], f"job.output_dir={resumed}", f"checkpoint.resume={saved}"]
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "resumed from" in proc.stdout
+    rows = train_rows(resumed)
+    expected = [row["loss"] for row in train_rows(one_rank("packed"))][3:]
+    assert [row["step"] for row in rows] == [4, 5], rows
+    for a, b in zip(expected, [row["loss"] for row in rows], strict=True):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (expected, rows)
 
 
 @pytest.mark.slow
