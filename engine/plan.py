@@ -42,8 +42,15 @@ size: ranks for `full`/`grad_op`, ranks per shard group for `hybrid`, 1 for `non
   attention and a fused attention kernel that stores no T x T scores), and gate, up, silu(gate)
   and their product (4 i). This is Korthikanti et al. 2022's 34 s b h bytes per layer, redone
   for a SwiGLU MLP without dropout. With activation checkpointing a checkpointed block keeps
-  only its input (h values per token) and one block's full set is recomputed at a time;
-- LM-head chunk: the forward scores completion tokens through the head in chunks of
+  only its input (h values per token) and one block's full set is recomputed at a time.
+  Under `parallel.sequence_parallel` = N a rank holds 1/N of each packed row's positions
+  (rounded up: rows are padded to a multiple of N), so every count above is per 1/N of the row,
+  except attention's: after the all-to-all it keeps q, k, v and its output for the whole row but
+  1/N of the heads, T x (values per token) / N as well. The all-to-all's send and receive buffers
+  are transient (not counted); the row length is the sequence group's, tokens per micro-batch as
+  above (a token budget bounds the whole row);
+- LM-head chunk: the forward scores completion tokens (a rank's own positions under sequence
+  parallelism) through the head in chunks of
   `training.logprob_chunk_tokens` (0 = all at once), recomputed in backward: logits in the
   compute dtype, their fp32 copy and its gradient (vocab x (bytes + 8) per token of one chunk);
 - a live reference (`reference.mode = "live"`): its parameters, 4 P / S (an fp32 copy sharded as
@@ -52,6 +59,9 @@ size: ranks for `full`/`grad_op`, ranks per shard group for `hybrid`, 1 for `non
   stays gathered and each head chunk computes its logits too (vocab x (bytes + 8) per token).
 Not counted: the CUDA context and allocator fragmentation (budget a few GiB), communication
 buffers, the reference log-probs (a few bytes per pair).
+
+The longest row that fits (`tokens_that_fit`): the most tokens per rank per forward whose
+estimate stays within each of `GPU_GIB` less `RESERVE_GIB` for what is not counted.
 """
 
 from __future__ import annotations
@@ -80,6 +90,10 @@ from engine.recipe import to_toml
 from engine.sequence_parallel import check_heads, data_parallel
 
 GIB = 2**30
+GPU_GIB = (40, 80, 140)
+"""GPU memory the dry run sizes the longest row for (A100-40GB; A100 / H100 80GB; H200)."""
+RESERVE_GIB = 4
+"""Of each GPU's memory, left to the CUDA context and allocator fragmentation (not estimated)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,9 +204,16 @@ def activation_values_per_token(size: ModelSize) -> int:
 
 
 def estimate_memory(
-    cfg: Config, size: ModelSize, world_size: int, ranks_per_node: int, device_type: str = "cuda"
+    cfg: Config,
+    size: ModelSize,
+    world_size: int,
+    ranks_per_node: int,
+    device_type: str = "cuda",
+    rank_tokens: int | None = None,
 ) -> MemoryEstimate:
-    """Bytes per rank of each kind of memory a training step needs (see the module docstring)."""
+    """Bytes per rank of each kind of memory a training step needs (see the module docstring),
+    for `rank_tokens` tokens per rank per forward (default: the recipe's micro-batch, 1/N of it
+    under sequence parallelism)."""
 
     p, t = cfg.parallel, cfg.training
     bf16 = compute_dtype(p, torch.device(device_type)) == torch.bfloat16
@@ -243,20 +264,24 @@ def estimate_memory(
         how = f"{dtype}: all {_n(params)} stay gathered ({p.sharding}) + 1 block's gradients ({_n(block_grads)})"
     add(MemoryItem("gathered", gathered_bytes, how))
 
-    tokens = t.micro_batch_tokens or 2 * t.micro_batch_size * cfg.data.max_length
+    n = p.sequence_parallel
+    if rank_tokens is None:
+        rank_tokens = math.ceil((t.micro_batch_tokens or 2 * t.micro_batch_size * cfg.data.max_length) / n)
+    tokens = rank_tokens
+    what = f"{tokens} tokens" + (f" per rank (1/{n} of a {n * tokens}-token row)" if n > 1 else "")
     per_block = activation_values_per_token(size)
     layers = size.num_layers
     if p.activation_checkpointing == "full":
         checkpointed = math.ceil(layers / p.activation_checkpointing_every)
         kept = checkpointed * size.hidden_size + (layers - checkpointed) * per_block + per_block
         how = (
-            f"rough: {tokens} tokens x {dtype_bytes} B x ({checkpointed} checkpointed blocks x h={size.hidden_size}"
+            f"rough: {what} x {dtype_bytes} B x ({checkpointed} checkpointed blocks x h={size.hidden_size}"
             + (f" + {layers - checkpointed} blocks" if layers > checkpointed else "")
             + f" + 1 recomputed x {per_block})"
         )
     else:
         kept = layers * per_block
-        how = f"rough: {tokens} tokens x {dtype_bytes} B x {layers} blocks x {per_block} (8h+4i), no checkpointing"
+        how = f"rough: {what} x {dtype_bytes} B x {layers} blocks x {per_block} (8h+4i), no checkpointing"
     add(MemoryItem("activations", tokens * dtype_bytes * kept, how))
 
     chunk = min(t.logprob_chunk_tokens or tokens, tokens)
@@ -265,6 +290,25 @@ def estimate_memory(
     if cfg.reference.mode == "live":
         add(_live_reference(cfg, size, shard, dtype_bytes, chunk))
     return est
+
+
+def tokens_that_fit(
+    cfg: Config, size: ModelSize, world_size: int, ranks_per_node: int, gpu_bytes: int
+) -> int:
+    """The most tokens per rank per forward whose `estimate_memory` stays within `gpu_bytes`
+    (0: not even one token; the estimate grows with the tokens, so a bisection finds it)."""
+
+    def fits(tokens: int) -> bool:
+        est = estimate_memory(cfg, size, world_size, ranks_per_node, rank_tokens=tokens)
+        return est.device_total <= gpu_bytes
+
+    low, high = 0, 1  # fits(low); find a high that does not
+    while fits(high):
+        low, high = high, 2 * high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
 
 
 def _live_reference(cfg: Config, size: ModelSize, shard: int, dtype_bytes: int, chunk: int) -> MemoryItem:
@@ -298,6 +342,7 @@ class Plan:
     size: ModelSize | None = None
     memory: MemoryEstimate | None = None
     flops: tuple[float, str] | None = None  # model FLOPs per optimizer step, and from what
+    fits: list[int] = field(default_factory=list)  # tokens per rank that fit each of GPU_GIB
     notes: list[str] = field(default_factory=list)
 
 
@@ -317,13 +362,17 @@ def plan_run(
     if n > 1:
         plan.notes.append(
             f"note: parallel.sequence_parallel={n}: each rank holds 1/{n} of every packed row; the "
-            "activation estimate is still that of a whole row on one rank (not yet divided by it)"
+            f"activations and LM-head chunk above are one rank's 1/{n}"
         )
     if hf_config is not None:
         if n > 1:
             check_heads(hf_config, n)
         plan.size = measure_model(hf_config, cfg.lora, cfg.model.trust_remote_code)
         plan.memory = estimate_memory(cfg, plan.size, world_size, ranks_per_node)
+        plan.fits = [
+            tokens_that_fit(cfg, plan.size, world_size, ranks_per_node, (gib - RESERVE_GIB) * GIB)
+            for gib in GPU_GIB
+        ]
         plan.flops = step_flops(cfg, plan.size.flops, pair_lengths)
     return plan
 
@@ -407,6 +456,13 @@ def format_plan(cfg: Config, plan: Plan, inputs: list[str]) -> str:
         out.append(f"{'total':<12} {m.device_total / GIB:8.2f} GiB  on each GPU, plus the CUDA context")
         if m.host_total:
             out.append(f"{'host':<12} {m.host_total / GIB:8.2f} GiB  per rank in CPU memory (cpu_offload)")
+        n = cfg.parallel.sequence_parallel
+        fits = ", ".join(f"{tokens} in {gib} GiB" for gib, tokens in zip(GPU_GIB, plan.fits, strict=True))
+        rows = f"; a row over the {n} ranks of a sequence group: {n} x that" if n > 1 else ""
+        out.append(
+            f"{'fits':<12} tokens per rank per forward: {fits} of GPU memory, less {RESERVE_GIB} GiB "
+            f"for the CUDA context and fragmentation{rows}"
+        )
     out += plan.notes
     return "\n".join(out)
 

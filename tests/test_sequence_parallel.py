@@ -47,9 +47,11 @@ def recipe(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small
 
 @pytest.fixture(scope="module")
 def split(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """Each forward mode trained on one sequence group of 2 ranks (one launch)."""
+    """Each forward mode trained on one sequence group of 2 ranks, and packed again with a
+    checkpoint at step 3 (one launch)."""
     out = tmp_path_factory.mktemp("split")
     runs = {name: [*VARIANTS[name], "parallel.sequence_parallel=2"] for name in VARIANTS}
+    runs["checkpointed"] = [*runs["packed"], "checkpoint.interval_steps=3"]
     return out, run_sweep(recipe, out, runs, nproc=2)
 
 
@@ -117,6 +119,29 @@ def test_two_ranks_split_equal_one_rank(split: tuple[Path, dict], one_rank, name
 
 
 @pytest.mark.slow
+def test_resume_on_one_rank_without_sequence_parallelism(
+    split: tuple[Path, dict], one_rank, recipe: Path, world, tmp_path: Path
+) -> None:
+    """The step-3 checkpoint of sequence 2 on 2 ranks, resumed on this process's one rank with
+    N = 1, continues the uninterrupted curve (1 rank's, as the 2 ranks' is) to 1e-5."""
+    out, results = split
+    saved = out / "checkpointed" / "checkpoints" / "step-3"
+    assert saved.is_dir()
+    assert results["checkpointed"]["losses"] == results["packed"]["losses"]  # saving changes nothing
+    resumed = tmp_path / "resumed"
+    proc = main_in_process(
+        recipe, [*VARIANTS["packed"], f"job.output_dir={resumed}", f"checkpoint.resume={saved}"]
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "resumed from" in proc.stdout
+    rows = train_rows(resumed)
+    expected = [row["loss"] for row in train_rows(one_rank("packed"))][3:]
+    assert [row["step"] for row in rows] == [4, 5], rows
+    for a, b in zip(expected, [row["loss"] for row in rows], strict=True):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (expected, rows)
+
+
+@pytest.mark.slow
 def test_data_two_by_sequence_two_equals_one_rank(four: tuple[Path, dict], one_rank) -> None:
     out, results = four
     assert "4 ranks (data 2 x sequence 2: each row split over 2 ranks)" in sweep_stdout(out)["packed"]
@@ -173,3 +198,41 @@ def test_dry_run_plans_the_data_parallel_ranks(recipe: Path) -> None:
         dry_run(load_config(recipe, [*packed, "parallel.sequence_parallel=4"]), 4, 4)
     with pytest.raises(UserError, match="sequence_parallel=3 must divide the 4 ranks"):
         dry_run(load_config(recipe, [*packed, "parallel.sequence_parallel=3"]), 4, 4)
+
+
+def test_dry_run_memory_per_rank_falls_with_n(recipe: Path) -> None:
+    """Llama-3-8B (h 4096, i 14336, 32 blocks, vocab 128256) on 8 ranks, 2 x 4096-token pairs per
+    micro-batch (a 16384-token packed row), every block checkpointed: a rank's activations are
+    ceil(16384 / N) tokens x 2 B (bf16) x (32 x 4096 kept inputs + 8 x 4096 + 4 x 14336 of the
+    recomputed block); the rest does not depend on N; the longest row that fits is the last
+    token count within each GPU's memory less the reserve."""
+    from engine.plan import GIB, GPU_GIB, RESERVE_GIB, format_plan, plan_run
+
+    config = AutoConfig.from_pretrained(Path(__file__).parent / "data" / "configs" / "llama-3-8b")
+    base = [
+        "training.forward_mode=packed",
+        "training.micro_batch_size=2",
+        "training.global_batch_size=16",
+        "data.max_length=4096",
+        "parallel.activation_checkpointing=full",
+        "training.logprob_chunk_tokens=1024",
+    ]
+    per_token = 2 * (32 * 4096 + 8 * 4096 + 4 * 14336)
+    fixed = None
+    for n in (1, 2, 4, 8):
+        cfg = load_config(recipe, [*base, f"parallel.sequence_parallel={n}"])
+        plan = plan_run(cfg, config, 8, 8)
+        memory = plan.memory
+        assert memory.get("activations") == math.ceil(16384 / n) * per_token, n
+        assert memory.get("head_chunk") == 1024 * 128256 * (2 + 8)
+        rest = memory.device_total - memory.get("activations")
+        assert fixed in (None, rest)
+        fixed = rest
+        expected = [((gib - RESERVE_GIB) * GIB - rest) // per_token for gib in GPU_GIB]
+        assert plan.fits == expected and expected[0] > 16384, (plan.fits, expected)
+        text = format_plan(cfg, plan, [])
+        fits = ", ".join(f"{t} in {g} GiB" for g, t in zip(GPU_GIB, expected, strict=True))
+        assert f"tokens per rank per forward: {fits} of GPU memory" in text
+        assert (f"a row over the {n} ranks of a sequence group: {n} x that" in text) == (n > 1)
+        if n > 1:
+            assert f"{16384 // n} tokens per rank (1/{n} of a 16384-token row)" in text
