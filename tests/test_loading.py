@@ -69,7 +69,7 @@ def test_two_ranks_materialise_about_half_of_one_rank(tmp_path: Path, small_data
     recipe = write_recipe(tmp_path / "r.toml", tables)
     added = {}
     for nproc in (1, 2):
-        proc = run_training(recipe, [f"job.output_dir={tmp_path / str(nproc)}"], nproc=nproc)
+        proc = run_training(recipe, [f"job.output_dir={tmp_path / str(nproc)}"], nproc=nproc, forked=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
         found = re.findall(
             r"\[rank (\d)\] loaded .* peak RSS ([\d.]+) GiB \(before loading ([\d.]+) GiB\)", proc.stdout
