@@ -334,8 +334,9 @@ class ParallelConfig:
     pairs too long for one device): ranks r*N .. r*N+N-1 form a sequence group that runs the same
     micro-batches, each rank 1/N of the row's positions, attention exchanging heads for positions
     (all-to-all; the model's attention heads and KV heads must divide by N). Parameters stay
-    sharded over all ranks; the data-parallel degree is ranks / N. Needs a padding-free
-    `training.forward_mode` (packed, prefix_shared) and a cached reference; 1 = off."""
+    sharded over all ranks; the data-parallel degree is ranks / N. Every forward mode (a padded
+    mode's rows are laid end to end first, padding included) and both reference modes; not with
+    `parallel.compile`. 1 = off."""
 
 
 @dataclass
@@ -746,16 +747,13 @@ def check(cfg: Config, problems: Problems) -> None:
         pa.collective_timeout_s >= 1, "parallel.collective_timeout_s", "seconds >= 1", pa.collective_timeout_s
     )
     p.expect(pa.sequence_parallel >= 1, "parallel.sequence_parallel", "an integer >= 1", pa.sequence_parallel)
-    for ok, key, why in (
-        (not pa.compile, "parallel.compile", "the all-to-all of each attention is not traced"),
-        (cfg.reference.mode != "live", "reference.mode", 'a live reference is not split yet; use "cached"'),
-    ):
-        p.require(
-            pa.sequence_parallel == 1 or ok,
-            f"{key}: not supported with parallel.sequence_parallel={pa.sequence_parallel} ({why})",
-            key,
-            "parallel.sequence_parallel",
-        )
+    p.require(
+        pa.sequence_parallel == 1 or not pa.compile,
+        f"parallel.compile: not supported with parallel.sequence_parallel={pa.sequence_parallel} "
+        "(the all-to-all of each attention is not traced)",
+        "parallel.compile",
+        "parallel.sequence_parallel",
+    )
     p.expect(
         pa.activation_checkpointing_every >= 1,
         "parallel.activation_checkpointing_every",

@@ -38,7 +38,7 @@ policy's own (so the reference's head must stay gathered from forward to backwar
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -411,15 +411,33 @@ def shared_prefix_row(batch: PairBatch, device: torch.device, shared_length: boo
     )
 
 
+def as_one_row(inputs: ModelInputs) -> ModelInputs:
+    """A padded layout's R right-padded rows of width W (`padded_rows`, on the host) as one row
+    of the same R x W positions, padding included: each row's tokens one causal block, its
+    padding another that sees only itself, positions restarting at each row, as the padded
+    forward's are. The scored positions are already flat (row i's position t is i W + t), so
+    every real token's log-prob is the padded forward's."""
+    rows, width = inputs.input_ids.shape
+    lengths = inputs.attention_mask.sum(1).tolist()
+    return replace(
+        inputs,
+        input_ids=inputs.input_ids.reshape(1, rows * width),
+        attention_mask=None,
+        position_ids=torch.arange(width).repeat(rows).unsqueeze(0),
+        segments=AttentionSegments.for_sequences([part for n in lengths for part in (n, width - n)]),
+    )
+
+
 def shard_row(inputs: ModelInputs, group: SequenceGroup, device: torch.device) -> ModelInputs:
-    """This rank's share of a padding-free layout's row (`inputs`, on the host) under sequence
-    parallelism, on `device`: the row padded to a multiple of `group.size` positions (padding ids
-    and position ids 0, attending only to themselves: `AttentionSegments.split_over`), positions
-    [k T/N, (k+1) T/N) of it for the group's k-th rank, and the scored tokens at those positions,
-    re-based to the slice. Targets come from the whole row; each sequence's token count is the
-    whole row's (its sums are added across the group in the forward)."""
-    if inputs.segments is None or inputs.input_ids.shape[0] != 1:
-        raise ValueError("sequence parallelism splits one packed row (a padding-free forward mode)")
+    """This rank's share of a layout's row (`inputs`, on the host; a padded layout's rows first
+    made one, `as_one_row`) under sequence parallelism, on `device`: the row padded to a multiple
+    of `group.size` positions (padding ids and position ids 0, attending only to themselves:
+    `AttentionSegments.split_over`), positions [k T/N, (k+1) T/N) of it for the group's k-th
+    rank, and the scored tokens at those positions, re-based to the slice. Targets come from the
+    whole row; each sequence's token count is the whole row's (its sums are added across the
+    group in the forward)."""
+    if inputs.segments is None:
+        inputs = as_one_row(inputs)
     segments = inputs.segments.split_over(group)
     size = segments.length // group.size
     start = group.rank * size

@@ -361,7 +361,7 @@ def plan_run(
     n = cfg.parallel.sequence_parallel
     if n > 1:
         plan.notes.append(
-            f"note: parallel.sequence_parallel={n}: each rank holds 1/{n} of every packed row; the "
+            f"note: parallel.sequence_parallel={n}: each rank holds 1/{n} of every row; the "
             f"activations and LM-head chunk above are one rank's 1/{n}"
         )
     if hf_config is not None:
@@ -419,7 +419,13 @@ def format_plan(cfg: Config, plan: Plan, inputs: list[str]) -> str:
         ("global batch", f"{b.global_batch_size} pairs per optimizer step"),
         *(
             [
-                ("micro batch", f"up to {b.micro_batch_tokens} tokens per rank per forward"),
+                (
+                    "micro batch",
+                    f"up to {b.micro_batch_tokens} tokens per rank per forward"
+                    if n == 1
+                    else f"up to {b.micro_batch_tokens} tokens per sequence group's row per forward "
+                    f"({-(-b.micro_batch_tokens // n)} per rank)",
+                ),
                 (
                     "accumulation steps",
                     f"per step: as many as the fullest of {b.pairs_per_rank} pairs per rank need",

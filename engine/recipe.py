@@ -308,13 +308,6 @@ def check_names(cfg: Config, problems: Problems) -> None:
         "training.micro_batch_tokens",
         "training.forward_mode",
     )
-    problems.require(
-        cfg.parallel.sequence_parallel == 1 or mode is None or mode.padding_free,
-        f"training.forward_mode: parallel.sequence_parallel={cfg.parallel.sequence_parallel} splits one "
-        f"packed row over ranks: it needs forward_mode {' or '.join(padding_free)}, got {t.forward_mode!r}",
-        "training.forward_mode",
-        "parallel.sequence_parallel",
-    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 Ranks r*N .. r*N+N-1 form a sequence group (`SequenceGroup`): they read the same micro-batches
 (the sampler's data-parallel rank is rank // N, of world // N) and each holds positions
 [k*T/N, (k+1)*T/N) of every packed row, padded to a multiple of N (`engine.forward.shard_row`).
+The padded modes' rows (concatenated, separate) are first laid end to end as one row of the
+same positions, padding included, each row's tokens one sequence (`engine.forward.as_one_row`),
+so every forward mode splits the same way and pays its own padding.
 Parameters stay FSDP-sharded over all ranks: every rank's backward yields the gradient of its
 own positions, and FSDP's sum over all ranks is then exactly the full gradient.
 

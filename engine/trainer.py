@@ -222,12 +222,17 @@ class Trainer:
     def _summary(self, mesh_shape: tuple[int, ...]) -> str:
         """The start-up line: model size, ranks, sharding, batching, steps, dtype, MFU peak."""
         t = self.cfg.training
+        n = self.cfg.parallel.sequence_parallel
         if t.micro_batch_tokens:
-            batching = f"micro-batches of up to {t.micro_batch_tokens} tokens (as many per step as the fullest rank needs)"
+            # the budget is the whole row of a sequence group, of which each rank holds 1/n
+            held = f", {-(-t.micro_batch_tokens // n)} per rank of a sequence group" if n > 1 else ""
+            batching = (
+                f"micro-batches of up to {t.micro_batch_tokens} tokens{held} "
+                "(as many per step as the fullest rank needs)"
+            )
         else:
             batching = f"{self.sampler.accumulation_steps} accumulation steps of {t.micro_batch_size} pairs"
         peak = self.meter.peak
-        n = self.cfg.parallel.sequence_parallel
         groups = f" (data {self.data_rank[1]} x sequence {n}: each row split over {n} ranks)" if n > 1 else ""
         return (
             f"model: {self.num_params / 1e6:.2f}M parameters ({self.trainable_params / 1e6:.2f}M trained), "

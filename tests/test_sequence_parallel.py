@@ -1,6 +1,7 @@
-"""Sequence parallelism (`parallel.sequence_parallel`): a packed row split over a sequence group
-of ranks equals the unsplit row on one rank (losses, gradients, reference log-probs), and the
-settings it cannot serve are errors."""
+"""Sequence parallelism (`parallel.sequence_parallel`): a row split over a sequence group of
+ranks equals the unsplit row on one rank (losses, gradients, reference log-probs) in every
+forward mode, the deviation does not grow with the group, checkpoints and reference caches move
+between group sizes and world sizes, and the settings it cannot serve are errors."""
 
 from __future__ import annotations
 
@@ -21,18 +22,23 @@ from tests.conftest import (
     base_tables,
     main_in_process,
     run_sweep,
+    save_random_llama,
     sweep_stdout,
     train_rows,
     write_recipe,
 )
 
-MODES = ("packed", "prefix_shared")
+MODES = ("packed", "prefix_shared", "concatenated")
+PACKED = ["training.forward_mode=packed"]
 # each on 2 ranks split over one sequence group against 1 rank; beta-DPO's statistics are the
-# step's global batch (all-gathered: a sequence group's ranks hold the same pairs)
+# step's global batch (all-gathered: a sequence group's ranks hold the same pairs); TDPO's live
+# reference runs split too, its token-level KL summed over the group
 VARIANTS = {
     **{mode: [f"training.forward_mode={mode}"] for mode in MODES},
-    "beta_dpo": ["training.forward_mode=packed", "loss.type=beta_dpo"],
+    "beta_dpo": [*PACKED, "loss.type=beta_dpo"],
+    "tdpo_live": [*PACKED, "loss.type=tdpo", "reference.mode=live"],
 }
+BUDGET = 192  # training.micro_batch_tokens of data 2 x sequence 2: a group's row, 96 per rank
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +52,14 @@ def recipe(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small
 
 
 @pytest.fixture(scope="module")
+def heads4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with 4 KV heads (as many as its query heads), which split 1, 2 or 4 ways."""
+    return save_random_llama(tmp_path_factory.mktemp("heads4"), {"num_key_value_heads": 4})
+
+
+@pytest.fixture(scope="module")
 def split(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """Each forward mode trained on one sequence group of 2 ranks, and packed again with a
+    """Each variant trained on one sequence group of 2 ranks, and packed again with a
     checkpoint at step 3 (one launch)."""
     out = tmp_path_factory.mktemp("split")
     runs = {name: [*VARIANTS[name], "parallel.sequence_parallel=2"] for name in VARIANTS}
@@ -56,29 +68,38 @@ def split(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
 
 
 @pytest.fixture(scope="module")
-def four(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """Data 2 x sequence 2 on 4 ranks (the reference pass, the sampler and the metrics then see
-    two data-parallel ranks, each a sequence group)."""
+def four(recipe: Path, heads4: Path, split: tuple[Path, dict], tmp_path_factory) -> tuple[Path, dict]:
+    """One 4-rank launch. The 4-KV-head model as sequence 4 (data 1), data 2 x sequence 2 in
+    token-budget micro-batches, and data 4 (N = 1) reading N = 4's reference cache; then the tiny
+    model's step-3 checkpoint of sequence 2 on 2 ranks (data 1) resumed as data 2 x sequence 2."""
     out = tmp_path_factory.mktemp("four")
+    model = [*PACKED, f"model.path={heads4}"]
+    saved = split[0] / "checkpointed" / "checkpoints" / "step-3"
     runs = {
-        "packed": [
-            "training.forward_mode=packed",
+        "n4": [*model, "parallel.sequence_parallel=4"],
+        "n2": [*model, "parallel.sequence_parallel=2", f"training.micro_batch_tokens={BUDGET}"],
+        "n1": [*model, "training.micro_batch_size=2", f"reference.cache_dir={out / 'n4' / 'reference'}"],
+        "resumed": [
+            *PACKED,
             "parallel.sequence_parallel=2",
             "training.micro_batch_size=4",
-        ]
+            f"checkpoint.resume={saved}",
+        ],
     }
     return out, run_sweep(recipe, out, runs, nproc=4)
 
 
 @pytest.fixture(scope="module")
-def one_rank(recipe: Path, tmp_path_factory: pytest.TempPathFactory, world):
-    """The output folder of the recipe trained as `VARIANTS[name]` on this process's one rank."""
+def one_rank(recipe: Path, heads4: Path, tmp_path_factory: pytest.TempPathFactory, world):
+    """The output folder of the recipe trained as `VARIANTS[name]` (or "heads4": packed, the
+    4-KV-head model) on this process's one rank."""
     runs: dict[str, Path] = {}
+    variants = {**VARIANTS, "heads4": [*PACKED, f"model.path={heads4}"]}
 
     def run(name: str) -> Path:
         if name not in runs:
             out = tmp_path_factory.mktemp(f"one-{name}")
-            proc = main_in_process(recipe, [*VARIANTS[name], f"job.output_dir={out}"])
+            proc = main_in_process(recipe, [*variants[name], f"job.output_dir={out}"])
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
             runs[name] = out
         return runs[name]
@@ -86,24 +107,32 @@ def one_rank(recipe: Path, tmp_path_factory: pytest.TempPathFactory, world):
     return run
 
 
-def _same_training(one: Path, split: Path, losses: list[float], what: str) -> None:
-    """`split` (a sweep run: its folder and losses) trained as `one` did: step-0 loss ln 2, the
-    loss curve and the gradient norms to 1e-5, and the reference log-probs of every pair."""
+def _deviation(one: Path, split: Path, losses: list[float], cached: bool = True) -> float:
+    """`split` (a sweep run: its folder and losses) trained as `one` did, to 1e-5: step-0 loss
+    ln 2 with the policy's log-probs its reference's, the loss curve, the gradient norms and,
+    when `cached`, the reference log-probs of every pair. Returns the largest relative deviation
+    of the losses and gradient norms."""
     expected = [row["loss"] for row in train_rows(one)]
     moved = max(abs(loss - expected[0]) for loss in expected)  # it trained
     assert len(expected) == 5 and moved > 1e-3, expected
-    assert abs(losses[0] - LN2) < 1e-6, losses  # the policy is its cached reference at step 0
+    assert abs(losses[0] - LN2) < 1e-6, losses  # the policy is its reference at step 0
+    first = train_rows(split)[0]
+    assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6, first
+    gaps = []
     for a, b in zip(expected, losses, strict=True):
-        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (what, expected, losses)
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (expected, losses)
+        gaps.append(abs(a - b) / abs(a))
     # the gradient itself (Adam and clipping would hide a gradient scaled by N from the losses)
     norms = [[row["grad_norm"] for row in train_rows(d)] for d in (one, split)]
     for a, b in zip(*norms, strict=True):
-        assert math.isclose(a, b, rel_tol=1e-5), (what, norms)
-    # per-sequence log-probs of every pair: the reference pass, split over the group
-    mine, theirs = _reference(split), _reference(one)
-    assert torch.equal(mine["pair_hashes"], theirs["pair_hashes"])
-    for name in ("chosen_logps", "rejected_logps"):
-        torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6)
+        assert math.isclose(a, b, rel_tol=1e-5), norms
+        gaps.append(abs(a - b) / abs(a))
+    if cached:  # per-sequence log-probs of every pair: the reference pass, split over the group
+        mine, theirs = _reference(split), _reference(one)
+        assert torch.equal(mine["pair_hashes"], theirs["pair_hashes"])
+        for name in ("chosen_logps", "rejected_logps"):
+            torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6)
+    return max(gaps)
 
 
 def _reference(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -116,7 +145,7 @@ def _reference(output_dir: Path) -> dict[str, torch.Tensor]:
 def test_two_ranks_split_equal_one_rank(split: tuple[Path, dict], one_rank, name: str) -> None:
     out, results = split
     assert "2 ranks (data 1 x sequence 2: each row split over 2 ranks)" in sweep_stdout(out)[name]
-    _same_training(one_rank(name), out / name, results[name]["losses"], name)
+    _deviation(one_rank(name), out / name, results[name]["losses"], cached=name != "tdpo_live")
 
 
 @pytest.mark.slow
@@ -130,23 +159,88 @@ def test_resume_on_one_rank_without_sequence_parallelism(
     assert saved.is_dir()
     assert results["checkpointed"]["losses"] == results["packed"]["losses"]  # saving changes nothing
     resumed = tmp_path / "resumed"
-    proc = main_in_process(
-        recipe, [*VARIANTS["packed"], f"job.output_dir={resumed}", f"checkpoint.resume={saved}"]
-    )
+    proc = main_in_process(recipe, [*PACKED, f"job.output_dir={resumed}", f"checkpoint.resume={saved}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "resumed from" in proc.stdout
-    rows = train_rows(resumed)
-    expected = [row["loss"] for row in train_rows(one_rank("packed"))][3:]
+    _continues(one_rank("packed"), train_rows(resumed))
+
+
+def _continues(one: Path, rows: list[dict]) -> None:
+    """`rows` are steps 4 and 5 of `one`'s curve, to 1e-5."""
+    expected = [row["loss"] for row in train_rows(one)][3:]
     assert [row["step"] for row in rows] == [4, 5], rows
     for a, b in zip(expected, [row["loss"] for row in rows], strict=True):
         assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (expected, rows)
 
 
 @pytest.mark.slow
-def test_data_two_by_sequence_two_equals_one_rank(four: tuple[Path, dict], one_rank) -> None:
+def test_deviation_does_not_grow_with_the_group(four: tuple[Path, dict], one_rank) -> None:
+    """On 4 ranks, N = 1 (data 4), 2 (data 2, token budgets) and 4 (data 1) each equal 1 rank to
+    1e-5 (N = 2's and 4's reference passes too); the largest relative deviation of the losses and
+    gradient norms at N = 2 and 4 is within a small factor of N = 1's, where no row is split
+    (fp32 reduction order only)."""
     out, results = four
-    assert "4 ranks (data 2 x sequence 2: each row split over 2 ranks)" in sweep_stdout(out)["packed"]
-    _same_training(one_rank("packed"), out / "packed", results["packed"]["losses"], "data 2 x sequence 2")
+    stdout = sweep_stdout(out)
+    assert "4 ranks, sharding" in stdout["n1"]
+    assert "4 ranks (data 2 x sequence 2: each row split over 2 ranks)" in stdout["n2"]
+    assert (
+        f"micro-batches of up to {BUDGET} tokens, {BUDGET // 2} per rank of a sequence group" in stdout["n2"]
+    )
+    assert "4 ranks (data 1 x sequence 4: each row split over 4 ranks)" in stdout["n4"]
+    one = one_rank("heads4")
+    gaps = {n: _deviation(one, out / f"n{n}", results[f"n{n}"]["losses"], n > 1) for n in (1, 2, 4)}
+    print("largest relative deviation from 1 rank by N:", gaps)
+    assert gaps[4] <= 4 * max(gaps[1], 1e-7) and gaps[2] <= 4 * max(gaps[1], 1e-7), gaps
+
+
+@pytest.mark.slow
+def test_reference_cache_is_reused_across_n(four: tuple[Path, dict]) -> None:
+    """N = 1 read the file sequence 4 wrote (the cache key has no parallel setting) and ran no
+    reference pass; N = 2 and N = 4 computed theirs."""
+    out, results = four
+    assert [results[f"n{n}"]["reference_forwards"] for n in (1, 2, 4)] == [0, 1, 1]
+    assert f"loaded {out / 'n4' / 'reference'}" in sweep_stdout(out)["n1"]
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size_and_data_degree(four: tuple[Path, dict], one_rank) -> None:
+    """The step-3 checkpoint of sequence 2 on 2 ranks (data 1) resumed on 4 ranks as data 2 x
+    sequence 2 continues the 1-rank curve to 1e-5."""
+    out, _ = four
+    assert "resumed from" in sweep_stdout(out)["resumed"]
+    _continues(one_rank("packed"), train_rows(out / "resumed"))
+
+
+def test_padded_rows_laid_end_to_end_score_as_the_padded_forward(tiny_model_dir: Path) -> None:
+    """`as_one_row`, the padded modes' layout under sequence parallelism: the concatenated and
+    separate layouts' rows as one row of the same positions give the padded forward's log-probs
+    and gradients (1 rank: the split itself is the launches above)."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.data import PairBatch
+    from engine.forward import FORWARD_MODES, SequenceLogprobs, as_one_row, score_pairs
+
+    model = SequenceLogprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))
+    g = torch.Generator().manual_seed(5)
+    lengths = [(3, 9, 1), (11, 2, 7), (1, 5, 12)]
+    prompts, chosen, rejected = (
+        [torch.randint(3, 400, (n[i],), generator=g).tolist() for n in lengths] for i in range(3)
+    )
+    batch = PairBatch(torch.arange(3), torch.ones(3, dtype=torch.bool), prompts, chosen, rejected)
+    for mode in ("concatenated", "separate"):
+        results = []
+        for rows in (lambda x: x, as_one_row):
+            model.zero_grad(set_to_none=True)
+            inputs = [rows(x) for x in FORWARD_MODES[mode].inputs(batch, 0, torch.device("cpu"))]
+            assert all((x.segments is None) == (rows is not as_one_row) for x in inputs)
+            out = score_pairs(model, inputs)
+            (out.chosen_logps.sum() - 0.7 * out.rejected_logps.sum()).backward()
+            results.append((out, [p.grad.clone() for p in model.parameters()]))
+        (padded, padded_grads), (one, one_grads) = results
+        for name in ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens"):
+            torch.testing.assert_close(getattr(one, name), getattr(padded, name), rtol=1e-5, atol=1e-5)
+        for a, b in zip(one_grads, padded_grads, strict=True):  # to 1e-5 of each tensor's largest
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max(), mode
 
 
 def test_data_parallel_rank_and_divisibility() -> None:
@@ -164,7 +258,7 @@ def test_heads_must_split() -> None:
 
 
 def test_n_not_dividing_the_world_is_an_error(recipe: Path, world, tmp_path: Path) -> None:
-    overrides = ["parallel.sequence_parallel=2", "training.forward_mode=packed"]
+    overrides = ["parallel.sequence_parallel=2", *PACKED]
     proc = main_in_process(recipe, [*overrides, f"job.output_dir={tmp_path}"])
     assert proc.returncode == 2
     assert "parallel.sequence_parallel=2 must divide the 1 ranks" in proc.stderr
@@ -173,12 +267,7 @@ def test_n_not_dividing_the_world_is_an_error(recipe: Path, world, tmp_path: Pat
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["training.forward_mode=concatenated"], "training.forward_mode: parallel.sequence_parallel=2"),
         (["parallel.compile=true"], "parallel.compile: not supported with parallel.sequence_parallel=2"),
-        (
-            ["reference.mode=live", "loss.type=tdpo"],
-            "reference.mode: not supported with parallel.sequence_parallel=2",
-        ),
         (["parallel.sequence_parallel=0"], "parallel.sequence_parallel: expected an integer >= 1"),
     ],
 )
@@ -194,7 +283,10 @@ def test_dry_run_plans_the_data_parallel_ranks(recipe: Path) -> None:
     plan = dry_run(load_config(recipe, [*packed, "parallel.sequence_parallel=2"]), 4, 4)
     assert "4 (4 per node, 1 node, data 2 x sequence 2)" in plan
     assert "1 = 8 / (4 x 2 data-parallel ranks)" in plan
-    assert "parallel.sequence_parallel=2: each rank holds 1/2 of every packed row" in plan
+    assert "parallel.sequence_parallel=2: each rank holds 1/2 of every row" in plan
+    budget = ["training.forward_mode=packed", "training.micro_batch_tokens=4096"]
+    plan = dry_run(load_config(recipe, [*budget, "parallel.sequence_parallel=2"]), 4, 4)
+    assert "up to 4096 tokens per sequence group's row per forward (2048 per rank)" in plan
     with pytest.raises(UserError, match="2 KV heads must each split 4 ways"):
         dry_run(load_config(recipe, [*packed, "parallel.sequence_parallel=4"]), 4, 4)
     with pytest.raises(UserError, match="sequence_parallel=3 must divide the 4 ranks"):
