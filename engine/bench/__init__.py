@@ -60,7 +60,12 @@ Per mode it reports:
   over ranks: what a step adds on top, i.e. activations, gathered parameters, gradients and
   their temporaries. On CPU both are resident memory, allocator effects included (a freed
   buffer the allocator keeps still counts); a tiny model's raw peak is mostly the runtime's few
-  hundred MB, so its activations' share shows in the second (the table's `step GiB`);
+  hundred MB, so its activations' share shows in the second (the table's `step GiB`). glibc's
+  default malloc keeps freed buffers below its (self-raising, up to 32 MiB) mmap threshold in
+  its heap, which inflates both and blurs a 1/N ratio (a 16k-token row of a 3.4M-parameter
+  Llama, packed vs packed:sp2 on 2 ranks: 0.76x the step's memory by default, 0.52x with
+  `MALLOC_MMAP_THRESHOLD_=1048576`, where every buffer over 1 MiB goes back to the kernel when
+  freed and the RSS follows the live tensors); run a memory comparison with that setting;
 - `comm_bytes_per_step`: bytes one rank sends per timed step (mean over the steps, max over
   ranks), as bandwidth-optimal collectives move them ("bus bytes": (n-1)/n of a tensor for an
   all-gather, reduce-scatter or all-to-all over n ranks, twice that for an all-reduce), by kind:
