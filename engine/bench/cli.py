@@ -83,8 +83,9 @@ def _parse_model_config(text: str) -> dict[str, Any]:
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
+    w = max([19, *map(len, results)])  # the mode column
     head = (
-        f"{'mode':19s} {'tokens/s':>9s} {'step s (min-max)':>20s} {'padding':>8s} {'computed/step':>13s} "
+        f"{'mode':{w}s} {'tokens/s':>9s} {'step s (min-max)':>20s} {'padding':>8s} {'computed/step':>13s} "
         f"{'fwd/step':>8s} {'tokens/fwd mean, max, cv':>24s} {'peak GiB':>9s} {'step GiB':>8s} "
         f"{'comm MiB':>9s} {'MFU':>6s}"
     )
@@ -93,7 +94,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         spread = f"{r['step_time_s']:.3f} ({r['step_time_min_s']:.2f}-{r['step_time_max_s']:.2f})"
         per_forward = f"{r['micro_batch_tokens_mean']:.0f}, {r['micro_batch_tokens_max']:.0f}, {r['micro_batch_tokens_cv']:.2f}"
         lines.append(
-            f"{mode:19s} {r['tokens_per_s']:9.0f} {spread:>20s} {r['padding_fraction']:8.1%} "
+            f"{mode:{w}s} {r['tokens_per_s']:9.0f} {spread:>20s} {r['padding_fraction']:8.1%} "
             f"{r['computed_tokens_per_step']:13.0f} {r['forwards_per_step']:8.1f} {per_forward:>24s} "
             f"{r['peak_mem_gib']:9.2f} {r['peak_mem_above_start_gib']:8.2f} "
             f"{sum(r['comm_bytes_per_step'].values()) / 2**20:9.1f} {r['mfu']:6.1%}"
@@ -101,12 +102,12 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         comm = {k: v for k, v in r["comm_bytes_per_step"].items() if v}
         if len(comm) > 1:  # where the traffic goes, when more than one kind
             lines.append(
-                f"{'':19s} comm MiB/step: " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in comm.items())
+                f"{'':{w}s} comm MiB/step: " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in comm.items())
             )
         if "compile" in r:
             c = r["compile"]
             lines.append(
-                f"{'':19s} compile {c['compile_s']:.1f} s, {c['graphs']} graphs, "
+                f"{'':{w}s} compile {c['compile_s']:.1f} s, {c['graphs']} graphs, "
                 f"{c['graph_breaks']} graph breaks, {c['recompiles']} recompiles"
             )
     return "\n".join(lines)
