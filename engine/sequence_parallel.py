@@ -30,11 +30,18 @@ partial (a sequence may span ranks) and `group_sum` adds them across the group: 
 forward and the identity backward, so each rank's part gets dL/dsum once (an autograd
 all-reduce would sum the N identical gradients, scaling them by N). Token counts are the whole
 row's, known on the host. Pair metrics and reference sums count once per group (`counts`).
+
+Traffic (`SequenceGroup.sent`, read by the bench): the bytes this rank sends in the group's
+collectives, counted on the host from the tensors' shapes (no device sync), as bandwidth-optimal
+algorithms move them ("bus bytes"): an all-to-all of B bytes sends B (N-1)/N, an all-reduce
+2 B (N-1)/N. Every call of `to_heads` / `to_positions` counts (so an activation-checkpoint
+recompute of a block counts again) and so does each one's backward all-to-all, when its gradient
+arrives (a tensor hook; a no-grad forward has none); `sum`'s backward is the identity.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -44,6 +51,7 @@ from torch import Tensor
 from engine.errors import UserError
 
 KEY = "parallel.sequence_parallel"
+TRAFFIC = ("all_to_all", "all_reduce")  # the keys of `SequenceGroup.sent`
 
 
 def data_parallel(rank: int, world_size: int, sequence_parallel: int) -> tuple[int, int]:
@@ -72,6 +80,8 @@ class SequenceGroup:
     group: dist.ProcessGroup
     size: int
     rank: int
+    sent: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TRAFFIC, 0), compare=False)
+    """Bytes this rank sent in the group's collectives, by `TRAFFIC` kind (see the module docstring)."""
 
     @property
     def counts(self) -> bool:
@@ -81,20 +91,40 @@ class SequenceGroup:
     def to_heads(self, x: Tensor) -> Tensor:
         """[1, heads, T/N, D] of this rank's positions -> [1, heads/N, T, D] of the whole row."""
         _, heads, length, dim = x.shape
-        parts = x.reshape(self.size, heads // self.size, length, dim).contiguous()
-        out = dist_fn.all_to_all_single(torch.empty_like(parts), parts, group=self.group)
+        out = self._all_to_all(x.reshape(self.size, heads // self.size, length, dim).contiguous())
         return out.transpose(0, 1).reshape(1, heads // self.size, self.size * length, dim)
 
     def to_positions(self, x: Tensor) -> Tensor:
         """[1, T, heads/N, D] (attention's output) -> [1, T/N, heads, D] of this rank's positions."""
         _, length, heads, dim = x.shape
-        parts = x.reshape(self.size, length // self.size, heads, dim).contiguous()
-        out = dist_fn.all_to_all_single(torch.empty_like(parts), parts, group=self.group)
+        out = self._all_to_all(x.reshape(self.size, length // self.size, heads, dim).contiguous())
         return out.transpose(0, 1).reshape(1, length // self.size, self.size * heads, dim)
 
     def sum(self, x: Tensor) -> Tensor:
         """`x` summed over the group, with the identity as its backward (see the module docstring)."""
+        self._count("all_reduce", 2 * x.numel() * x.element_size())
         return _GroupSum.apply(x, self.group)
+
+    def _all_to_all(self, parts: Tensor) -> Tensor:
+        """all_to_all_single of `parts` [N, ...] (part k to the k-th rank), with autograd; its
+        bytes counted now and its backward's when the gradient arrives."""
+        nbytes = parts.numel() * parts.element_size()
+        self._count("all_to_all", nbytes)
+        out = dist_fn.all_to_all_single(torch.empty_like(parts), parts, group=self.group)
+        if out.requires_grad:
+            out.register_hook(lambda grad: self._count("all_to_all", nbytes))
+        return out
+
+    def _count(self, kind: str, nbytes: int) -> None:
+        """Add a collective over `nbytes` (all-reduce: twice the tensor's) as the bytes this rank
+        sends: (N-1)/N of them (the part it keeps stays)."""
+        self.sent[kind] += nbytes * (self.size - 1) // self.size
+
+    def take_sent(self) -> dict[str, int]:
+        """`sent` so far, starting it afresh."""
+        taken = dict(self.sent)
+        self.sent.update(dict.fromkeys(TRAFFIC, 0))
+        return taken
 
 
 class _GroupSum(torch.autograd.Function):

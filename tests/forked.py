@@ -32,6 +32,7 @@ PRELOAD = [
     "transformers",
     "engine.trainer",
     "engine.export",
+    "engine.bench.cli",
     "tests.scripts.sweep",
     "torchrun_train",
 ]
@@ -63,6 +64,11 @@ def _rank(entry: str, args: list[str], env: dict[str, str], cwd: str, stdout: st
         from tests.scripts.sweep import main
 
         main(args[0], args[1], args[2], args[3:])  # leaves through exit_process
+    if entry == "bench":
+        from engine.bench.cli import entry as bench
+
+        sys.argv = ["engine.bench", *args]
+        bench()  # leaves through exit_process
     import torchrun_train
     from engine.distributed import exit_process
 
@@ -80,7 +86,8 @@ def _free_port() -> int:
 def fork_launch(
     entry: str, args: Sequence[str], nproc: int, env: dict[str, str], timeout: float, cwd: Path
 ) -> subprocess.CompletedProcess:
-    """Run `entry` ("sweep": tests/scripts/sweep.py, "train": torchrun_train.py) with `args` on
+    """Run `entry` ("sweep": tests/scripts/sweep.py, "train": torchrun_train.py, "bench":
+    `python -m engine.bench`) with `args` on
     `nproc` ranks forked in `cwd`: exit code 0 when every rank exits 0, else 1 (torchrun's), and what they
     printed. Raises subprocess.TimeoutExpired (after ending the ranks) past `timeout` seconds."""
     context = forkserver()

@@ -17,12 +17,22 @@ import torch.distributed as dist
 
 from engine import losses
 from engine.bench.common import recipe_pairs, reduce_over_ranks, synthetic_pairs
-from engine.bench.modes import Setup, merge_rounds, paired_speedup, parse_mode, run_mode, summarize
+from engine.bench.modes import (
+    Setup,
+    merge_rounds,
+    mode_config,
+    paired_speedup,
+    parse_mode,
+    run_mode,
+    summarize,
+    without_sequence_parallel,
+)
 from engine.bench.trl import import_trl, run_trl
 from engine.data.sampler import BatchPlan
 from engine.errors import UserError
 from engine.forward import FORWARD_MODES
 from engine.recipe import load_config
+from engine.sequence_parallel import data_parallel
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -73,23 +83,31 @@ def _parse_model_config(text: str) -> dict[str, Any]:
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
+    w = max([19, *map(len, results)])  # the mode column
     head = (
-        f"{'mode':19s} {'tokens/s':>9s} {'step s (min-max)':>20s} {'padding':>8s} {'computed/step':>13s} "
-        f"{'fwd/step':>8s} {'tokens/fwd mean, max, cv':>24s} {'peak GiB':>9s} {'MFU':>6s}"
+        f"{'mode':{w}s} {'tokens/s':>9s} {'step s (min-max)':>20s} {'padding':>8s} {'computed/step':>13s} "
+        f"{'fwd/step':>8s} {'tokens/fwd mean, max, cv':>24s} {'peak GiB':>9s} {'step GiB':>8s} "
+        f"{'comm MiB':>9s} {'MFU':>6s}"
     )
     lines = [head, "-" * len(head)]
     for mode, r in results.items():
         spread = f"{r['step_time_s']:.3f} ({r['step_time_min_s']:.2f}-{r['step_time_max_s']:.2f})"
         per_forward = f"{r['micro_batch_tokens_mean']:.0f}, {r['micro_batch_tokens_max']:.0f}, {r['micro_batch_tokens_cv']:.2f}"
         lines.append(
-            f"{mode:19s} {r['tokens_per_s']:9.0f} {spread:>20s} {r['padding_fraction']:8.1%} "
+            f"{mode:{w}s} {r['tokens_per_s']:9.0f} {spread:>20s} {r['padding_fraction']:8.1%} "
             f"{r['computed_tokens_per_step']:13.0f} {r['forwards_per_step']:8.1f} {per_forward:>24s} "
-            f"{r['peak_mem_gib']:9.2f} {r['mfu']:6.1%}"
+            f"{r['peak_mem_gib']:9.2f} {r['peak_mem_above_start_gib']:8.2f} "
+            f"{sum(r['comm_bytes_per_step'].values()) / 2**20:9.1f} {r['mfu']:6.1%}"
         )
+        comm = {k: v for k, v in r["comm_bytes_per_step"].items() if v}
+        if len(comm) > 1:  # where the traffic goes, when more than one kind
+            lines.append(
+                f"{'':{w}s} comm MiB/step: " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in comm.items())
+            )
         if "compile" in r:
             c = r["compile"]
             lines.append(
-                f"{'':19s} compile {c['compile_s']:.1f} s, {c['graphs']} graphs, "
+                f"{'':{w}s} compile {c['compile_s']:.1f} s, {c['graphs']} graphs, "
                 f"{c['graph_breaks']} graph breaks, {c['recompiles']} recompiles"
             )
     return "\n".join(lines)
@@ -131,15 +149,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--against trl: the TRL runner is DPOTrainer's, not for loss.type {cfg.loss.type!r}")
     if args.against == "trl" and world.world_size > 1:
         raise UserError("--against trl: run it in one process (without torchrun)")
-    if cfg.parallel.sequence_parallel > 1:
-        raise UserError(
-            "parallel.sequence_parallel: the bench does not split rows over sequence groups yet; "
-            "measure sequence parallelism with a training run (its tokens_per_s and peak_mem_gib)"
-        )
     t = cfg.training
     layouts = {m: parse_mode(m, cfg) for m in modes}
-    for _, budget in layouts.values():  # the sampler's rule: pairs split over ranks and micro-batches
-        BatchPlan.split(t.global_batch_size, t.micro_batch_size, world.world_size, budget)
+    for m, (_, budget) in layouts.items():  # before any mode runs: the recipe's rules for each mode
+        n = mode_config(m, cfg).parallel.sequence_parallel
+        _, data_ranks = data_parallel(world.rank, world.world_size, n)
+        # the sampler's rule: pairs split over data-parallel ranks and micro-batches
+        BatchPlan.split(t.global_batch_size, t.micro_batch_size, data_ranks, budget)
     tokenizer = build_tokenizer(cfg.model)
     overrides = _parse_model_config(args.model_config)
     labels = None
@@ -192,11 +208,19 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     comparisons = [(m, "concatenated") for m in modes if m != "concatenated"]
     comparisons += [("prefix_shared", "packed")] + [(m, "trl") for m in modes]
     comparisons += [(m, layouts[m][0]) for m in modes if "@" in m]  # token budget vs fixed pairs
+    sequence = [
+        (m, without_sequence_parallel(m)) for m in modes if results[m].get("sequence_parallel", 1) > 1
+    ]
     ratios = {
         f"{a}/{b}": paired_speedup(raw[a]["step_times_s"], raw[b]["step_times_s"])
-        for a, b in comparisons
+        for a, b in comparisons + sequence
         if a in raw and b in raw
     }
+    for a, b in sequence:  # per-rank memory under sequence parallelism against the unsplit rows
+        if b in raw:
+            for key in ("peak_mem", "peak_mem_above_start"):
+                split, whole = results[a][f"{key}_gib"], results[b][f"{key}_gib"]
+                ratios[f"{key} {a}/{b}"] = split / whole if whole > 0 else float("nan")
     prompt_tokens = sum(len(p) for p, _, _ in pairs)
     unique_tokens = sum(len(p) + len(c) + len(r) for p, c, r in pairs)
     report = {

@@ -61,11 +61,13 @@ def run_trl(setup: Setup, world: World, tokenizer, timed: range) -> dict[str, An
 
         def __init__(self) -> None:
             self.marks: list[float] = []
+            self.start = 0.0  # memory at the start of the timed steps
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == setup.warmup:
                 gc.collect()
                 reset_peak_memory(device)
+                self.start = peak_memory_gib(device)
             if not self.marks:
                 self.marks.append(time.perf_counter())
 
@@ -108,5 +110,7 @@ def run_trl(setup: Setup, world: World, tokenizer, timed: range) -> dict[str, An
     params = sum(p.numel() for p in model.parameters())
     # TRL's layout is concatenated's: 2B right-padded rows. Counted as fsdpo's (the LM head over
     # the scored positions), though TRL runs its head over every position: the same useful work
-    records = step_records("concatenated", setup, world, timed, times, peak, params, model_shape(model))
+    records = step_records(
+        "concatenated", setup, world, timed, times, (peak, timer.start), params, model_shape(model)
+    )
     return {**records, "trl_version": trl.__version__}
