@@ -99,8 +99,8 @@ def test_sequence_parallel_mode_option(recipe: Path, world) -> None:
     common = [str(recipe), *STEPS, *PAIRS]
     with pytest.raises(
         UserError,
-        match=r"^--modes: concatenated:sp2: training\.forward_mode: parallel\.sequence_parallel=2 splits",
+        match=r"^--modes: packed:compile:sp2: parallel\.compile: not supported with parallel\.sequence_parallel=2",
     ):
-        cli.main([*common, "--modes", "packed,concatenated:sp2"])
+        cli.main([*common, "--modes", "packed,packed:compile:sp2"])
     with pytest.raises(UserError, match=r"^parallel\.sequence_parallel=2 must divide the 1 ranks$"):
         cli.main([*common, "--modes", "packed,packed:sp2"])

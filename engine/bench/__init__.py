@@ -17,7 +17,7 @@ packed row per rank with one row split over 2 ranks), and a token budget for its
 `training.micro_batch_tokens = 4096`; plain packed modes take the recipe's
 `training.micro_batch_tokens`, padded ones its `micro_batch_size`), so a fixed pair count and a
 token budget can be compared in one run. A mode's settings are checked by the recipe's own rules
-(`engine.bench.modes.mode_config`: e.g. `:spN` needs a padding-free mode) and the sampler's split
+(`engine.bench.modes.mode_config`: e.g. `:spN` is not for `:compile`) and the sampler's split
 before any mode runs (N must divide the ranks; the heads are checked when its model is built).
 Each mode gets a freshly built (same seed) model, built
 and sharded by the recipe's `[parallel]` table as the trainer builds it
