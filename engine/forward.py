@@ -48,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.attention import KWARG, AttentionSegments, enable_segment_attention, segmented_forward
 from engine.data import GlobalBatchSampler, PairBatch, PreferenceDataset
+from engine.errors import UserError
 from engine.losses import PreferenceLogps
 from engine.sequence_parallel import SequenceGroup, check_heads
 
@@ -131,11 +132,15 @@ class SequenceLogprobs(nn.Module):
                 hidden = decoder(
                     input_ids=input_ids, position_ids=position_ids, use_cache=False, **{KWARG: segments}
                 ).last_hidden_state
-            if not segments.used:
-                raise NotImplementedError(
-                    f"{type(self.causal_lm).__name__} does not route attention through transformers' "
-                    "AttentionInterface, so it cannot run packed forwards; use "
+            if not segments.used:  # every rank of a sequence group finds it in the same forward
+                fix = (
                     'training.forward_mode = "concatenated"'
+                    if segments.sequence is None
+                    else "parallel.sequence_parallel = 1 (the all-to-all lives in that attention)"
+                )
+                raise UserError(
+                    f"model.path: {type(self.causal_lm).__name__} does not route attention through "
+                    f"transformers' AttentionInterface, so it cannot run packed rows; use {fix}"
                 )
         hidden = hidden.flatten(0, 1).index_select(0, score_positions)  # [N, H]
         reference = None if reference_head is None else (reference_head, reference_hidden)

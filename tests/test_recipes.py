@@ -224,6 +224,22 @@ def test_70b_hybrid_on_4_nodes_of_8(tmp_path: Path) -> None:
     assert math.isclose(per_node.device_total / m.device_total, 1.8, rel_tol=0.1)
 
 
+def test_70b_long_context_variant_splits_each_row_over_a_node() -> None:
+    """multinode_70b_dpo_32k: data 4 x sequence 8 on 32 ranks; a rank holds 8192 positions of a
+    2 x 32768-token row: activations 8192 x 2 B x (80 checkpointed blocks x 8192 + 1 recomputed
+    block's 8h + 4i = 180,224); the state is the base recipe's."""
+    over = [f"model.path={LLAMA31_70B}"]
+    cfg = load_config(REPO / "recipes" / "multinode_70b_dpo_32k.toml", over)
+    base = load_config(REPO / "recipes" / "multinode_70b_dpo.toml", over)
+    assert (cfg.loss, cfg.optimizer, cfg.scheduler) == (base.loss, base.optimizer, base.scheduler)
+    plan = plan_run(cfg, AutoConfig.from_pretrained(LLAMA31_70B), world_size=32, ranks_per_node=8)
+    assert (plan.batches.world_size, plan.batches.accumulation_steps) == (4, 32)
+    m, b = plan.memory, plan_run(base, AutoConfig.from_pretrained(LLAMA31_70B), 32, 8).memory
+    assert m.get("activations") == 8192 * 2 * (80 * 8192 + 180_224)
+    assert m.get("parameters") == b.get("parameters") and m.get("optimizer") == b.get("optimizer")
+    assert plan.fits[2] >= 8192  # within an H200 less the reserve
+
+
 def test_lora_counts_only_adapters_as_trained() -> None:
     """r = 128 on q, k, v, o, gate, up, down of Llama-3-8B: r x (in + out) per adapted linear:
     q, o 128 x 8192 = 1,048,576 each; k, v 128 x 5120 = 655,360 each; gate, up, down

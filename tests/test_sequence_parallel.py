@@ -217,16 +217,10 @@ def test_padded_rows_laid_end_to_end_score_as_the_padded_forward(tiny_model_dir:
     and gradients (1 rank: the split itself is the launches above)."""
     from transformers import AutoModelForCausalLM
 
-    from engine.data import PairBatch
     from engine.forward import FORWARD_MODES, SequenceLogprobs, as_one_row, score_pairs
 
     model = SequenceLogprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))
-    g = torch.Generator().manual_seed(5)
-    lengths = [(3, 9, 1), (11, 2, 7), (1, 5, 12)]
-    prompts, chosen, rejected = (
-        [torch.randint(3, 400, (n[i],), generator=g).tolist() for n in lengths] for i in range(3)
-    )
-    batch = PairBatch(torch.arange(3), torch.ones(3, dtype=torch.bool), prompts, chosen, rejected)
+    batch = _pairs()
     for mode in ("concatenated", "separate"):
         results = []
         for rows in (lambda x: x, as_one_row):
@@ -241,6 +235,67 @@ def test_padded_rows_laid_end_to_end_score_as_the_padded_forward(tiny_model_dir:
             torch.testing.assert_close(getattr(one, name), getattr(padded, name), rtol=1e-5, atol=1e-5)
         for a, b in zip(one_grads, padded_grads, strict=True):  # to 1e-5 of each tensor's largest
             assert (a - b).abs().max() <= 1e-5 * b.abs().max(), mode
+
+
+def _pairs():
+    """3 random pairs of varied lengths (one token the shortest)."""
+    from engine.data import PairBatch
+
+    g = torch.Generator().manual_seed(5)
+    lengths = [(3, 9, 1), (11, 2, 7), (1, 5, 12)]
+    prompts, chosen, rejected = (
+        [torch.randint(3, 400, (n[i],), generator=g).tolist() for n in lengths] for i in range(3)
+    )
+    return PairBatch(torch.arange(3), torch.ones(3, dtype=torch.bool), prompts, chosen, rejected)
+
+
+def test_a_rank_may_hold_a_prompt_whose_completions_are_on_the_next() -> None:
+    """`shard_row` of a prefix-shared row of one pair (prompt 10, chosen 3, rejected 3: 16
+    positions) over 2 ranks: the cut falls inside the prompt, rank 0 holds only prompt positions
+    and scores nothing, rank 1 every scored token (re-based to its slice, the same targets), and
+    both keep the whole row's token counts; an odd row is padded by one position."""
+    from engine.data import PairBatch
+    from engine.forward import FORWARD_MODES, shard_row
+    from engine.sequence_parallel import SequenceGroup
+
+    cpu = torch.device("cpu")
+    batch = PairBatch(
+        torch.arange(1), torch.ones(1, dtype=torch.bool), [list(range(3, 13))], [[20, 21, 22]], [[30, 31, 32]]
+    )
+    (row,) = FORWARD_MODES["prefix_shared"].layout(batch, 0, cpu)
+    shards = [shard_row(row, SequenceGroup(None, 2, k), cpu) for k in (0, 1)]
+    assert [s.input_ids.shape[1] for s in shards] == [8, 8]
+    assert torch.equal(torch.cat([s.input_ids for s in shards], 1), row.input_ids)
+    assert shards[0].score_positions.numel() == 0
+    assert torch.equal(shards[1].score_positions + 8, row.score_positions)
+    assert torch.equal(shards[1].score_targets, row.score_targets)
+    assert all(torch.equal(s.sequence_tokens, torch.tensor([3, 3])) for s in shards)
+    odd = PairBatch(torch.arange(1), torch.ones(1, dtype=torch.bool), [[3]], [[4]], [[5, 6]])
+    (row,) = FORWARD_MODES["packed"].layout(odd, 0, cpu)  # [3, 4 | 3, 5, 6]: 5 positions
+    assert shard_row(row, SequenceGroup(None, 2, 1), cpu).input_ids.tolist() == [[5, 6, 0]]
+
+
+def test_a_model_whose_attention_ignores_the_exchange_is_an_error(tiny_model_dir: Path) -> None:
+    """A model with attention code of its own (here: its config switched back to plain sdpa after
+    the wrapper registered the segment attention) cannot run packed rows, nor a split row: its
+    attention would see only this rank's positions. One line naming the setting to change."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.forward import SequenceLogprobs, policy_logps
+    from engine.sequence_parallel import SequenceGroup
+
+    model = SequenceLogprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))
+    model.causal_lm.config._attn_implementation = "sdpa"
+    cpu = torch.device("cpu")
+    with pytest.raises(
+        UserError, match=r'cannot run packed rows; use training.forward_mode = "concatenated"$'
+    ):
+        policy_logps("packed", model, _pairs(), 0, cpu)
+    model.sequence = SequenceGroup(None, 2, 0)  # the exchange is never reached: no process group needed
+    with pytest.raises(
+        UserError, match=r"^model.path: LlamaForCausalLM does not route .*parallel.sequence_parallel = 1"
+    ):
+        policy_logps("concatenated", model, _pairs(), 0, cpu)
 
 
 def test_data_parallel_rank_and_divisibility() -> None:
