@@ -172,12 +172,14 @@ def test_checkpoint_retention_removes_its_own_checkpoints_from_disk_and_manifest
 @pytest.mark.slow
 def test_the_issue_repro_under_torchrun_keeps_the_users_card(tmp_path: Path) -> None:
     """mkdir -p mine/final && echo card > mine/final/README.md && torchrun --nproc_per_node 2
-    torchrun_train.py recipes/demo.toml job.output_dir=mine training.max_steps=2 (job.overwrite=true)."""
+    torchrun_train.py recipes/demo.toml job.output_dir=mine training.max_steps=2 (job.overwrite=true),
+    its 2 ranks forked with torchrun's environment (tests/forked.py): the rule is the run's, not
+    the launcher's."""
     out = tmp_path / "mine"
     (out / "final").mkdir(parents=True)
     (out / "final" / "README.md").write_text("card\n")
     overrides = [f"job.output_dir={out}", "training.max_steps=2", "job.overwrite=true"]
-    proc = run_training(REPO / "recipes" / "demo.toml", overrides, nproc=2)
+    proc = run_training(REPO / "recipes" / "demo.toml", overrides, nproc=2, forked=True)
     assert proc.returncode != 0
     assert f"{out / 'final' / 'README.md'} was not written by fsdpo" in proc.stderr
     assert sorted(p.name for p in out.rglob("*")) == ["README.md", "final"]
