@@ -237,7 +237,8 @@ class TrainingConfig:
     of the packed row) instead of `micro_batch_size` pairs, so every forward does a steady amount
     of work. Each rank's share of the global batch is split into as few micro-batches as fit
     (the same count on every rank, as FSDP needs); the loss stays the mean over the global
-    batch's pairs. Must hold the longest pair. 0 = off."""
+    batch's pairs. Must hold the longest pair. Under `parallel.sequence_parallel` = N it counts
+    the whole row of a sequence group, of which each rank holds 1/N. 0 = off."""
     epochs: int = 1
     """Passes over the training pairs (ignored when `max_steps` > 0)."""
     max_steps: int = -1
