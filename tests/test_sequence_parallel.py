@@ -32,11 +32,13 @@ MODES = ("packed", "prefix_shared", "concatenated")
 PACKED = ["training.forward_mode=packed"]
 # each on 2 ranks split over one sequence group against 1 rank; beta-DPO's statistics are the
 # step's global batch (all-gathered: a sequence group's ranks hold the same pairs); TDPO's live
-# reference runs split too, its token-level KL summed over the group
+# reference runs split too, its token-level KL summed over the group; LoRA adapters (the
+# long-context LoRA DPO users report OOMs with) train split as the full model does
 VARIANTS = {
     **{mode: [f"training.forward_mode={mode}"] for mode in MODES},
     "beta_dpo": [*PACKED, "loss.type=beta_dpo"],
     "tdpo_live": [*PACKED, "loss.type=tdpo", "reference.mode=live"],
+    "lora": ["training.forward_mode=prefix_shared", "lora.enabled=true", "optimizer.lr=1e-2"],
 }
 BUDGET = 192  # training.micro_batch_tokens of data 2 x sequence 2: a group's row, 96 per rank
 
@@ -177,8 +179,8 @@ def _continues(one: Path, rows: list[dict]) -> None:
 def test_deviation_does_not_grow_with_the_group(four: tuple[Path, dict], one_rank) -> None:
     """On 4 ranks, N = 1 (data 4), 2 (data 2, token budgets) and 4 (data 1) each equal 1 rank to
     1e-5 (N = 2's and 4's reference passes too); the largest relative deviation of the losses and
-    gradient norms at N = 2 and 4 is within a small factor of N = 1's, where no row is split
-    (fp32 reduction order only)."""
+    gradient norms at N = 2 and 4 is within 2 x N = 1's, where no row is split (fp32 reduction
+    order only), or 2e-6 where N = 1's is below 1e-6."""
     out, results = four
     stdout = sweep_stdout(out)
     assert "4 ranks, sharding" in stdout["n1"]
@@ -190,7 +192,7 @@ def test_deviation_does_not_grow_with_the_group(four: tuple[Path, dict], one_ran
     one = one_rank("heads4")
     gaps = {n: _deviation(one, out / f"n{n}", results[f"n{n}"]["losses"], n > 1) for n in (1, 2, 4)}
     print("largest relative deviation from 1 rank by N:", gaps)
-    assert gaps[4] <= 4 * max(gaps[1], 1e-7) and gaps[2] <= 4 * max(gaps[1], 1e-7), gaps
+    assert all(gaps[n] <= 2 * max(gaps[1], 1e-6) for n in (2, 4)), gaps
 
 
 @pytest.mark.slow
