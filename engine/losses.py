@@ -704,12 +704,21 @@ def bco_loss(logps: PreferenceLogps, cfg: LossConfig, context: BatchContext | No
     return _bco(logps, cfg, context.stats["bco/delta"])
 
 
+BETA_DPO_NOISE_NATS = 1e-3  # below this spread of the margins beta-DPO samples uniformly
+
+
 def _beta_dpo_stats(logps: PreferenceLogps, cfg: LossConfig, state: dict | None) -> tuple[dict, dict]:
     """beta-DPO's step statistics: the running mean and std of the margins h (momentum
     `beta_dpo_momentum` from 0, this step's included, as its code; the batch's own without
     state), the kept pairs (Gumbel top-k: sampling without replacement proportional to
     exp(-z^2 / 2), z = (h - mean) / std) and the batch beta. Its RNG is seeded by the count of
-    steps drawn ("beta_dpo/draws", on the host)."""
+    steps drawn ("beta_dpo/draws", on the host).
+
+    z divides by max(std, `BETA_DPO_NOISE_NATS`): margins spread less than that are fp32 noise,
+    not preference. At the first step the policy is its reference, and h is 0 only where both were
+    summed in the same order; a reference scored in another layout or rank split leaves h ~ 1e-7
+    nats, whose z-scores (the running std then being 0.1 x theirs) would pick the kept pairs by
+    rounding. With the floor they are picked uniformly, as for h = 0 exactly."""
     chosen, rejected = _logratios(logps)
     gap = (chosen - rejected).double()
     count = len(gap)
@@ -720,7 +729,7 @@ def _beta_dpo_stats(logps: PreferenceLogps, cfg: LossConfig, state: dict | None)
     mean = g * state.get("beta_dpo/gap_mean", zero) + (1 - g) * gap.mean()
     std = g * state.get("beta_dpo/gap_std", zero) + (1 - g) * gap.std()
     draws = int(state.get("beta_dpo/draws", 0))
-    log_weight = -0.5 * ((gap - mean) / std.clamp(min=torch.finfo(torch.float64).tiny)) ** 2
+    log_weight = -0.5 * ((gap - mean) / std.clamp(min=BETA_DPO_NOISE_NATS)) ** 2
     generator = torch.Generator(device=gap.device).manual_seed(draws)
     uniform = torch.rand(count, generator=generator, device=gap.device, dtype=torch.float64)
     kept = torch.topk(log_weight - torch.log(-torch.log(uniform)), keep).indices

@@ -257,6 +257,37 @@ def test_beta_dpo_matches_its_codes_formula_on_the_kept_pairs() -> None:
     assert state["beta_dpo/draws"].item() == 2 and state["beta_dpo/draws"].device.type == "cpu"
 
 
+def test_beta_dpo_first_step_ignores_rounding_in_the_margins() -> None:
+    """At the first step (state from 0) margins of fp32 rounding, h ~ 1e-7 nats (a reference
+    scored in another layout), keep the pairs h = 0 keeps, for every draw; without the noise floor
+    their z-scores decided (checked to fail with the floor at float64's tiny)."""
+    import dataclasses
+
+    cfg = LossConfig(type="beta_dpo", beta_dpo_filter=0.5)
+    exact = random_logps(40, count=8)
+    exact = dataclasses.replace(
+        exact, ref_chosen_logps=exact.chosen_logps, ref_rejected_logps=exact.rejected_logps
+    )
+    g = torch.Generator().manual_seed(41)
+    rounded = dataclasses.replace(
+        exact, ref_chosen_logps=exact.chosen_logps + 1e-7 * torch.randn(8, generator=g, dtype=torch.float64)
+    )
+    for draws in range(20):
+        state = {"beta_dpo/draws": torch.tensor(draws)}
+        kept = [step_stats(x, cfg, state)[0]["beta_dpo/weight"] > 0 for x in (exact, rounded)]
+        assert torch.equal(*kept), draws
+    # a real spread of margins (1e-2 nats) still weights the draw
+    spread = dataclasses.replace(
+        exact, ref_chosen_logps=exact.chosen_logps + 1e-2 * torch.randn(8, generator=g, dtype=torch.float64)
+    )
+    picks = [
+        step_stats(x, cfg, {"beta_dpo/draws": torch.tensor(d)})[0]["beta_dpo/weight"] > 0
+        for d in range(20)
+        for x in (exact, spread)
+    ]
+    assert any(not torch.equal(a, b) for a, b in zip(picks[::2], picks[1::2]))
+
+
 def test_beta_dpo_keeps_pairs_with_probability_proportional_to_their_weight() -> None:
     """Keeping 1 of 4 pairs over 4000 draws: each pair's frequency is its weight
     exp(-z^2 / 2) / sum (the code's torch.multinomial), z its margin's z-score in the batch."""
