@@ -117,7 +117,7 @@ def mode_config(spec: str, cfg: Config) -> Config:
     """The recipe as mode `spec` runs it: its `[parallel]` table (`mode_parallel`), its forward
     mode and token budget (`parse_mode`) as `training.forward_mode` / `micro_batch_tokens`,
     checked by the recipe's own rules (`engine.config.check`, `engine.recipe.check_names`: e.g.
-    sequence parallelism needs a padding-free mode): a UserError naming the mode otherwise."""
+    sequence parallelism is not for `:compile`): a UserError naming the mode otherwise."""
     from engine.recipe import check_names
 
     layout, budget = parse_mode(spec, cfg)
