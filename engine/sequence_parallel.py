@@ -21,7 +21,7 @@ attention, so it cannot serve a packed row's per-sequence blocks, prefix sharing
 "rejected sees the prompt, not chosen" keys or the varlen kernels (flex_attention support is
 experimental), and its load balancing reorders positions, which the chunked scoring would have to
 undo. Ulysses needs only all_to_all_single (NCCL and gloo, with autograd through
-torch.distributed.nn.functional), sends 4 x activations / N per attention layer per rank (q, k,
+torch's functional collectives, `all_to_all_single_autograd`), sends 4 x activations / N per attention layer per rank (q, k,
 v and the output, independent of N's ring steps), and its limit is that N must divide the
 attention heads and KV heads (`check_heads`): 8 KV heads allow N up to 8.
 
@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor
+from torch.distributed import _functional_collectives as funcol
 
 from engine.errors import UserError
 
@@ -110,7 +110,7 @@ class SequenceGroup:
         bytes counted now and its backward's when the gradient arrives."""
         nbytes = parts.numel() * parts.element_size()
         self._count("all_to_all", nbytes)
-        out = dist_fn.all_to_all_single(torch.empty_like(parts), parts, group=self.group)
+        out = funcol.all_to_all_single_autograd(parts, None, None, self.group)
         if out.requires_grad:
             out.register_hook(lambda grad: self._count("all_to_all", nbytes))
         return out
