@@ -167,7 +167,9 @@ class SequenceLogprobs(nn.Module):
             )
         group = None if segments is None else segments.sequence
         if group is not None:  # sequences span the group's ranks: one sum of every partial sum
-            sums = dict(zip(sums, group.sum(torch.stack(list(sums.values())))))
+            summed = group.sum(torch.stack(list(sums.values())))
+            # each its own tensor, not a view of `summed` (FSDP hooks the outputs for backward)
+            sums = {name: summed[i].clone() for i, name in enumerate(sums)}
         logps, kl, shared = sums["logps"], sums.get("kl"), sums.get("shared")
         logweights = sums["logweights"] / tokens.clamp(min=1) if with_logweights else None
         return SequenceScores(
