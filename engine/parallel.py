@@ -55,6 +55,11 @@ def compute_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def reduce_dtype(cfg: ParallelConfig) -> torch.dtype:
+    """The dtype FSDP reduce-scatters gradients in (`parallel.reduce_dtype`)."""
+    return torch.bfloat16 if cfg.reduce_dtype == "bf16" else torch.float32
+
+
 def mesh_shape(
     parallel: ParallelConfig, world_size: int, ranks_per_node: int
 ) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -205,7 +210,7 @@ def apply_fsdp(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, device: 
     dtype = compute_dtype(cfg, device)
     policy = MixedPrecisionPolicy(
         param_dtype=None if dtype == torch.float32 else dtype,
-        reduce_dtype=torch.bfloat16 if cfg.reduce_dtype == "bf16" else torch.float32,
+        reduce_dtype=reduce_dtype(cfg),
     )
     offload: OffloadPolicy = OffloadPolicy()
     if cfg.cpu_offload:

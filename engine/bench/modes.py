@@ -96,8 +96,8 @@ def mode_parallel(spec: str, cfg: Config) -> ParallelConfig:
             parallel.activation_checkpointing = option
         elif option == "compile":
             parallel.compile = True
-        elif option.startswith("sp") and option[2:].isdigit() and int(option[2:]) >= 1:
-            parallel.sequence_parallel = int(option[2:])
+        elif _sequence_option(option):
+            parallel.sequence_parallel = _sequence_option(option)
         else:
             raise UserError(
                 f"--modes: {spec!r}: unknown option {option!r} (known: {', '.join(RECOMPUTE)}, compile, "
@@ -110,7 +110,12 @@ def without_sequence_parallel(spec: str) -> str:
     """`spec` without its `:spN` option (`packed@4096:full:sp2` -> `packed@4096:full`): the mode
     whose unsplit rows a sequence-parallel mode compares with."""
     head, *options = spec.split(":")
-    return ":".join([head, *(o for o in options if not (o.startswith("sp") and o[2:].isdigit()))])
+    return ":".join([head, *(o for o in options if _sequence_option(o) is None)])
+
+
+def _sequence_option(option: str) -> int | None:
+    """N of a `:spN` mode option (0 for `sp0`, which `mode_parallel` rejects), else None."""
+    return int(option[2:]) if option.startswith("sp") and option[2:].isdigit() else None
 
 
 def mode_config(spec: str, cfg: Config) -> Config:
@@ -203,7 +208,7 @@ def run_mode(mode: str, setup: Setup, world: World, timed: range) -> dict[str, A
         zeros = torch.zeros(len(setup.pairs), device=device)
         shared = (zeros, zeros) if losses.reference_needs_shared_length(cfg.loss) else ()
         reference = ReferenceLogps(zeros, zeros, *shared)
-    layout, budget = parse_mode(mode, cfg)
+    layout, budget = cfg.training.forward_mode, cfg.training.micro_batch_tokens  # `mode_config`'s
     train_step = TrainStep(model, optimizer, scheduler, cfg, device, setup.pad_id, reference, layout)
     sequence = train_step.sequence
     window = PairMetrics()  # the trainer's per-pair metrics, accumulated as it does (never read)
@@ -281,6 +286,7 @@ def fsdp_bytes(model: torch.nn.Module, cfg: Config, world: World) -> FsdpBytes:
         defers_gradient_sync,
         edge_units,
         mesh_shape,
+        reduce_dtype,
         reshard_after_forward,
     )
 
@@ -290,7 +296,7 @@ def fsdp_bytes(model: torch.nn.Module, cfg: Config, world: World) -> FsdpBytes:
     kept = {id(x) for module in edge_units(model)[1] for x in module.parameters()}
     params = list(model.parameters())  # DTensors: numel() is the unsharded count
     gathered = compute_dtype(p, world.device).itemsize
-    reduced = (torch.bfloat16 if p.reduce_dtype == "bf16" else torch.float32).itemsize
+    reduced = reduce_dtype(p).itemsize
     regathered = sum(x.numel() for x in params if id(x) not in kept) if reshard_after_forward(p) else 0
     trained = sum(x.numel() for x in params if x.requires_grad) * reduced
     return FsdpBytes(
