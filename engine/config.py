@@ -104,7 +104,8 @@ class DataConfig:
     train: list[DataSource] = field(default_factory=list)
     """Training sources (required): paths or hub ids, or tables with `path` and optionally
     `split`, `subset`, `revision`, `fraction` or `count`, and `columns` (the DataSource fields);
-    several tables make a mixture, each source sampled with `job.seed`."""
+    several tables make a mixture, each source sampled with `job.seed` and its place in the list
+    (not its path: a moved data folder samples the same pairs)."""
     eval: list[DataSource] = field(default_factory=list)
     """Held-out sources, evaluated before training, every `training.eval_interval_steps` and at
     the end."""

@@ -201,6 +201,16 @@ def test_mixture_counts_fractions_and_statistics(tmp_path: Path, tokenizer) -> N
         assert abs(got - expected) <= 1
 
 
+def test_a_sample_does_not_depend_on_where_the_data_lives(tmp_path: Path, tokenizer) -> None:
+    here = write_jsonl(tmp_path / "here" / "a.jsonl", ROWS)
+    moved = write_jsonl(tmp_path / "elsewhere" / "deeper" / "a.jsonl", ROWS)
+    sample = [
+        contents(build_dataset([DataSource(str(p), count=6)], tokenizer, cfg(tmp_path), 0))
+        for p in (here, moved)
+    ]
+    assert sample[0] == sample[1] and len(set(sample[0])) == 6
+
+
 def test_split_eval_is_seeded_and_disjoint_by_row(tmp_path: Path, tokenizer) -> None:
     data = build_dataset(
         [DataSource(str(write_jsonl(tmp_path / "a.jsonl", ROWS)), fraction=2.0)], tokenizer, cfg(tmp_path), 0

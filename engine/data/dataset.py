@@ -327,11 +327,12 @@ def filter_source(source: TokenizedSource, cfg: DataConfig) -> tuple[dict[str, n
     return spans, stats
 
 
-def _sample(kept: int, source: DataSource, name: str, seed: int) -> np.ndarray:
-    """Positions (into the kept pairs) of the seeded `count` / `fraction` sample."""
+def _sample(kept: int, source: DataSource, place: str, seed: int) -> np.ndarray:
+    """Positions (into the kept pairs) of the seeded `count` / `fraction` sample; `place` is the
+    source's key in the recipe ("data.train[0]")."""
     target = source.count if source.count > 0 else round(source.fraction * kept)
     repeats, rest = divmod(target, kept)
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{place}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     extra = np.sort(rng.choice(kept, size=rest, replace=False)) if rest else np.zeros(0, np.int64)
     return np.concatenate([np.tile(np.arange(kept), repeats), extra]).astype(np.int64)
@@ -381,11 +382,13 @@ def build_dataset(
         tokenized.append(loaded)
 
     spans, per_source, offset = [], [], 0
-    for source, config, source_name in zip(tokenized, sources, names):
+    for i, (source, config, source_name) in enumerate(zip(tokenized, sources, names)):
         kept, stats = filter_source(source, cfg)
         check_kept(stats, source_name)
         check_pairing(source, kept, cfg, unpaired)
-        picked = _sample(stats["kept"], config, source_name, seed)
+        # seeded by the source's place in the recipe, not its path: the same recipe samples the
+        # same pairs wherever the data lives (another node's mount, a moved folder)
+        picked = _sample(stats["kept"], config, f"{key}[{i}]", seed)
         examples = stats.pop("bad_row_examples", None)
         stats["sampled"] = len(picked)
         if examples:
