@@ -65,6 +65,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from engine.errors import UserError
+from engine.sequence_parallel import tokens_per_rank
 
 if TYPE_CHECKING:
     from engine.sequence_parallel import SequenceGroup
@@ -136,7 +137,7 @@ class AttentionSegments:
         """The row padded to a multiple of `group.size` positions (the padding one more block,
         which sees only itself), to be held split along positions over `group`: attention then
         exchanges positions for heads (engine/sequence_parallel.py)."""
-        padded = -(-self.length // group.size) * group.size
+        padded = tokens_per_rank(self.length, group.size) * group.size
         segments = AttentionSegments([*self.blocks, (self.length, padded, ((self.length, padded),))], padded)
         segments.sequence = group
         return segments

@@ -87,7 +87,7 @@ from engine.forward import forward_work
 from engine.metrics import ModelShape, model_flops, model_shape
 from engine.parallel import compute_dtype, defers_gradient_sync, edge_units, mesh_shape, shard_size
 from engine.recipe import to_toml
-from engine.sequence_parallel import check_heads, data_parallel
+from engine.sequence_parallel import check_heads, data_parallel, tokens_per_rank
 
 GIB = 2**30
 GPU_GIB = (40, 80, 140)
@@ -265,9 +265,9 @@ def estimate_memory(
     add(MemoryItem("gathered", gathered_bytes, how))
 
     n = p.sequence_parallel
-    if rank_tokens is None:
-        rank_tokens = math.ceil((t.micro_batch_tokens or 2 * t.micro_batch_size * cfg.data.max_length) / n)
     tokens = rank_tokens
+    if tokens is None:
+        tokens = tokens_per_rank(t.micro_batch_tokens or 2 * t.micro_batch_size * cfg.data.max_length, n)
     what = f"{tokens} tokens" + (f" per rank (1/{n} of a {n * tokens}-token row)" if n > 1 else "")
     per_block = activation_values_per_token(size)
     layers = size.num_layers
@@ -424,7 +424,7 @@ def format_plan(cfg: Config, plan: Plan, inputs: list[str]) -> str:
                     f"up to {b.micro_batch_tokens} tokens per rank per forward"
                     if n == 1
                     else f"up to {b.micro_batch_tokens} tokens per sequence group's row per forward "
-                    f"({-(-b.micro_batch_tokens // n)} per rank)",
+                    f"({tokens_per_rank(b.micro_batch_tokens, n)} per rank)",
                 ),
                 (
                     "accumulation steps",

@@ -62,6 +62,12 @@ def data_parallel(rank: int, world_size: int, sequence_parallel: int) -> tuple[i
     return rank // sequence_parallel, world_size // sequence_parallel
 
 
+def tokens_per_rank(row_tokens: int, sequence_parallel: int) -> int:
+    """Positions one rank of a sequence group holds of a `row_tokens`-token row (the row is padded
+    to a multiple of `sequence_parallel`)."""
+    return -(-row_tokens // sequence_parallel)
+
+
 def check_heads(config: object, size: int) -> None:
     """A UserError unless the model's attention heads and KV heads split `size` ways."""
     heads = getattr(config, "num_attention_heads", None)

@@ -53,7 +53,7 @@ from engine.progress import Progress
 from engine.recipe import to_toml
 from engine.reference import ReferenceProvider
 from engine.run_dir import RunDir, check_output_dir, prepare_output_dir
-from engine.sequence_parallel import data_parallel
+from engine.sequence_parallel import data_parallel, tokens_per_rank
 from engine.step import TrainStep, build_live_reference, build_model
 
 
@@ -225,7 +225,9 @@ class Trainer:
         n = self.cfg.parallel.sequence_parallel
         if t.micro_batch_tokens:
             # the budget is the whole row of a sequence group, of which each rank holds 1/n
-            held = f", {-(-t.micro_batch_tokens // n)} per rank of a sequence group" if n > 1 else ""
+            held = (
+                f", {tokens_per_rank(t.micro_batch_tokens, n)} per rank of a sequence group" if n > 1 else ""
+            )
             batching = (
                 f"micro-batches of up to {t.micro_batch_tokens} tokens{held} "
                 "(as many per step as the fullest rank needs)"
